@@ -1,0 +1,432 @@
+"""The derived series: one builder that makes each derived instance from its source and the new pixels.
+
+Rules (DESIGN.md, "The derived series"; PS3.3 C.7.6.1 General Image, C.7.3.1 General Series, C.7.5.1 General
+Equipment, C.12.2 Common Instance Reference):
+
+- the whole source dataset is copied first, so Patient, Study, Frame of Reference, Equipment and geometry
+  (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness, functional groups) are kept as
+  modules; private elements, the icon and pixel statistics that no longer hold are removed;
+- a new SeriesInstanceUID (one per job, passed in) and a SOPInstanceUID per instance derived deterministically
+  from the series UID and the source's SOPInstanceUID (a retried job writes the same UIDs);
+- SeriesNumber = source + offset; SeriesDescription = source + suffix;
+- ImageType DERIVED\\SECONDARY followed by the source's remaining values (FrameType likewise for enhanced
+  objects);
+- DerivationDescription (model name, version, sha256 prefix, strength) and DerivationCodeSequence
+  (DCM 113087 "Smoothing": CID 7203 has no "denoising" concept; smoothing is the closest processing class);
+- SourceImageSequence with purpose of reference (DCM 121322 "Source image for image processing operation");
+  enhanced multi-frame objects carry the same reference per frame in the Derivation Image functional group;
+- ReferencedSeriesSequence (Common Instance Reference) only for IODs that include that module;
+- ContributingEquipmentSequence: purpose (DCM 109103 "Modifying Equipment"), Manufacturer ``dicom-node``,
+  software versions of the node and the model, and the model's full sha256 in ContributionDescription;
+- written in explicit VR little endian (or RLE Lossless).
+
+This module uses pydicom and numpy only.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
+
+from dicom_node import __version__
+from dicom_node.denoise.pixels import PixelFormat
+
+LOGGER = logging.getLogger(__name__)
+
+NODE_MANUFACTURER = "dicom-node"
+#: CID 7203 Image Derivation.
+DERIVATION_CODE = ("113087", "DCM", "Smoothing")
+#: CID 7202 Source Image Purposes of Reference.
+SOURCE_PURPOSE_CODE = ("121322", "DCM", "Source image for image processing operation")
+#: CID 7005 Contributing Equipment Purposes of Reference.
+EQUIPMENT_PURPOSE_CODE = ("109103", "DCM", "Modifying Equipment")
+
+TRANSFER_SYNTAXES = {"explicit-vr-little-endian": ExplicitVRLittleEndian, "rle-lossless": RLELossless}
+
+#: SOP classes whose IOD includes the Common Instance Reference module (PS3.3 A.x; checked with dciodvfy).
+_COMMON_INSTANCE_REFERENCE_IODS = {
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color Image
+    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR
+}
+
+#: Transfer syntaxes whose pixel data went through lossy compression, with the method (PS3.3 C.7.6.1.1.5.1).
+_LOSSY_METHODS = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",
+}
+
+_REMOVE = (
+    "SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries", "LargestPixelValueInSeries",
+    "IconImageSequence", "PixelDataProviderURL", "DataSetTrailingPadding", "DigitalSignaturesSequence",
+    "MACParametersSequence", "EncryptedAttributesSequence", "OriginalAttributesSequence",
+    "ReferencedSeriesSequence", "StudiesContainingOtherReferencedInstancesSequence", "DerivationImageSequence",
+)
+
+
+@dataclass(frozen=True)
+class DerivationInfo:
+    """Everything a derived instance says about how it was made; passed in, never guessed.
+
+    Attributes
+    ----------
+    series_instance_uid
+        The derived series' UID (one per job; :func:`new_series_uid` makes one).
+    model_name, model_version, model_sha256
+        The model that made the pixels.
+    strength
+        The blend of output and input used, in [0, 1].
+    series_number_offset, description_suffix
+        From ``[derived]`` in the configuration.
+    transfer_syntax
+        ``explicit-vr-little-endian`` or ``rle-lossless``.
+    node_version
+        Software version written in ContributingEquipmentSequence.
+    created
+        Creation time written as InstanceCreation/Content/ContributionDateTime (UTC now when ``None``).
+    """
+
+    series_instance_uid: str
+    model_name: str
+    model_version: str
+    model_sha256: str
+    strength: float = 1.0
+    series_number_offset: int = 1000
+    description_suffix: str = " DN"
+    transfer_syntax: str = "explicit-vr-little-endian"
+    node_version: str = __version__
+    created: _dt.datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not self.series_instance_uid or not UID(self.series_instance_uid).is_valid:
+            raise ValueError(f"series_instance_uid {self.series_instance_uid!r} is not a valid UID")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength {self.strength} is outside [0, 1]")
+        if self.transfer_syntax not in TRANSFER_SYNTAXES:
+            raise ValueError(f"transfer_syntax {self.transfer_syntax!r} is not one of {', '.join(TRANSFER_SYNTAXES)}")
+
+    @property
+    def description(self) -> str:
+        """DerivationDescription (ST): model, version, hash prefix and strength."""
+        return (f"Denoised by {NODE_MANUFACTURER} {self.node_version} with model {self.model_name} "
+                f"{self.model_version} (sha256 {self.model_sha256[:12]}), strength {self.strength:.2f}")
+
+
+def new_series_uid(*entropy: str) -> str:
+    """A new SeriesInstanceUID: random, or deterministic when ``entropy`` strings (e.g. a job id) are given."""
+    return str(generate_uid(entropy_srcs=list(entropy) if entropy else None))
+
+
+def derived_sop_instance_uid(series_instance_uid: str, source_sop_instance_uid: str) -> str:
+    """The derived instance's SOPInstanceUID, a function of the derived series and the source instance."""
+    return str(generate_uid(entropy_srcs=[series_instance_uid, source_sop_instance_uid]))
+
+
+def _code(value: tuple[str, str, str]) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value
+    return item
+
+
+def _strip_private(ds: Dataset) -> None:
+    ds.remove_private_tags()
+    for elem in list(ds):
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _strip_private(item)
+
+
+def _derived_type(values: Any, enhanced: bool = False) -> list[str]:
+    """ImageType/FrameType of a derived image: DERIVED\\SECONDARY\\<the source's values from the third on>.
+
+    Enhanced MR/CT objects (PS3.3 C.8.16.1.2, C.8.15.2.1.1) only allow PRIMARY as value 2 ("Patient
+    Examination Characteristics"), so they become DERIVED\\PRIMARY\\....
+    """
+    if values is None or values == "":
+        vals: list[str] = []
+    elif isinstance(values, str):
+        vals = [values]
+    else:
+        vals = [str(v) for v in values]
+    return ["DERIVED", "PRIMARY" if enhanced else "SECONDARY"] + vals[2:]
+
+
+def _source_item(source: Dataset, frames: Sequence[int] | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if frames:
+        item.ReferencedFrameNumber = list(frames) if len(frames) > 1 else frames[0]
+    item.PurposeOfReferenceCodeSequence = DicomSequence([_code(SOURCE_PURPOSE_CODE)])
+    return item
+
+
+def _dt_strings(when: _dt.datetime) -> tuple[str, str, str]:
+    return when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f"), when.strftime("%Y%m%d%H%M%S.%f") + "+0000"
+
+
+def _add_contributing_equipment(ds: Dataset, info: DerivationInfo, when: _dt.datetime) -> None:
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = DicomSequence([_code(EQUIPMENT_PURPOSE_CODE)])
+    item.Manufacturer = NODE_MANUFACTURER
+    item.ManufacturerModelName = "denoiser"[:64]
+    item.SoftwareVersions = [f"{NODE_MANUFACTURER} {info.node_version}"[:64],
+                             f"{info.model_name} {info.model_version}"[:64]]
+    item.ContributionDateTime = _dt_strings(when)[2]
+    item.ContributionDescription = (
+        f"Denoising with model {info.model_name} version {info.model_version}, sha256 {info.model_sha256}, "
+        f"strength {info.strength:.2f}"
+    )[:1024]
+    existing = list(ds.get("ContributingEquipmentSequence", []))
+    ds.ContributingEquipmentSequence = DicomSequence(existing + [item])
+
+
+#: MR Pulse Sequence module (PS3.3 C.8.13.4) attributes that are "1C: required if Image Type value 1 is ORIGINAL
+#: or MIXED"; dciodvfy rejects them in DERIVED objects, so derived enhanced MR drops them.
+_ORIGINAL_ONLY = (
+    "PulseSequenceName", "MRAcquisitionType", "EchoPulseSequence", "MultipleSpinEcho", "MultiPlanarExcitation",
+    "PhaseContrast", "TimeOfFlightContrast", "ArterialSpinLabelingContrast", "SteadyStatePulseSequence",
+    "EchoPlanarPulseSequence", "SaturationRecovery", "SpectrallySelectedSuppression", "OversamplingPhase",
+    "GeometryOfKSpaceTraversal", "RectilinearPhaseEncodeReordering", "SegmentedKSpaceTraversal",
+    "CoverageOfKSpace", "NumberOfKSpaceTrajectories",
+)
+#: Functional groups that Enhanced MR only requires for ORIGINAL frames and whose source copies fail validation
+#: (MR Modifier: Siemens writes the undefined term GRAPPA and omits the second in-plane factor); dropped.
+_ORIGINAL_ONLY_GROUPS = ("MRModifierSequence",)
+
+
+def _drop_original_only(ds: Dataset) -> None:
+    if str(ds.get("SOPClassUID", "")) not in ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4"):
+        return
+    for keyword in _ORIGINAL_ONLY:
+        if keyword in ds:
+            delattr(ds, keyword)
+    for groups_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in ds.get(groups_kw, []):
+            for keyword in _ORIGINAL_ONLY_GROUPS:
+                if keyword in group:
+                    delattr(group, keyword)
+
+
+def _evidence_item(source: Dataset) -> Dataset:
+    """Hierarchical SOP Instance Reference (PS3.3 C.17.2.1) to the source instance."""
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = source.SOPClassUID
+    sop.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = source.SeriesInstanceUID
+    series.ReferencedSOPSequence = DicomSequence([sop])
+    study = Dataset()
+    study.StudyInstanceUID = source.StudyInstanceUID
+    study.ReferencedSeriesSequence = DicomSequence([series])
+    return study
+
+
+#: Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1): present, may be empty.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _repair_inherited(ds: Dataset) -> None:
+    """Fix, without inventing data, the defects that the derived object would otherwise inherit from its source.
+
+    - missing Type 2 Patient/Study attributes are added empty (Type 2 allows empty: "unknown");
+    - PatientIdentityRemoved YES with an empty DeidentificationMethod and no method code gets the text
+      "not stated by the source";
+    - a missing Laterality (General Series, Type 2C) is added empty when the body part is not stated, which is
+      what "unknown" means for it.
+    """
+    for keyword in _TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not ds.get("DeidentificationMethod") \
+            and not ds.get("DeidentificationMethodCodeSequence"):
+        ds.DeidentificationMethod = "not stated by the source"
+    if "Laterality" not in ds and not ds.get("BodyPartExamined") and "ImageLaterality" not in ds \
+            and "PerFrameFunctionalGroupsSequence" not in ds:
+        ds.Laterality = ""
+
+
+def _set_frame_types(ds: Dataset) -> None:
+    """Enhanced objects: FrameType in every ``*FrameTypeSequence`` becomes DERIVED\\SECONDARY\\..."""
+    for groups_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in ds.get(groups_kw, []):
+            for elem in group:
+                if elem.VR == "SQ" and elem.keyword.endswith("FrameTypeSequence"):
+                    for item in elem.value:
+                        if "FrameType" in item:
+                            item.FrameType = _derived_type(item.FrameType, enhanced=True)
+
+
+def _set_frame_derivation(ds: Dataset, source: Dataset, info: DerivationInfo) -> None:
+    """Enhanced objects: a Derivation Image functional group per frame pointing at the source frame."""
+    groups = ds.get("PerFrameFunctionalGroupsSequence")
+    if not groups:
+        return
+    for index, group in enumerate(groups, start=1):
+        deriv = Dataset()
+        deriv.DerivationDescription = info.description
+        deriv.DerivationCodeSequence = DicomSequence([_code(DERIVATION_CODE)])
+        deriv.SourceImageSequence = DicomSequence([_source_item(source, [index])])
+        group.DerivationImageSequence = DicomSequence([deriv])
+
+
+def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat, info: DerivationInfo) -> Dataset:
+    """Make the derived instance of ``source`` with the new stored values ``pixels``.
+
+    Parameters
+    ----------
+    source
+        The full source dataset (pixel data may be present; it is replaced).
+    pixels
+        New stored values, ``(rows, columns)`` or ``(frames, rows, columns)``, in ``fmt.dtype`` and the source's
+        BitsStored range.
+    fmt
+        The source's pixel format (BitsAllocated, BitsStored, PixelRepresentation are kept).
+    info
+        UIDs, numbering and provenance (see :class:`DerivationInfo`).
+
+    Returns
+    -------
+    Dataset
+        A dataset with file meta, ready for :func:`write_instance`.
+
+    Raises
+    ------
+    ValueError
+        When ``pixels`` does not match the source's rows, columns, frames or bit depth.
+    """
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    rows, cols = int(source.Rows), int(source.Columns)
+    arr = np.asarray(pixels)
+    if arr.ndim == 2:
+        arr = arr[np.newaxis]
+    if arr.shape != (frames, rows, cols):
+        raise ValueError(f"pixels have shape {arr.shape}, the source needs {(frames, rows, cols)}")
+    if arr.dtype != fmt.dtype:
+        raise ValueError(f"pixels have dtype {arr.dtype}, the source's format needs {fmt.dtype}")
+    lo, hi = fmt.stored_range
+    if arr.size and (arr.min() < lo or arr.max() > hi):
+        raise ValueError(f"pixels {arr.min()}..{arr.max()} exceed BitsStored {fmt.bits_stored} range {lo}..{hi}")
+
+    when = info.created or _dt.datetime.now(_dt.timezone.utc)
+    date, time, _ = _dt_strings(when)
+
+    ds = Dataset()
+    for elem in source:  # deep-copy every element except the old pixels
+        if elem.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            ds.add(copy.deepcopy(elem))
+    _strip_private(ds)
+    for keyword in _REMOVE:
+        if keyword in ds:
+            delattr(ds, keyword)
+
+    sop_uid = derived_sop_instance_uid(info.series_instance_uid, str(source.SOPInstanceUID))
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = info.series_instance_uid
+    number = source.get("SeriesNumber")
+    try:
+        base_number = int(number) if number not in (None, "") else 0
+    except (TypeError, ValueError):
+        base_number = 0
+    ds.SeriesNumber = base_number + info.series_number_offset
+    ds.SeriesDescription = (str(source.get("SeriesDescription", "") or "") + info.description_suffix).strip()[:64]
+    enhanced = "PerFrameFunctionalGroupsSequence" in source
+    ds.ImageType = _derived_type(source.get("ImageType"), enhanced)
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    ds.ContentDate, ds.ContentTime = date, time
+    if enhanced:
+        # Enhanced IODs have no General Image module: the derivation and its source live per frame in the
+        # Derivation Image functional group, and the source is listed in SourceImageEvidenceSequence.
+        for keyword in ("DerivationDescription", "DerivationCodeSequence", "SourceImageSequence"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        _set_frame_types(ds)
+        _set_frame_derivation(ds, source, info)
+        _drop_original_only(ds)
+        ds.SourceImageEvidenceSequence = DicomSequence([_evidence_item(source)])
+    else:
+        ds.DerivationDescription = info.description[:1024]
+        ds.DerivationCodeSequence = DicomSequence([_code(DERIVATION_CODE)])
+        ds.SourceImageSequence = DicomSequence([_source_item(source)])
+    _repair_inherited(ds)
+    if str(source.SOPClassUID) in _COMMON_INSTANCE_REFERENCE_IODS:
+        ref = Dataset()
+        ref.SeriesInstanceUID = source.SeriesInstanceUID
+        inst = Dataset()
+        inst.ReferencedSOPClassUID = source.SOPClassUID
+        inst.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        ref.ReferencedInstanceSequence = DicomSequence([inst])
+        ds.ReferencedSeriesSequence = DicomSequence([ref])
+
+    src_ts = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if src_ts in _LOSSY_METHODS and str(source.get("LossyImageCompression", "")) != "01":
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionMethod = _LOSSY_METHODS[src_ts]
+    _add_contributing_equipment(ds, info, when)
+
+    ds.BitsAllocated = fmt.bits_allocated
+    ds.BitsStored = fmt.bits_stored
+    ds.HighBit = fmt.bits_stored - 1
+    ds.PixelRepresentation = fmt.pixel_representation
+    ds.SamplesPerPixel = 1
+    ds.PixelData = arr.astype(fmt.dtype.newbyteorder("<"), copy=False).tobytes()
+    ds["PixelData"].VR = "OW" if fmt.bits_allocated > 8 else "OB"
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = source.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = _IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = f"DICOMNODE_{info.node_version}"[:16]
+    ds.file_meta = meta
+    ds.preamble = b"\x00" * 128
+    if info.transfer_syntax == "rle-lossless":
+        ds.compress(RLELossless, arr if frames > 1 else arr[0])
+    return ds
+
+
+#: The node's Implementation Class UID (PS3.7 D.3.3.2); a fixed UID under pydicom's root.
+_IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1.4100"
+
+
+def write_instance(ds: Dataset, folder: str | os.PathLike[str]) -> Path:
+    """Write a derived instance as ``folder/<SOPInstanceUID>.dcm`` (atomically: temp file, then rename)."""
+    out_dir = Path(folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+    tmp = out_dir / f".{ds.SOPInstanceUID}.tmp"
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class DerivedSeriesSettings:
+    """The ``[derived]`` configuration in the form the builder needs (see ``dicom_node.config.DerivedSettings``)."""
+
+    series_number_offset: int = 1000
+    description_suffix: str = " DN"
+    transfer_syntax: str = "explicit-vr-little-endian"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, derived: Any) -> "DerivedSeriesSettings":
+        return cls(series_number_offset=int(derived.series_number_offset),
+                   description_suffix=str(derived.description_suffix),
+                   transfer_syntax=str(derived.transfer_syntax))

@@ -1,0 +1,450 @@
+"""The inference engine: stored pixels in, denoised stored pixels out, in bounded memory.
+
+For each image: stored values -> physical units (:mod:`dicom_node.denoise.pixels`) -> the model card's
+normalisation -> network (batches of slices; tiles with overlap for large images) -> residual -> new stored
+values = original + strength x residual, rounded and clipped to the source's BitsStored and PixelRepresentation,
+padding pixels untouched. On CUDA the network runs under bf16 (or fp16) autocast, on the CPU in float32 with a
+channels-last layout; always under :func:`torch.inference_mode`.
+
+:func:`denoise_series` streams a series: single-frame instances are decoded, denoised and written a batch at
+a time (the next batch is decoded in a background thread while the network runs), so a 1000-slice series never
+holds more than two batches of pixels; a multi-frame object is held once as stored integers and denoised a batch
+of frames at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dicom_node.denoise.derived import (
+    DerivationInfo,
+    DerivedSeriesSettings,
+    build_derived_instance,
+    new_series_uid,
+    write_instance,
+)
+from dicom_node.denoise.errors import SeriesRefused
+from dicom_node.denoise.pixels import PixelFormat, Scaling, apply_residual, scaling_for, stored_to_physical
+from dicom_node.denoise.series import Instance, Series, check_series, read_frames, scan
+from models.folder import LoadedModel, ModelMismatch, resolve_device
+from models.networks import receptive_radius, size_multiple
+
+LOGGER = logging.getLogger(__name__)
+
+#: Images with more pixels than this are tiled (X-ray: 2000 x 2000 and more).
+DEFAULT_MAX_TILE_PIXELS = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------------- tiling
+
+
+def _axis_windows(length: int, window: int, halo: int, blend: int, multiple: int) -> list[tuple[int, int]]:
+    """Start/stop of windows covering ``[0, length)``; starts are multiples of ``multiple``."""
+    if length <= window:
+        return [(0, length)]
+    step = window - 2 * halo - blend
+    step = (step // multiple) * multiple
+    if step < multiple:
+        raise ValueError(f"tile {window} is too small for halo {halo} and blend {blend}")
+    out = []
+    start = 0
+    while True:
+        stop = min(start + window, length)
+        out.append((start, stop))
+        if stop >= length:
+            break
+        start += step
+        if start + window > length:  # last window: end at the image edge, start aligned down
+            start = max(((length - window) // multiple) * multiple, out[-1][0] + multiple)
+            out.append((start, length))
+            break
+    return out
+
+
+def _axis_weights(start: int, stop: int, length: int, halo: int, blend: int) -> np.ndarray:
+    """Blend weights along one axis of a window: 0 within ``halo`` of an interior edge, then a linear ramp."""
+    n = stop - start
+    w = np.ones(n, dtype=np.float64)
+    ramp = (np.arange(1, blend + 1, dtype=np.float64)) / (blend + 1)
+    if start > 0:
+        w[:halo] = 0.0
+        w[halo:halo + blend] = np.minimum(w[halo:halo + blend], ramp[: max(0, min(blend, n - halo))])
+    if stop < length:
+        w[n - halo:] = 0.0
+        seg = w[max(0, n - halo - blend):n - halo]
+        w[max(0, n - halo - blend):n - halo] = np.minimum(seg, ramp[::-1][blend - len(seg):])
+    return w
+
+
+def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, halo: int, blend: int = 16,
+                multiple: int = 1) -> torch.Tensor:
+    """Apply a fully convolutional ``fn`` to ``x`` (``N, C, H, W``) in overlapping tiles and blend the seams.
+
+    Each tile's pixels within ``halo`` of an interior tile edge get weight 0 and the next ``blend`` pixels a
+    linear ramp; overlapping tiles are averaged with these weights. When ``halo`` is at least the network's
+    receptive-field radius and tile origins are multiples of its ``size_multiple``, the result equals whole-image
+    inference up to float rounding; with a smaller halo the ramps hide the seams.
+    """
+    n, c, h, w = x.shape
+    tile = max(multiple, (tile // multiple) * multiple)
+    rows = _axis_windows(h, tile, halo, blend, multiple)
+    cols = _axis_windows(w, tile, halo, blend, multiple)
+    if len(rows) == 1 and len(cols) == 1:
+        return fn(x)
+    out = torch.zeros((n, c, h, w), dtype=torch.float32, device=x.device)
+    weight = torch.zeros((1, 1, h, w), dtype=torch.float32, device=x.device)
+    for r0, r1 in rows:
+        wr = _axis_weights(r0, r1, h, halo, blend)
+        for c0, c1 in cols:
+            wc = _axis_weights(c0, c1, w, halo, blend)
+            wt = torch.from_numpy(np.outer(wr, wc).astype(np.float32)).to(x.device)[None, None]
+            y = fn(x[:, :, r0:r1, c0:c1]).float()
+            out[:, :, r0:r1, c0:c1] += y * wt
+            weight[:, :, r0:r1, c0:c1] += wt
+    if bool((weight <= 0).any()):
+        raise RuntimeError("tiling left pixels uncovered (a bug in the window layout)")
+    return out / weight
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory where the network runs: CUDA's free memory, or MemAvailable from /proc/meminfo."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 * 1024**3
+
+
+def activation_bytes_per_pixel(network: nn.Module, dtype_bytes: int = 4) -> float:
+    """Upper bound of activation memory per input pixel: the sum of every layer's output on a 64x64 probe.
+
+    Inference keeps far less alive at once, so this overestimates, which errs on the safe side.
+    """
+    total = 0
+
+    def hook(_m: nn.Module, _i: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel()
+
+    leaves = [m for m in network.modules() if len(list(m.children())) == 0]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        param = next(network.parameters())
+        with torch.inference_mode():
+            network(torch.zeros(1, 1, 64, 64, device=param.device, dtype=param.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total / (64 * 64) * dtype_bytes
+
+
+def choose_batch_size(network: nn.Module, rows: int, cols: int, device: torch.device, max_batch: int | None = None,
+                      memory_fraction: float = 0.25) -> int:
+    """Slices per batch that fit in ``memory_fraction`` of free memory (at least 1, at most ``max_batch``).
+
+    CPUs gain little from batches beyond a few slices, so their default cap is 4; GPUs are capped at 32.
+    """
+    cap = max_batch if max_batch is not None else (32 if device.type == "cuda" else 4)
+    per_slice = activation_bytes_per_pixel(network, 2 if device.type == "cuda" else 4) * rows * cols
+    fits = int(available_memory_bytes(device) * memory_fraction // max(per_slice, 1.0))
+    return max(1, min(cap, fits))
+
+
+# ------------------------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """A loaded model ready to denoise frames on one device.
+
+    Parameters
+    ----------
+    model
+        The loaded model (network in eval mode and its card).
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a :class:`torch.device`; the model is moved there.
+    max_tile_pixels
+        Images with more pixels are tiled.
+    tile_size, tile_halo, tile_blend
+        Tile edge, the margin discarded at interior tile edges and the blending ramp (pixels). ``tile_halo``
+        defaults to the network's receptive-field radius, capped at 128.
+    batch_size
+        Slices per batch; ``None`` chooses from free memory for each image size.
+    autocast
+        Use bf16/fp16 autocast on CUDA (``True`` by default there; ignored on the CPU, which runs float32).
+    """
+
+    def __init__(self, model: LoadedModel, device: str | torch.device | None = None,
+                 max_tile_pixels: int = DEFAULT_MAX_TILE_PIXELS, tile_size: int = 1024, tile_halo: int | None = None,
+                 tile_blend: int = 32, batch_size: int | None = None, autocast: bool = True) -> None:
+        self.model = model
+        self.device = resolve_device(device) if device is not None else model.device
+        network = model.network.to(self.device).eval()
+        self.channels_last = True
+        self.network = network.to(memory_format=torch.channels_last)
+        self.max_tile_pixels = int(max_tile_pixels)
+        self.tile_size = int(tile_size)
+        self.tile_multiple = size_multiple(network)
+        rr = receptive_radius(network)
+        self.tile_halo = int(tile_halo) if tile_halo is not None else min(rr, 128)
+        self.tile_blend = int(tile_blend)
+        self.batch_size = batch_size
+        self.autocast_dtype: torch.dtype | None = None
+        if autocast and self.device.type == "cuda":
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self._batch_cache: dict[tuple[int, int], int] = {}
+
+    @property
+    def card(self):  # noqa: ANN201 - models.folder.ModelCard
+        return self.model.card
+
+    def batch_for(self, rows: int, cols: int) -> int:
+        """Slices per batch for images of this size (fixed, or chosen once per size from free memory)."""
+        if self.batch_size:
+            return self.batch_size
+        key = (rows, cols)
+        if key not in self._batch_cache:
+            if rows * cols > self.max_tile_pixels:
+                t = min(self.tile_size, max(rows, cols))
+                self._batch_cache[key] = choose_batch_size(self.network, t, t, self.device, max_batch=1)
+            else:
+                self._batch_cache[key] = choose_batch_size(self.network, rows, cols, self.device)
+        return self._batch_cache[key]
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast_dtype is not None:
+            with torch.autocast(device_type="cuda", dtype=self.autocast_dtype):
+                y = self.network(x)
+        else:
+            y = self.network(x)
+        return y.float() - x
+
+    def residual(self, x: np.ndarray) -> np.ndarray:
+        """``network(x) - x`` for normalised images ``x`` of shape ``(N, H, W)`` (float32 in and out)."""
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(self.device)
+            h, w = t.shape[-2:]
+            if h * w > self.max_tile_pixels:
+                r = tiled_apply(self._forward, t, self.tile_size, self.tile_halo, self.tile_blend, self.tile_multiple)
+            else:
+                r = self._forward(t)
+            return r[:, 0].float().cpu().numpy()
+
+    def denoise_frames(self, stored: np.ndarray, formats: Sequence[PixelFormat], strength: float = 1.0) -> np.ndarray:
+        """New stored values for frames ``stored`` (``(N, H, W)``, one :class:`PixelFormat` per frame).
+
+        Frames are converted, batched (:meth:`batch_for`), denoised and converted back; the result has the input's
+        dtype, and padding pixels are copied from the input.
+        """
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], not {strength}")
+        if stored.ndim != 3 or len(formats) != stored.shape[0]:
+            raise ValueError("stored must be (frames, rows, columns) with one format per frame")
+        out = np.empty_like(stored)
+        if strength == 0.0:
+            out[...] = stored
+            return out
+        n, rows, cols = stored.shape
+        batch = self.batch_for(rows, cols)
+        norm = self.card.normalization
+        for b0 in range(0, n, batch):
+            b1 = min(n, b0 + batch)
+            inputs = np.empty((b1 - b0, rows, cols), dtype=np.float32)
+            scalings: list[Scaling] = []
+            masks: list[np.ndarray | None] = []
+            for i in range(b0, b1):
+                fmt = formats[i]
+                mask = fmt.padding_mask(stored[i])
+                physical = stored_to_physical(stored[i], fmt)
+                scaling = scaling_for(physical, fmt, norm, mask)
+                inputs[i - b0] = scaling.to_network(physical, mask)
+                scalings.append(scaling)
+                masks.append(mask)
+                del physical
+            res = self.residual(inputs)
+            for i in range(b0, b1):
+                out[i] = apply_residual(stored[i], res[i - b0], scalings[i - b0], formats[i], strength, masks[i - b0])
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- series
+
+
+@dataclass
+class DenoiseResult:
+    """What :func:`denoise_series` wrote.
+
+    Attributes
+    ----------
+    paths
+        The derived files, in slice order.
+    series_instance_uid
+        The derived series' UID.
+    frames, seconds
+        Frames denoised and wall time.
+    preview
+        ``(before, after, format)`` of the middle frame (stored values) when requested.
+    """
+
+    paths: list[Path]
+    series_instance_uid: str
+    source_series_instance_uid: str
+    frames: int
+    seconds: float
+    preview: tuple[np.ndarray, np.ndarray, PixelFormat] | None = None
+
+
+def series_unit(series: Series) -> str | None:
+    """The unit of the series' Modality LUT output (``"HU"`` for CT, RescaleType, or ``None``)."""
+    return series.instances[0].formats[0].rescale_type
+
+
+def check_model_fits(series: Series, model: LoadedModel) -> None:
+    """Refuse (``SeriesRefused``) a series the model's card does not fit."""
+    try:
+        model.check_fits(series.modality, series_unit(series))
+    except ModelMismatch as exc:
+        raise SeriesRefused(str(exc)) from exc
+
+
+def _chunks(instances: Sequence[Instance], batch: int) -> Iterator[list[Instance]]:
+    """Runs of single-frame instances of equal size (at most ``batch``); each multi-frame instance alone."""
+    run: list[Instance] = []
+    for inst in instances:
+        if inst.is_multiframe or inst.frames != 1:
+            if run:
+                yield run
+                run = []
+            yield [inst]
+            continue
+        if run and (run[0].shape != inst.shape or len(run) >= batch):
+            yield run
+            run = []
+        run.append(inst)
+    if run:
+        yield run
+
+
+def _decode(chunk: list[Instance]) -> list[tuple[Instance, object, np.ndarray]]:
+    return [(inst, *read_frames(inst)) for inst in chunk]
+
+
+def denoise_series(
+    series: Series | Iterable[str | os.PathLike[str]],
+    model: LoadedModel | Engine,
+    output_dir: str | os.PathLike[str],
+    strength: float = 1.0,
+    settings: DerivedSeriesSettings | None = None,
+    series_instance_uid: str | None = None,
+    device: str | torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
+    keep_preview: bool = False,
+) -> DenoiseResult:
+    """Denoise one series and write its derived series into ``output_dir``.
+
+    Parameters
+    ----------
+    series
+        A scanned :class:`Series`, or paths (files or folders) holding exactly one series.
+    model
+        A loaded model, or an :class:`Engine` already built for it (reuse it across jobs).
+    output_dir
+        Folder for the derived files (``<SOPInstanceUID>.dcm``).
+    strength
+        Blend of output and input in [0, 1].
+    settings
+        Series numbering, description suffix and transfer syntax (defaults as in the configuration).
+    series_instance_uid
+        The derived series' UID (pass a job-specific one; generated when ``None``).
+    device
+        Where to run when ``model`` is a :class:`LoadedModel` (its own device when ``None``).
+    progress
+        Called with the number of frames just finished.
+    keep_preview
+        Keep the middle frame before and after, for a preview image.
+
+    Raises
+    ------
+    SeriesRefused
+        When the series cannot be denoised (colour, unsupported format, undecodable, model does not fit).
+    """
+    started = time.perf_counter()
+    if not isinstance(series, Series):
+        found = scan(series)
+        if len(found.series) != 1:
+            reasons = "; ".join(f"{p.name}: {why}" for p, why in found.skipped[:5])
+            raise SeriesRefused(f"expected one image series, found {len(found.series)}" + (f" ({reasons})" if reasons else ""))
+        series = found.series[0]
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], not {strength}")
+    engine = model if isinstance(model, Engine) else Engine(model, device=device)
+    check_series(series)
+    check_model_fits(series, engine.model)
+    settings = settings or DerivedSeriesSettings()
+    card = engine.card
+    info = DerivationInfo(
+        series_instance_uid=series_instance_uid or new_series_uid(),
+        model_name=card.name, model_version=card.version, model_sha256=card.sha256, strength=float(strength),
+        series_number_offset=settings.series_number_offset, description_suffix=settings.description_suffix,
+        transfer_syntax=settings.transfer_syntax,
+    )
+    rows, cols = series.instances[0].shape
+    batch = engine.batch_for(rows, cols)
+    middle = series.frame_count // 2
+    preview = None
+    written: list[Path] = []
+    frames_done = 0
+    chunks = list(_chunks(series.instances, batch))
+    LOGGER.info("denoising %s with %s %s on %s, batch %d", series.describe(), card.name, card.version,
+                engine.device, batch)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        pending: Future | None = pool.submit(_decode, chunks[0]) if chunks else None
+        for index in range(len(chunks)):
+            decoded = pending.result() if pending is not None else []
+            pending = pool.submit(_decode, chunks[index + 1]) if index + 1 < len(chunks) else None
+            if len(decoded) == 1 and decoded[0][0].frames > 1:
+                inst, ds, stored = decoded[0]
+                new = engine.denoise_frames(stored, inst.formats, strength)
+                items = [(inst, ds, stored, new)]
+            else:
+                stack = np.concatenate([d[2] for d in decoded], axis=0)
+                formats = [d[0].formats[0] for d in decoded]
+                new_stack = engine.denoise_frames(stack, formats, strength)
+                items = [(d[0], d[1], d[2], new_stack[i:i + 1]) for i, d in enumerate(decoded)]
+            for inst, ds, stored, new in items:
+                if keep_preview and preview is None and frames_done <= middle < frames_done + inst.frames:
+                    k = middle - frames_done
+                    preview = (stored[k].copy(), new[k].copy(), inst.formats[k])
+                derived = build_derived_instance(ds, new, inst.formats[0], info)
+                written.append(write_instance(derived, output_dir))
+                frames_done += inst.frames
+                if progress is not None:
+                    progress(inst.frames)
+            del decoded, items
+    seconds = time.perf_counter() - started
+    LOGGER.info("wrote %d derived instances (%d frames) in %.1f s", len(written), frames_done, seconds)
+    return DenoiseResult(paths=written, series_instance_uid=info.series_instance_uid,
+                         source_series_instance_uid=series.series_instance_uid, frames=frames_done,
+                         seconds=seconds, preview=preview)
+

@@ -1,0 +1,282 @@
+"""Stored pixel values, physical units and network inputs (numpy only; no torch, no file access).
+
+The chain for one image (PS3.3 C.7.6.3 Image Pixel module, C.11.1 Modality LUT module)::
+
+    stored --(RescaleSlope, RescaleIntercept)--> physical (HU for CT) --(card normalisation)--> network input
+
+and back. The way back never rebuilds pixels from the network output alone: the network's residual is converted
+to a change of stored values and added to the *original* stored values (``apply_residual``), so a zero residual,
+or strength 0, gives back exactly the input pixels, and padding pixels are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dicom_node.denoise.errors import SeriesRefused
+
+LOGGER = logging.getLogger(__name__)
+
+SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+
+
+@dataclass(frozen=True)
+class PixelFormat:
+    """How an image's stored values are encoded and what they mean.
+
+    Attributes
+    ----------
+    bits_allocated, bits_stored, pixel_representation
+        (0028,0100), (0028,0101), (0028,0103): 0 unsigned, 1 two's complement.
+    photometric
+        MONOCHROME1 (low values bright) or MONOCHROME2.
+    slope, intercept
+        Modality rescale (identity when the image has none).
+    rescale_type
+        (0028,1054), or ``"HU"`` for CT without it, or ``None``.
+    padding_value, padding_limit
+        Pixel Padding Value (0028,0120) and Pixel Padding Range Limit (0028,0121), in stored values.
+    """
+
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    photometric: str = "MONOCHROME2"
+    slope: float = 1.0
+    intercept: float = 0.0
+    rescale_type: str | None = None
+    padding_value: int | None = None
+    padding_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits_allocated not in (8, 16):
+            raise SeriesRefused(f"BitsAllocated {self.bits_allocated} is not supported (8 or 16)")
+        if not 1 <= self.bits_stored <= self.bits_allocated:
+            raise SeriesRefused(f"BitsStored {self.bits_stored} does not fit BitsAllocated {self.bits_allocated}")
+        if self.pixel_representation not in (0, 1):
+            raise SeriesRefused(f"PixelRepresentation {self.pixel_representation} is not 0 or 1")
+        if self.photometric not in SUPPORTED_PHOTOMETRIC:
+            raise SeriesRefused(
+                f"photometric interpretation {self.photometric} is not supported (only MONOCHROME1 and MONOCHROME2"
+                " greyscale images can be denoised)"
+            )
+        if not np.isfinite(self.slope) or self.slope == 0 or not np.isfinite(self.intercept):
+            raise SeriesRefused(f"rescale slope {self.slope} / intercept {self.intercept} is not usable")
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The numpy dtype of the stored values (as written in Pixel Data)."""
+        kind = "i" if self.pixel_representation else "u"
+        return np.dtype(f"<{kind}{self.bits_allocated // 8}")
+
+    @property
+    def stored_range(self) -> tuple[int, int]:
+        """Smallest and largest value that BitsStored and PixelRepresentation allow."""
+        if self.pixel_representation:
+            return -(1 << (self.bits_stored - 1)), (1 << (self.bits_stored - 1)) - 1
+        return 0, (1 << self.bits_stored) - 1
+
+    @property
+    def physical_range(self) -> tuple[float, float]:
+        """Physical values of the two ends of :attr:`stored_range` (lowest first)."""
+        lo, hi = (v * self.slope + self.intercept for v in self.stored_range)
+        return (min(lo, hi), max(lo, hi))
+
+    def padding_mask(self, stored: np.ndarray) -> np.ndarray | None:
+        """Boolean mask of padding pixels (outside the scan field), or ``None`` when the image has none."""
+        if self.padding_value is None:
+            return None
+        if self.padding_limit is None:
+            mask = stored == self.padding_value
+        else:
+            lo, hi = sorted((self.padding_value, self.padding_limit))
+            mask = (stored >= lo) & (stored <= hi)
+        return mask if mask.any() else None
+
+
+def _number(value: Any, default: float) -> float:
+    if value is None or value == "":
+        return default
+    if isinstance(value, (list, tuple)):  # multi-valued DS seen in the wild: take the first
+        value = value[0]
+    return float(value)
+
+
+def pixel_format_from_dataset(ds: Any, frame_rescale: tuple[float, float, str | None] | None = None) -> PixelFormat:
+    """Read a :class:`PixelFormat` from a pydicom dataset's Image Pixel and Modality LUT attributes.
+
+    Parameters
+    ----------
+    ds
+        The dataset (pixel data need not be loaded).
+    frame_rescale
+        ``(slope, intercept, type)`` from an enhanced object's Pixel Value Transformation functional group; it
+        replaces the top-level rescale.
+
+    Raises
+    ------
+    SeriesRefused
+        For colour images, float pixel data and every format :class:`PixelFormat` rejects.
+    """
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    if samples != 1:
+        raise SeriesRefused(f"colour image ({samples} samples per pixel, {photometric}): only greyscale is denoised")
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise SeriesRefused("float pixel data is not supported")
+    try:
+        bits_allocated = int(ds.BitsAllocated)
+        bits_stored = int(ds.get("BitsStored", bits_allocated))
+        pixel_representation = int(ds.get("PixelRepresentation", 0))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise SeriesRefused(f"missing or invalid Image Pixel attributes: {exc}") from exc
+    if frame_rescale is not None:
+        slope, intercept, rescale_type = frame_rescale
+    else:
+        slope = _number(ds.get("RescaleSlope"), 1.0)
+        intercept = _number(ds.get("RescaleIntercept"), 0.0)
+        rescale_type = ds.get("RescaleType") or None
+    modality = str(ds.get("Modality", ""))
+    if rescale_type is None and modality == "CT":
+        rescale_type = "HU"
+    padding = ds.get("PixelPaddingValue")
+    limit = ds.get("PixelPaddingRangeLimit")
+    return PixelFormat(
+        bits_allocated=bits_allocated,
+        bits_stored=bits_stored,
+        pixel_representation=pixel_representation,
+        photometric=photometric,
+        slope=slope,
+        intercept=intercept,
+        rescale_type=str(rescale_type) if rescale_type else None,
+        padding_value=None if padding is None else _padding_int(padding, bits_allocated, pixel_representation),
+        padding_limit=None if limit is None else _padding_int(limit, bits_allocated, pixel_representation),
+    )
+
+
+def _padding_int(value: Any, bits_allocated: int, pixel_representation: int) -> int:
+    """Padding values are US or SS depending on PixelRepresentation; reinterpret one read with the wrong VR."""
+    v = int(value[0] if isinstance(value, (list, tuple)) else value)
+    if pixel_representation and v >= 1 << (bits_allocated - 1) and v < 1 << bits_allocated:
+        v -= 1 << bits_allocated
+    if not pixel_representation and v < 0:
+        v += 1 << bits_allocated
+    return v
+
+
+def stored_to_physical(stored: np.ndarray, fmt: PixelFormat) -> np.ndarray:
+    """Physical values (float64) of stored values: ``stored * slope + intercept``."""
+    return stored.astype(np.float64) * fmt.slope + fmt.intercept
+
+
+def physical_to_stored(physical: np.ndarray, fmt: PixelFormat) -> np.ndarray:
+    """Stored values for physical values: inverse rescale, rounded to nearest, clipped to BitsStored."""
+    lo, hi = fmt.stored_range
+    stored = np.rint((np.asarray(physical, dtype=np.float64) - fmt.intercept) / fmt.slope)
+    return np.clip(stored, lo, hi).astype(fmt.dtype)
+
+
+def clean_stored(stored: np.ndarray, fmt: PixelFormat) -> np.ndarray:
+    """Stored values as ``fmt.dtype`` (decoders may return wider types), checked against BitsStored.
+
+    Values outside the BitsStored range (garbage in unused high bits) are reported and clipped.
+    """
+    lo, hi = fmt.stored_range
+    arr = np.asarray(stored)
+    if arr.size and (arr.min() < lo or arr.max() > hi):
+        LOGGER.warning("stored values %s..%s exceed BitsStored %d range %s..%s; clipping",
+                       arr.min(), arr.max(), fmt.bits_stored, lo, hi)
+        arr = np.clip(arr, lo, hi)
+    return arr.astype(fmt.dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """The affine map of one image from physical values to network input: ``x = sign * (v - offset) / scale``.
+
+    ``sign`` is -1 for inverted (MONOCHROME1) images, where ``offset`` is the inverted image's reference.
+    """
+
+    offset: float
+    scale: float
+    sign: float = 1.0
+    clip_low: float = -np.inf
+    clip_high: float = np.inf
+    fill: float = 0.0  # physical value given to padding pixels in the network input
+
+    def to_network(self, physical: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Network input (float32) for physical values; padding pixels get :attr:`fill`."""
+        v = np.clip(physical, self.clip_low, self.clip_high)
+        if mask is not None:
+            v = np.where(mask, self.fill, v)
+        return (self.sign * (v - self.offset) / self.scale).astype(np.float32)
+
+    def residual_to_stored(self, residual: np.ndarray, fmt: PixelFormat) -> np.ndarray:
+        """A change of network values as a (float64) change of stored values."""
+        return residual.astype(np.float64) * (self.sign * self.scale / fmt.slope)
+
+
+def scaling_for(physical: np.ndarray, fmt: PixelFormat, normalization: Any, mask: np.ndarray | None = None) -> Scaling:
+    """The :class:`Scaling` a model card's normalisation (``models.folder.Normalization``) gives this image.
+
+    ``fixed`` mode uses the card's offset, scale and clip (in physical units); ``per-image`` mode takes offset
+    and scale from the image's percentiles over non-padding pixels. MONOCHROME1 images are inverted when the card
+    says so (``v -> lo + hi - v`` over the format's physical range, so fixed offsets keep their meaning).
+    """
+    invert = fmt.photometric == "MONOCHROME1" and bool(getattr(normalization, "invert_monochrome1", True))
+    sign = -1.0 if invert else 1.0
+    clip = getattr(normalization, "clip", None)
+    clip_low, clip_high = (float(clip[0]), float(clip[1])) if clip else (-np.inf, np.inf)
+    valid = physical if mask is None else physical[~mask]
+    if normalization.mode == "per-image":
+        if valid.size == 0:
+            p_lo = p_hi = 0.0
+        else:
+            p_lo, p_hi = np.percentile(valid, [normalization.percentiles[0], normalization.percentiles[1]])
+        if invert:
+            offset, scale = float(p_hi), float(p_hi - p_lo)
+        else:
+            offset, scale = float(p_lo), float(p_hi - p_lo)
+        if not np.isfinite(scale) or scale <= 0:
+            scale = 1.0
+        fill = float(p_hi if invert else p_lo)
+        return Scaling(offset=offset, scale=scale, sign=sign, fill=fill)
+    offset = float(normalization.offset)
+    if invert:
+        lo, hi = fmt.physical_range
+        offset = lo + hi - offset  # sign * (v - offset') == ((lo + hi - v) - offset)
+    if np.isfinite(clip_low):
+        fill = clip_low if not invert else clip_high
+    else:
+        fill = float(valid.min()) if valid.size else 0.0
+    return Scaling(offset=offset, scale=float(normalization.scale), sign=sign, clip_low=clip_low,
+                   clip_high=clip_high, fill=fill)
+
+
+def apply_residual(stored: np.ndarray, residual_net: np.ndarray, scaling: Scaling, fmt: PixelFormat,
+                   strength: float = 1.0, mask: np.ndarray | None = None) -> np.ndarray:
+    """New stored values: the original plus ``strength`` times the network's change, rounded and clipped.
+
+    Parameters
+    ----------
+    stored
+        The original stored values.
+    residual_net
+        ``network(x) - x`` in network units (zero where nothing should change).
+    strength
+        In [0, 1]: 0 returns the input, 1 the full network output, between them a linear blend.
+    mask
+        Padding pixels, which are returned untouched.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], not {strength}")
+    delta = scaling.residual_to_stored(residual_net, fmt) * strength
+    lo, hi = fmt.stored_range
+    out = np.clip(np.rint(stored.astype(np.float64) + delta), lo, hi).astype(fmt.dtype)
+    if mask is not None:
+        out[mask] = stored[mask]
+    return out

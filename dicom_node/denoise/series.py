@@ -1,0 +1,314 @@
+"""Finding series in files, sorting their slices along the slice normal, and decoding their pixels.
+
+Uses pydicom only (no torch). Headers are read without pixel data (``stop_before_pixels``), so scanning a
+1000-slice series holds headers, not images; pixels are decoded one instance at a time by
+:func:`read_frames`, with pydicom's decoders for every transfer syntax the receiver accepts (RLE, JPEG lossless,
+JPEG-LS, JPEG 2000 via pylibjpeg and pyjpegls).
+
+Slice order follows geometry (PS3.3 C.7.6.2): the slice normal is the cross product of the row and column
+direction cosines of ImageOrientationPatient, and a slice's position is ``ImagePositionPatient . normal``.
+InstanceNumber only breaks ties and orders images without geometry (projection X-ray).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.denoise.errors import SeriesRefused
+from dicom_node.denoise.pixels import PixelFormat, clean_stored, pixel_format_from_dataset
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class FrameGeometry:
+    """Where one frame lies: ImagePositionPatient and ImageOrientationPatient (``None`` when unknown)."""
+
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+
+
+@dataclass
+class Instance:
+    """One image file of a series (single-frame or multi-frame), known by its header only.
+
+    Attributes
+    ----------
+    path
+        The file.
+    header
+        The dataset read without pixel data.
+    frames
+        Number of frames (1 for single-frame objects).
+    formats
+        The :class:`PixelFormat` of each frame (enhanced objects may rescale per frame).
+    geometry
+        Per-frame geometry.
+    sort_key
+        Position along the series' slice normal (``nan`` without geometry), then InstanceNumber.
+    """
+
+    path: Path
+    header: Dataset
+    frames: int
+    formats: list[PixelFormat]
+    geometry: list[FrameGeometry]
+    sort_key: tuple[float, int, str] = (float("nan"), 0, "")
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.header.SOPInstanceUID)
+
+    @property
+    def sop_class_uid(self) -> str:
+        return str(self.header.SOPClassUID)
+
+    @property
+    def is_multiframe(self) -> bool:
+        return "NumberOfFrames" in self.header
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.header.Rows), int(self.header.Columns)
+
+
+@dataclass
+class Series:
+    """The image instances of one SeriesInstanceUID, sorted along the slice normal."""
+
+    series_instance_uid: str
+    instances: list[Instance] = field(default_factory=list)
+    normal: tuple[float, float, float] | None = None
+
+    @property
+    def first(self) -> Dataset:
+        return self.instances[0].header
+
+    @property
+    def modality(self) -> str:
+        return str(self.first.get("Modality", ""))
+
+    @property
+    def frame_count(self) -> int:
+        return sum(inst.frames for inst in self.instances)
+
+    def describe(self) -> str:
+        """One line for logs and progress bars (no patient data)."""
+        number = self.first.get("SeriesNumber", "?")
+        desc = self.first.get("SeriesDescription", "")
+        return f"series {number} {desc!s} ({self.modality}, {len(self.instances)} instances, {self.frame_count} frames)"
+
+
+@dataclass
+class ScanResult:
+    """Series found under some paths, and the files that were skipped with the reason."""
+
+    series: list[Series]
+    skipped: list[tuple[Path, str]]
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(np.isfinite(out)) else None
+
+
+def _functional(ds: Dataset, index: int, sequence: str) -> Dataset | None:
+    """The item of functional-group ``sequence`` for frame ``index``: per-frame first, then shared."""
+    for groups_kw in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        groups = ds.get(groups_kw)
+        if not groups:
+            continue
+        item = groups[index] if groups_kw.startswith("PerFrame") and index < len(groups) else groups[0]
+        seq = item.get(sequence)
+        if seq:
+            return seq[0]
+    return None
+
+
+def _frame_info(ds: Dataset) -> tuple[list[PixelFormat], list[FrameGeometry]]:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    formats: list[PixelFormat] = []
+    geometry: list[FrameGeometry] = []
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    base = pixel_format_from_dataset(ds)
+    for i in range(frames):
+        if enhanced:
+            pvt = _functional(ds, i, "PixelValueTransformationSequence")
+            if pvt is not None and "RescaleSlope" in pvt:
+                fmt = pixel_format_from_dataset(
+                    ds, (float(pvt.RescaleSlope), float(pvt.get("RescaleIntercept", 0.0)), pvt.get("RescaleType") or None)
+                )
+            else:
+                fmt = base
+            pos = _functional(ds, i, "PlanePositionSequence")
+            ori = _functional(ds, i, "PlaneOrientationSequence")
+            geometry.append(FrameGeometry(
+                _floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None,
+                _floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else None,
+            ))
+        else:
+            fmt = base
+            geometry.append(FrameGeometry(_floats(ds.get("ImagePositionPatient"), 3),
+                                          _floats(ds.get("ImageOrientationPatient"), 6)))
+        formats.append(fmt)
+    return formats, geometry
+
+
+def read_instance_header(path: str | os.PathLike[str]) -> Instance:
+    """Read one file's header and check it is an image this node can denoise.
+
+    Raises
+    ------
+    InvalidDicomError
+        Not a DICOM file.
+    SeriesRefused
+        A DICOM object that is not a denoisable image (no pixel data, colour, unsupported format).
+    """
+    p = Path(path)
+    ds = pydicom.dcmread(p, stop_before_pixels=True)
+    if "Rows" not in ds or "Columns" not in ds:
+        raise SeriesRefused("not an image (no Rows/Columns)", str(p))
+    for key in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        if not ds.get(key):
+            raise SeriesRefused(f"{key} is missing", str(p))
+    try:
+        formats, geometry = _frame_info(ds)
+    except SeriesRefused as exc:
+        raise SeriesRefused(exc.reason, str(p)) from None
+    return Instance(path=p, header=ds, frames=len(formats), formats=formats, geometry=geometry)
+
+
+def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
+    """Files under ``paths`` (folders are walked recursively, in sorted order; hidden entries skipped)."""
+    for raw in paths:
+        p = Path(raw)
+        if p.is_file():
+            yield p
+        elif p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith("."):
+                        yield Path(root) / name
+
+
+def slice_normal(orientation: tuple[float, ...]) -> tuple[float, float, float]:
+    """Unit normal of a slice from the 6 direction cosines of ImageOrientationPatient."""
+    row = np.asarray(orientation[:3], dtype=float)
+    col = np.asarray(orientation[3:], dtype=float)
+    n = np.cross(row, col)
+    norm = np.linalg.norm(n)
+    if norm == 0:
+        raise SeriesRefused(f"ImageOrientationPatient {list(orientation)} has parallel row and column vectors")
+    return tuple(float(v) for v in n / norm)  # type: ignore[return-value]
+
+
+def sort_series(series: Series) -> None:
+    """Sort ``series.instances`` along the slice normal (InstanceNumber breaks ties; images without geometry last).
+
+    Multi-frame instances keep their frames in stored order and are placed by their first frame.
+    """
+    normal = None
+    for inst in series.instances:
+        ori = inst.geometry[0].orientation
+        if ori is not None:
+            normal = slice_normal(ori)
+            break
+    series.normal = normal
+    for inst in series.instances:
+        pos = inst.geometry[0].position
+        where = float(np.dot(pos, normal)) if (normal is not None and pos is not None) else float("nan")
+        number = inst.header.get("InstanceNumber")
+        try:
+            number_i = int(number) if number not in (None, "") else 0
+        except (TypeError, ValueError):
+            number_i = 0
+        inst.sort_key = (where, number_i, inst.sop_instance_uid)
+    series.instances.sort(key=lambda i: (np.isnan(i.sort_key[0]), 0.0 if np.isnan(i.sort_key[0]) else i.sort_key[0],
+                                         i.sort_key[1], i.sort_key[2]))
+
+
+def group_series(instances: Iterable[Instance]) -> list[Series]:
+    """Group instances by SeriesInstanceUID (in first-seen order), drop duplicate SOP instances, sort each."""
+    by_uid: dict[str, Series] = {}
+    seen: set[str] = set()
+    for inst in instances:
+        if inst.sop_instance_uid in seen:
+            LOGGER.warning("duplicate SOPInstanceUID in %s; keeping the first copy", inst.path)
+            continue
+        seen.add(inst.sop_instance_uid)
+        uid = str(inst.header.SeriesInstanceUID)
+        by_uid.setdefault(uid, Series(uid)).instances.append(inst)
+    for series in by_uid.values():
+        sort_series(series)
+    return list(by_uid.values())
+
+
+def scan(paths: Iterable[str | os.PathLike[str]]) -> ScanResult:
+    """Find the image series under ``paths``; files that are not DICOM images are skipped with a reason."""
+    instances: list[Instance] = []
+    skipped: list[tuple[Path, str]] = []
+    for path in iter_files(paths):
+        try:
+            instances.append(read_instance_header(path))
+        except InvalidDicomError:
+            skipped.append((path, "not a DICOM file"))
+        except SeriesRefused as exc:
+            skipped.append((path, exc.reason))
+        except Exception as exc:  # noqa: BLE001 - a malformed file must not stop the scan
+            skipped.append((path, f"unreadable: {type(exc).__name__}: {exc}"))
+    for path, why in skipped:
+        LOGGER.info("skipping %s: %s", path, why)
+    return ScanResult(group_series(instances), skipped)
+
+
+def check_series(series: Series) -> None:
+    """Refuse a series whose instances disagree on what must be shared (modality, study, frame of reference)."""
+    first = series.first
+    for inst in series.instances[1:]:
+        for key in ("Modality", "StudyInstanceUID"):
+            if inst.header.get(key) != first.get(key):
+                raise SeriesRefused(f"instances disagree on {key} ({first.get(key)} vs {inst.header.get(key)})",
+                                    str(inst.path))
+
+
+def read_frames(instance: Instance) -> tuple[Dataset, np.ndarray]:
+    """Decode an instance: its full dataset and stored values as ``(frames, rows, columns)`` in its dtype.
+
+    Raises
+    ------
+    SeriesRefused
+        When the file fails to decode (with the decoder's reason), or the decoded shape is not what the header
+        says.
+    """
+    try:
+        ds = pydicom.dcmread(instance.path)
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a clear refusal
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) if "ds" in locals() else None
+        ts_name = getattr(ts, "name", str(ts)) if ts is not None else "unknown transfer syntax"
+        first_line = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first_line[:3])
+        raise SeriesRefused(f"pixel data cannot be decoded ({ts_name}): {detail}", str(instance.path)) from exc
+    rows, cols = instance.shape
+    if arr.ndim == 2:
+        arr = arr[np.newaxis]
+    if arr.shape != (instance.frames, rows, cols):
+        raise SeriesRefused(
+            f"decoded pixel data has shape {arr.shape}, header says {instance.frames} x {rows} x {cols}",
+            str(instance.path),
+        )
+    fmt = instance.formats[0]
+    return ds, clean_stored(arr, fmt)
