@@ -1,0 +1,510 @@
+"""The node's configuration: one TOML file, validated at start-up, overridable by environment variables.
+
+Every key has a default except destinations and rules. A single key is overridden by an environment variable
+``DICOM_NODE_<SECTION>__<KEY>`` (for example ``DICOM_NODE_NODE__PORT=11113``); its value is read as a TOML value
+when it parses as one (``11113``, ``true``, ``["A", "B"]``) and as a plain string otherwise. Destinations and rules
+are arrays of tables and are only set in the file.
+
+Validation collects every problem and reports them together, each naming the key and why it is wrong, so an
+administrator fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+LOGGER = logging.getLogger(__name__)
+
+ENV_PREFIX = "DICOM_NODE_"
+
+#: Tags (and pseudo-tags) a routing rule may match on; later stages interpret them.
+RULE_MATCH_KEYS = frozenset(
+    {
+        "Modality",
+        "BodyPartExamined",
+        "SeriesDescription",
+        "ImageType",
+        "SliceThickness",
+        "Manufacturer",
+        "CallingAETitle",
+        "CalledAETitle",
+    }
+)
+#: Match keys whose value is a regular expression.
+RULE_REGEX_KEYS = frozenset({"SeriesDescription", "BodyPartExamined", "Manufacturer"})
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; ``problems`` lists each bad key and why."""
+
+    def __init__(self, problems: list[str], source: str = "configuration") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class NodeSettings:
+    """The ``[node]`` section: identity, network, storage and database."""
+
+    ae_title: str = "DENOISE"
+    port: int = 11112
+    bind_address: str = "0.0.0.0"
+    data_dir: str = "var"
+    database_url: str = ""
+    max_associations: int = 16
+    min_free_disk_gb: float = 5.0
+    #: Largest P-DATA PDU we accept; large PDUs cut per-PDU Python overhead (PS3.8 D.3.3.2). 0 = no limit.
+    max_pdu_size: int = 1048576
+    #: Seconds without a new instance after which a series counts as complete (rules may override).
+    quiet_seconds: float = 10.0
+    #: Seconds an idle association is kept open before it is aborted.
+    network_timeout: float = 60.0
+    log_level: str = "INFO"
+
+
+@dataclass
+class SecuritySettings:
+    """The ``[security]`` section: allow-lists and DICOM TLS (PS3.15 Annex B.1)."""
+
+    allowed_calling_ae_titles: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
+    tls: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    trusted_cas: str = ""
+    require_client_certificate: bool = False
+
+
+@dataclass
+class WebSettings:
+    """The ``[web]`` section: dashboard, ``/metrics`` and health checks."""
+
+    port: int = 8080
+    bind_address: str = "127.0.0.1"
+
+
+@dataclass
+class ModelSettings:
+    """The ``[models]`` section: where model folders are found and where they run."""
+
+    #: Extra folders holding model folders; the bundled models are always found.
+    directories: list[str] = field(default_factory=list)
+    #: ``auto`` uses CUDA when torch sees a GPU, the CPU otherwise.
+    device: str = "auto"
+
+
+@dataclass
+class DerivedSettings:
+    """The ``[derived]`` section: how derived series are numbered and named."""
+
+    series_number_offset: int = 1000
+    description_suffix: str = " DN"
+    #: Transfer syntax of the derived files: ``explicit-vr-little-endian`` or ``rle-lossless``.
+    transfer_syntax: str = "explicit-vr-little-endian"
+
+
+@dataclass
+class RetentionSettings:
+    """The ``[retention]`` section: how long received and derived files are kept."""
+
+    #: Days a series that matched no rule stays in the spool (0 = keep forever).
+    unrouted_days: float = 7.0
+    #: Days a series is kept after all its exports succeeded (0 = keep forever).
+    processed_days: float = 7.0
+
+
+@dataclass
+class Destination:
+    """One ``[[destinations]]`` table: a DICOM peer that receives derived series by C-STORE."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+    calling_ae_title: str = ""
+    timeout_seconds: float = 30.0
+
+
+@dataclass
+class Rule:
+    """One ``[[rules]]`` table: which series to denoise, with which model, and where to send the result."""
+
+    name: str
+    match: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+    strength: float = 1.0
+    destinations: list[str] = field(default_factory=list)
+    quiet_seconds: float | None = None
+    forward_original: bool = False
+
+
+@dataclass
+class Config:
+    """The whole validated configuration."""
+
+    node: NodeSettings = field(default_factory=NodeSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    derived: DerivedSettings = field(default_factory=DerivedSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    destinations: list[Destination] = field(default_factory=list)
+    rules: list[Rule] = field(default_factory=list)
+    #: Where the configuration came from (a path, or ``defaults``).
+    source: str = "defaults"
+
+    @property
+    def data_path(self) -> Path:
+        """The data directory as an absolute path."""
+        return Path(self.node.data_dir).expanduser().resolve()
+
+    @property
+    def spool_path(self) -> Path:
+        return self.data_path / "spool"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.data_path / "outbox"
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL: the configured one, or SQLite in the data directory."""
+        if self.node.database_url:
+            return self.node.database_url
+        return f"sqlite:///{self.data_path / 'dicom-node.sqlite3'}"
+
+    def destination(self, name: str) -> Destination:
+        """Return the destination called ``name``; raise ``KeyError`` naming the known ones."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none"
+        raise KeyError(f"no destination named {name!r} (configured: {known})")
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "security": SecuritySettings,
+    "web": WebSettings,
+    "models": ModelSettings,
+    "derived": DerivedSettings,
+    "retention": RetentionSettings,
+}
+
+_AE_ALLOWED = re.compile(r"^[\x20-\x7e]*$")
+
+
+def validate_ae_title(value: str) -> str | None:
+    """Return why ``value`` is not a valid AE title (PS3.5 6.2, VR AE), or ``None`` when it is."""
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not value.strip():
+        return "must not be empty or only spaces"
+    if len(value) > 16:
+        return f"{value!r} is {len(value)} characters long; an AE title has at most 16"
+    if "\\" in value:
+        return f"{value!r} contains a backslash, which an AE title may not"
+    if not _AE_ALLOWED.match(value):
+        return f"{value!r} contains control or non-ASCII characters"
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    if origin is dict:
+        return "a table"
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(tp, str(tp))
+
+
+def _check_type(value: Any, tp: Any) -> Any:
+    """Return ``value`` coerced to ``tp`` (int -> float only), or raise ``TypeError``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check_type(value, inner[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError
+        (item_tp,) = typing.get_args(tp)
+        return [_check_type(v, item_tp) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    raise TypeError
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from ``raw``, appending a message per unknown, missing or mistyped key."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            problems.append(f"{where}.{key}: unknown key (known keys: {known})")
+            continue
+        try:
+            kwargs[key] = _check_type(value, hints[key])
+        except TypeError:
+            problems.append(
+                f"{where}.{key}: must be {_type_name(hints[key])}, not {type(value).__name__} ({value!r})"
+            )
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in kwargs and name not in raw:
+            problems.append(f"{where}.{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None  # a required key is missing; already reported
+
+
+def _check_port(value: int, key: str, problems: list[str], allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        problems.append(f"{key}: {value} is out of range {low}-65535")
+
+
+def _check_data_dir(path_text: str, problems: list[str]) -> None:
+    path = Path(path_text).expanduser()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        problems.append(f"node.data_dir: {path_text!r} cannot be created: {probe} is not a directory")
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        problems.append(f"node.data_dir: {path_text!r} is not writable (checked {probe})")
+
+
+def _check_rule(rule: Rule, where: str, destination_names: set[str], problems: list[str]) -> None:
+    for key, value in rule.match.items():
+        if key not in RULE_MATCH_KEYS:
+            problems.append(f"{where}.match.{key}: unknown match key (known: {', '.join(sorted(RULE_MATCH_KEYS))})")
+            continue
+        if key == "SliceThickness":
+            ok = (
+                isinstance(value, list)
+                and len(value) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                and value[0] <= value[1]
+            )
+            if not ok:
+                problems.append(f"{where}.match.SliceThickness: must be [min, max] in mm with min <= max, not {value!r}")
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str) for v in values):
+            problems.append(f"{where}.match.{key}: must be a string or a list of strings, not {value!r}")
+            continue
+        if key in RULE_REGEX_KEYS:
+            for pattern in values:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    problems.append(f"{where}.match.{key}: {pattern!r} is not a valid regular expression ({exc})")
+    if not 0.0 <= rule.strength <= 1.0:
+        problems.append(f"{where}.strength: {rule.strength} is outside [0, 1]")
+    if rule.quiet_seconds is not None and rule.quiet_seconds < 0:
+        problems.append(f"{where}.quiet_seconds: must not be negative")
+    for dest in rule.destinations:
+        if dest not in destination_names:
+            known = ", ".join(sorted(destination_names)) or "none configured"
+            problems.append(f"{where}.destinations: {dest!r} is not a configured destination ({known})")
+
+
+def _validate(cfg: Config, problems: list[str]) -> None:
+    node = cfg.node
+    if (why := validate_ae_title(node.ae_title)) is not None:
+        problems.append(f"node.ae_title: {why}")
+    _check_port(node.port, "node.port", problems)
+    _check_port(cfg.web.port, "web.port", problems, allow_zero=True)
+    if node.max_associations < 1:
+        problems.append(f"node.max_associations: must be at least 1, not {node.max_associations}")
+    if node.min_free_disk_gb < 0:
+        problems.append("node.min_free_disk_gb: must not be negative")
+    if node.max_pdu_size != 0 and node.max_pdu_size < 4096:
+        problems.append(f"node.max_pdu_size: {node.max_pdu_size} is below 4096 bytes (0 means no limit)")
+    if node.quiet_seconds < 0:
+        problems.append("node.quiet_seconds: must not be negative")
+    if node.network_timeout <= 0:
+        problems.append("node.network_timeout: must be positive")
+    if node.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        problems.append(f"node.log_level: {node.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    if node.database_url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", node.database_url):
+        problems.append(f"node.database_url: {node.database_url!r} is not a sqlite:// or postgresql:// URL")
+    _check_data_dir(node.data_dir, problems)
+
+    sec = cfg.security
+    for i, title in enumerate(sec.allowed_calling_ae_titles):
+        if (why := validate_ae_title(title)) is not None:
+            problems.append(f"security.allowed_calling_ae_titles[{i}]: {why}")
+    for i, host in enumerate(sec.allowed_hosts):
+        try:
+            ipaddress.ip_network(host, strict=False)
+        except ValueError:
+            problems.append(f"security.allowed_hosts[{i}]: {host!r} is not an IP address or CIDR network")
+    if sec.tls:
+        for key in ("certificate", "private_key"):
+            value = getattr(sec, key)
+            if not value:
+                problems.append(f"security.{key}: required when security.tls is true")
+            elif not Path(value).is_file():
+                problems.append(f"security.{key}: file {value!r} does not exist")
+        if sec.require_client_certificate and not sec.trusted_cas:
+            problems.append("security.trusted_cas: required when require_client_certificate is true")
+        if sec.trusted_cas and not Path(sec.trusted_cas).is_file():
+            problems.append(f"security.trusted_cas: file {sec.trusted_cas!r} does not exist")
+
+    if cfg.models.device not in {"auto", "cpu", "cuda"} and not re.match(r"^cuda:\d+$", cfg.models.device):
+        problems.append(f"models.device: {cfg.models.device!r} is not auto, cpu, cuda or cuda:N")
+    if cfg.derived.transfer_syntax not in {"explicit-vr-little-endian", "rle-lossless"}:
+        problems.append(
+            f"derived.transfer_syntax: {cfg.derived.transfer_syntax!r} is not explicit-vr-little-endian or rle-lossless"
+        )
+    if not 1 <= cfg.derived.series_number_offset <= 100000:
+        problems.append("derived.series_number_offset: must be between 1 and 100000")
+
+    names: set[str] = set()
+    for i, dest in enumerate(cfg.destinations):
+        where = f"destinations[{i}]"
+        if dest.name in names:
+            problems.append(f"{where}.name: {dest.name!r} is used by another destination")
+        names.add(dest.name)
+        if (why := validate_ae_title(dest.ae_title)) is not None:
+            problems.append(f"{where}.ae_title: {why}")
+        if dest.calling_ae_title and (why := validate_ae_title(dest.calling_ae_title)) is not None:
+            problems.append(f"{where}.calling_ae_title: {why}")
+        _check_port(dest.port, f"{where}.port", problems)
+        if not dest.host:
+            problems.append(f"{where}.host: must not be empty")
+    rule_names: set[str] = set()
+    for i, rule in enumerate(cfg.rules):
+        where = f"rules[{i}]"
+        if rule.name in rule_names:
+            problems.append(f"{where}.name: {rule.name!r} is used by another rule")
+        rule_names.add(rule.name)
+        _check_rule(rule, where, names, problems)
+
+
+def parse_env_value(text: str) -> Any:
+    """Read an environment override as a TOML value when it is one, else as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> None:
+    """Apply ``DICOM_NODE_<SECTION>__<KEY>`` variables from ``environ`` to the raw table ``raw``."""
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX):]:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        if section not in _SECTIONS:
+            problems.append(f"{name}: unknown section {section!r} (known: {', '.join(_SECTIONS)})")
+            continue
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            continue
+        table[key] = parse_env_value(text)
+
+
+def config_from_mapping(raw: Mapping[str, Any], source: str = "configuration",
+                        environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML table (plus environment overrides) into a :class:`Config`.
+
+    Raises
+    ------
+    ConfigError
+        Listing every problem found, each naming its key.
+    """
+    problems: list[str] = []
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    apply_env_overrides(raw, os.environ if environ is None else environ, problems)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                problems.append(f"{key}: must be a table ([{key}]), not {type(value).__name__}")
+                continue
+            kwargs[key] = _build(_SECTIONS[key], value, key, problems)
+        elif key in ("destinations", "rules"):
+            item_cls = Destination if key == "destinations" else Rule
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                problems.append(f"{key}: must be an array of tables ([[{key}]])")
+                continue
+            items = [_build(item_cls, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+            kwargs[key] = [item for item in items if item is not None]
+        else:
+            known = ", ".join([*_SECTIONS, "destinations", "rules"])
+            problems.append(f"{key}: unknown section (known: {known})")
+    cfg = Config(**{k: v for k, v in kwargs.items() if v is not None}, source=source)
+    _validate(cfg, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the configuration file at ``path`` (defaults only when ``None``).
+
+    Relative ``data_dir`` paths are taken relative to the current directory, like every command-line tool.
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, is not TOML, or any key is invalid.
+    """
+    if path is None:
+        return config_from_mapping({}, "defaults", environ)
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read {p}: {exc.strerror or exc}"], str(p)) from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(p)) from exc
+    return config_from_mapping(raw, str(p), environ)
+
+
+def example_config_text() -> str:
+    """Return the annotated example configuration (also ``deploy/dicom-node.example.toml``)."""
+    return resources.files("dicom_node").joinpath("example.toml").read_text(encoding="utf-8")

@@ -1,0 +1,474 @@
+"""The receiving stage: a pynetdicom SCP for C-ECHO and C-STORE (PS3.4 Annex A and B).
+
+The C-STORE handler stores the dataset exactly as received (no pixel decoding), fsyncs it into the spool, records
+its row, and only then answers success. It never imports torch. Status codes (PS3.4 B.2.3):
+
+==========  =====================================================================
+``0x0000``  stored and recorded
+``0xA700``  out of resources: disk below the watermark, write or database failure
+``0xC210``  cannot understand: the dataset is structurally broken
+``0xC211``  cannot understand: a required UID is missing or not a valid UID
+``0xC212``  cannot understand: the dataset's SOP Instance UID differs from the request's
+==========  =====================================================================
+
+Failures carry an Error Comment (0000,0902) with the reason, and every failure is logged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+import struct
+import threading
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+)
+from pynetdicom import AE, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import Engine
+
+from dicom_node import __version__
+from dicom_node.config import Config
+from dicom_node.dataset_check import MalformedDataset, check_dataset_structure, inflate
+from dicom_node.store.database import utcnow
+from dicom_node.store.repository import InstanceFacts, record_instance
+from dicom_node.store.spool import Spool, is_valid_uid
+
+LOGGER = logging.getLogger(__name__)
+
+#: Transfer syntaxes accepted for every storage SOP class (PS3.5 Annex A, PS3.5 8.2).
+ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_INVALID_UID = 0xC211
+STATUS_UID_MISMATCH = 0xC212
+
+#: Implementation Class UID of dicom-node (PS3.7 D.3.3.2), under pydicom's UID root for implementations.
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.77701"
+IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
+
+#: Manufacturer written into ContributingEquipmentSequence of derived series; the loop guard looks for it.
+NODE_MANUFACTURER = "dicom-node"
+
+
+class StoreRefused(Exception):
+    """A C-STORE that must not be acknowledged; carries the DIMSE status and a reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _raw_text(ds: Dataset, tag: int) -> str:
+    """The value of a text element as stored, without pydicom's conversion and validation (hot path).
+
+    Multiple values keep their backslash separators; padding is stripped. Text that is not UTF-8 is read as
+    Latin-1, which is enough for routing on descriptions and never fails.
+    """
+    try:
+        elem = ds.get_item(tag)
+    except Exception:
+        return ""
+    if elem is None:
+        return ""
+    value = elem.value
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = value.decode("latin-1")
+    elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text.strip(" \x00")
+
+
+def _raw_number(ds: Dataset, tag: int, kind: type) -> int | float | None:
+    text = _raw_text(ds, tag).split("\\")[0].strip()
+    if not text:
+        return None
+    try:
+        return kind(float(text)) if kind is int else kind(text)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def is_node_output(ds: Dataset) -> bool:
+    """Return whether ``ds`` was made by a dicom-node (its ContributingEquipmentSequence names us)."""
+    if ds.get_item(0x0018A001) is None:  # (0018,A001) Contributing Equipment Sequence
+        return False
+    for item in ds.get("ContributingEquipmentSequence", None) or []:
+        if str(item.get("Manufacturer", "")).strip() == NODE_MANUFACTURER:
+            return True
+    return False
+
+
+def extract_facts(ds: Dataset, transfer_syntax: str, calling_ae: str, called_ae: str) -> InstanceFacts:
+    """Read the UIDs and routing tags of a received dataset.
+
+    Raises
+    ------
+    StoreRefused
+        With 0xC211 when a required UID is missing or invalid, 0xC210 when a tag cannot be decoded.
+    """
+    uids = {kw: _raw_text(ds, tag) for kw, tag in (
+        ("StudyInstanceUID", 0x0020000D), ("SeriesInstanceUID", 0x0020000E),
+        ("SOPInstanceUID", 0x00080018), ("SOPClassUID", 0x00080016))}
+    for keyword, value in uids.items():
+        if not value:
+            raise StoreRefused(STATUS_INVALID_UID, f"{keyword} is missing")
+        if not is_valid_uid(value):
+            raise StoreRefused(STATUS_INVALID_UID, f"{keyword} is not a valid UID")
+    try:
+        patient_name = str(ds.get("PatientName", "") or "")
+        node_output = is_node_output(ds)
+    except Exception as exc:  # pydicom decodes lazily; a broken value surfaces here
+        raise StoreRefused(STATUS_CANNOT_UNDERSTAND, f"cannot decode attributes: {exc}") from exc
+    return InstanceFacts(
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax_uid=str(transfer_syntax),
+        patient_id=_raw_text(ds, 0x00100020)[:64],
+        issuer_of_patient_id=_raw_text(ds, 0x00100021)[:64],
+        patient_name=patient_name[:324],
+        study_date=_raw_text(ds, 0x00080020)[:8],
+        accession_number=_raw_text(ds, 0x00080050)[:16],
+        modality=_raw_text(ds, 0x00080060)[:16],
+        series_number=_raw_number(ds, 0x00200011, int),  # type: ignore[arg-type]
+        series_description=_raw_text(ds, 0x0008103E)[:64],
+        body_part=_raw_text(ds, 0x00180015)[:64],
+        manufacturer=_raw_text(ds, 0x00080070)[:64],
+        image_type=_raw_text(ds, 0x00080008)[:128],
+        slice_thickness=_raw_number(ds, 0x00180050, float),  # type: ignore[arg-type]
+        instance_number=_raw_number(ds, 0x00200013, int),  # type: ignore[arg-type]
+        calling_ae=calling_ae.strip()[:16],
+        called_ae=called_ae.strip()[:16],
+        is_node_output=node_output,
+    )
+
+
+@dataclass
+class Receiver:
+    """What the C-STORE handler needs: the spool, the database engine and the free-disk watermark."""
+
+    spool: Spool
+    engine: Engine
+    min_free_bytes: int
+    #: Counters for status and metrics; updated under ``lock``.
+    received: int = 0
+    refused: int = 0
+    bytes_received: int = 0
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def count(self, ok: bool, size: int = 0) -> None:
+        with self.lock:
+            if ok:
+                self.received += 1
+                self.bytes_received += size
+            else:
+                self.refused += 1
+
+
+def _failure(status: int, reason: str) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = reason[:64]  # LO, 64 characters
+    return rsp
+
+
+def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
+                     source_ae_title: str) -> bytes:
+    """Encode the preamble, ``DICM`` prefix and File Meta Information (PS3.10 7.1) for a received dataset.
+
+    Written by hand rather than with pydicom's ``FileMetaDataset``: building and validating that object per
+    instance cost more than the rest of the C-STORE handler together.
+    """
+    def element(elem: int, vr: bytes, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\x00" if vr in (b"UI", b"OB") else b" "
+        if vr == b"OB":
+            return struct.pack("<HH2sHI", 0x0002, elem, vr, 0, len(value)) + value
+        return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
+
+    body = b"".join((
+        element(0x0001, b"OB", b"\x00\x01"),
+        element(0x0002, b"UI", sop_class_uid.encode("ascii")),
+        element(0x0003, b"UI", sop_instance_uid.encode("ascii")),
+        element(0x0010, b"UI", transfer_syntax_uid.encode("ascii")),
+        element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
+        element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+        element(0x0016, b"AE", source_ae_title.strip().encode("ascii", "replace")),
+    ))
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def store_instance(receiver: Receiver, request_stream: BytesIO, transfer_syntax: str, sop_class_uid: str,
+                   affected_sop_uid: str, calling_ae: str, called_ae: str) -> str:
+    """Check, store and record one received dataset; return its path relative to the data directory.
+
+    Parameters
+    ----------
+    receiver : Receiver
+        Spool, engine and watermark.
+    request_stream : BytesIO
+        The encoded dataset as received (no file meta).
+    transfer_syntax : str
+        The presentation context's transfer syntax.
+    sop_class_uid, affected_sop_uid : str
+        The request's Affected SOP Class and Instance UIDs.
+
+    Raises
+    ------
+    StoreRefused
+        With the status to answer and the reason.
+    """
+    if receiver.spool.free_bytes() < receiver.min_free_bytes:
+        raise StoreRefused(STATUS_OUT_OF_RESOURCES, "free disk space is below the configured watermark")
+    ts = UID(transfer_syntax)
+    encoded = request_stream.getbuffer()
+    try:
+        plain = inflate(encoded) if ts == DeflatedExplicitVRLittleEndian else encoded
+        check_dataset_structure(plain, ts.is_implicit_VR, ts.is_little_endian)
+        from pydicom.filereader import read_dataset
+
+        ds = read_dataset(BytesIO(plain), ts.is_implicit_VR, ts.is_little_endian)
+    except MalformedDataset as exc:
+        raise StoreRefused(STATUS_CANNOT_UNDERSTAND, str(exc)) from exc
+    except Exception as exc:
+        raise StoreRefused(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}") from exc
+    facts = extract_facts(ds, ts, calling_ae, called_ae)
+    if facts.sop_instance_uid != affected_sop_uid:
+        raise StoreRefused(STATUS_UID_MISMATCH, "SOPInstanceUID differs from the request's Affected SOP UID")
+
+    relative = receiver.spool.relative_path(facts.study_uid, facts.series_uid, facts.sop_instance_uid)
+    meta = encode_file_meta(sop_class_uid, facts.sop_instance_uid, ts, calling_ae)
+    replaced = receiver.spool.absolute(relative).exists()
+    try:
+        size = receiver.spool.write(relative, (meta, encoded))
+    except OSError as exc:
+        raise StoreRefused(STATUS_OUT_OF_RESOURCES, f"cannot write the file: {exc.strerror or exc}") from exc
+    try:
+        with receiver.engine.begin() as conn:
+            record_instance(conn, facts, relative, size, utcnow())
+    except Exception as exc:
+        # The file is whole and fsynced, but unacknowledged: remove it so nothing unrecorded stays behind.
+        # (A re-send overwrote an earlier, recorded copy: keep that one, its row still points at it.)
+        LOGGER.error("database error while recording an instance: %s", exc)
+        if not replaced:
+            receiver.spool.absolute(relative).unlink(missing_ok=True)
+        raise StoreRefused(STATUS_OUT_OF_RESOURCES, "database error while recording the instance") from exc
+    return relative
+
+
+def handle_store(event: evt.Event, receiver: Receiver) -> int | Dataset:
+    """EVT_C_STORE handler (PS3.4 B.2.3): store durably, then answer.
+
+    Parameters
+    ----------
+    event : pynetdicom.events.Event
+        The C-STORE request event.
+    receiver : Receiver
+        Passed in by the server's handler binding.
+    """
+    assoc = event.assoc
+    calling = assoc.requestor.ae_title
+    called = assoc.acceptor.ae_title
+    request = event.request
+    affected = str(request.AffectedSOPInstanceUID or "")
+    try:
+        relative = store_instance(receiver, request.DataSet, event.context.transfer_syntax,
+                                  str(request.AffectedSOPClassUID or ""), affected, calling, called)
+    except StoreRefused as exc:
+        receiver.count(False)
+        LOGGER.warning("assoc %s from %s (%s): C-STORE refused with 0x%04X: %s",
+                       assoc.native_id, calling, assoc.requestor.address, exc.status, exc.reason)
+        return _failure(exc.status, exc.reason)
+    except Exception as exc:  # never let a bug turn into an unanswered request
+        receiver.count(False)
+        LOGGER.exception("assoc %s: unexpected error storing an instance", assoc.native_id)
+        return _failure(STATUS_OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
+    receiver.count(True, len(request.DataSet.getbuffer()))
+    LOGGER.debug("assoc %s: stored %s", assoc.native_id, relative)
+    return STATUS_SUCCESS
+
+
+def handle_echo(event: evt.Event) -> int:
+    """EVT_C_ECHO handler (PS3.4 A.4): always success."""
+    return STATUS_SUCCESS
+
+
+class AllowListACSE(ACSE):
+    """ACSE that also rejects requestors whose address is outside the host allow-list.
+
+    pynetdicom checks calling and called AE titles itself; it has no host check, so this adds one at the same
+    point of the negotiation and answers A-ASSOCIATE-RJ (rejected-permanent, service-user, no-reason-given).
+    """
+
+    def __init__(self, assoc: Any, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        super().__init__(assoc)
+        self.networks = networks
+
+    def _negotiate_as_acceptor(self) -> None:
+        address = self.assoc.requestor.address
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            ip = None
+        if ip is None or not any(ip in net for net in self.networks):
+            LOGGER.warning("rejecting association from %s: host not in security.allowed_hosts", address)
+            self.send_reject(0x01, 0x01, 0x01)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        super()._negotiate_as_acceptor()
+
+
+def _log_association(event: evt.Event) -> None:
+    assoc = event.assoc
+    LOGGER.info("assoc %s %s: calling %s at %s", assoc.native_id, event.event.name.removeprefix("EVT_").lower(),
+                assoc.requestor.ae_title, assoc.requestor.address)
+
+
+def _log_rejected(event: evt.Event) -> None:
+    assoc = event.assoc
+    LOGGER.warning("assoc rejected: calling %r called %r from %s", assoc.requestor.ae_title,
+                   assoc.acceptor.ae_title, assoc.requestor.address)
+
+
+def make_ssl_context(cfg: Config) -> ssl.SSLContext:
+    """Server TLS context from ``[security]`` (PS3.15 B.1, TLS 1.2 or newer)."""
+    sec = cfg.security
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(sec.certificate, sec.private_key)
+    if sec.trusted_cas:
+        context.load_verify_locations(cafile=sec.trusted_cas)
+    context.verify_mode = ssl.CERT_REQUIRED if sec.require_client_certificate else (
+        ssl.CERT_OPTIONAL if sec.trusted_cas else ssl.CERT_NONE)
+    return context
+
+
+def build_ae(cfg: Config) -> AE:
+    """Build the SCP application entity: every storage SOP class with every accepted transfer syntax."""
+    ae = AE(ae_title=cfg.node.ae_title)
+    ae.maximum_associations = cfg.node.max_associations
+    ae.maximum_pdu_size = cfg.node.max_pdu_size
+    ae.network_timeout = cfg.node.network_timeout
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.require_called_aet = True
+    ae.require_calling_aet = list(cfg.security.allowed_calling_ae_titles)
+    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    return ae
+
+
+def start_scp(cfg: Config, receiver: Receiver) -> tuple[AE, Any]:
+    """Start the SCP in background threads; return the AE and its server (call ``server.shutdown()``)."""
+    ae = build_ae(cfg)
+    handlers: list[Any] = [
+        (evt.EVT_C_STORE, handle_store, [receiver]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_ACCEPTED, _log_association),
+        (evt.EVT_RELEASED, _log_association),
+        (evt.EVT_ABORTED, _log_association),
+        (evt.EVT_REJECTED, _log_rejected),
+    ]
+    if cfg.security.allowed_hosts:
+        networks = [ipaddress.ip_network(h, strict=False) for h in cfg.security.allowed_hosts]
+
+        def _install_acse(event: evt.Event) -> None:
+            event.assoc.acse = AllowListACSE(event.assoc, networks)
+
+        handlers.append((evt.EVT_CONN_OPEN, _install_acse))
+    ssl_context = make_ssl_context(cfg) if cfg.security.tls else None
+    server = ae.start_server(
+        (cfg.node.bind_address, cfg.node.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+    )
+    LOGGER.info("listening as %s on %s:%d%s", cfg.node.ae_title, cfg.node.bind_address, cfg.node.port,
+                " (TLS)" if ssl_context else "")
+    return ae, server
+
+
+
+def reindex_spool(receiver: Receiver) -> int:
+    """Record every spool file that has no row (after a power loss cut the last commits); return how many.
+
+    Also removes partial files of writes that a crash interrupted (they were never acknowledged).
+    """
+    from pydicom import dcmread
+
+    receiver.spool.remove_incoming_leftovers()
+    with receiver.engine.connect() as conn:
+        from dicom_node.store.repository import known_instance_paths
+
+        known = known_instance_paths(conn)
+    added = 0
+    for path in receiver.spool.iter_files():
+        relative = path.relative_to(receiver.spool.root.parent).as_posix()
+        if relative in known:
+            continue
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+            facts = extract_facts(ds, ds.file_meta.TransferSyntaxUID, str(ds.file_meta.get("SourceApplicationEntityTitle", "")), "")
+            with receiver.engine.begin() as conn:
+                record_instance(conn, facts, relative, path.stat().st_size, utcnow())
+            added += 1
+        except Exception as exc:
+            LOGGER.error("cannot re-index spool file %s: %s", relative, exc)
+    if added:
+        LOGGER.warning("re-indexed %d spool file(s) that had no database row", added)
+    return added

@@ -1,0 +1,185 @@
+"""Reads and writes of the job table. Every function takes a connection; the caller owns the transaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, func, select, text, update
+
+from dicom_node.store.schema import (
+    Export,
+    ExportState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """What the job table keeps of one received instance: UIDs and the tags routing needs, no pixels."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""
+    study_date: str = ""
+    accession_number: str = ""
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    body_part: str = ""
+    manufacturer: str = ""
+    image_type: str = ""
+    slice_thickness: float | None = None
+    instance_number: int | None = None
+    calling_ae: str = ""
+    called_ae: str = ""
+    is_node_output: bool = False
+
+
+# Plain SQL upserts, built once: ``INSERT .. ON CONFLICT .. DO UPDATE .. RETURNING`` is the same on SQLite
+# (3.35+) and PostgreSQL, and prepared text avoids rebuilding SQLAlchemy constructs on the receive hot path.
+_UPSERT_PATIENT = text(
+    "INSERT INTO patients (patient_id, issuer, patient_name, created_at) "
+    "VALUES (:patient_id, :issuer, :patient_name, :now) "
+    "ON CONFLICT (patient_id, issuer) DO UPDATE SET patient_name = excluded.patient_name RETURNING id"
+)
+_UPSERT_STUDY = text(
+    "INSERT INTO studies (study_uid, patient_pk, study_date, accession_number, created_at) "
+    "VALUES (:study_uid, :patient_pk, :study_date, :accession_number, :now) "
+    "ON CONFLICT (study_uid) DO UPDATE SET study_uid = excluded.study_uid RETURNING id"
+)
+_UPSERT_SERIES = text(
+    "INSERT INTO series (series_uid, study_pk, modality, series_number, series_description, body_part, "
+    "manufacturer, image_type, slice_thickness, calling_ae, called_ae, is_node_output, state, completion_count, "
+    "first_received_at, last_received_at) "
+    "VALUES (:series_uid, :study_pk, :modality, :series_number, :series_description, :body_part, :manufacturer, "
+    ":image_type, :slice_thickness, :calling_ae, :called_ae, :is_node_output, 'receiving', 0, :now, :now) "
+    "ON CONFLICT (series_uid) DO UPDATE SET last_received_at = excluded.last_received_at, state = 'receiving' "
+    "RETURNING id"
+)
+_UPSERT_INSTANCE = text(
+    "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, transfer_syntax_uid, instance_number, "
+    "path, size_bytes, received_at, receive_count) "
+    "VALUES (:sop_instance_uid, :series_pk, :sop_class_uid, :transfer_syntax_uid, :instance_number, :path, "
+    ":size_bytes, :now, 1) "
+    "ON CONFLICT (sop_instance_uid) DO UPDATE SET series_pk = excluded.series_pk, "
+    "transfer_syntax_uid = excluded.transfer_syntax_uid, path = excluded.path, size_bytes = excluded.size_bytes, "
+    "received_at = excluded.received_at, receive_count = instances.receive_count + 1 RETURNING id"
+)
+
+
+def record_instance(conn: Connection, facts: InstanceFacts, path: str, size_bytes: int, now: dt.datetime) -> int:
+    """Record a stored instance (and its patient, study and series when new); return the instance's key.
+
+    Receiving the same SOP Instance UID again updates its row and counts the re-send; the series goes back to
+    ``receiving`` so a late instance after completion leads to a new job version.
+    """
+    patient_pk = conn.execute(_UPSERT_PATIENT, {
+        "patient_id": facts.patient_id, "issuer": facts.issuer_of_patient_id,
+        "patient_name": facts.patient_name, "now": now,
+    }).scalar_one()
+    study_pk = conn.execute(_UPSERT_STUDY, {
+        "study_uid": facts.study_uid, "patient_pk": patient_pk, "study_date": facts.study_date,
+        "accession_number": facts.accession_number, "now": now,
+    }).scalar_one()
+    series_pk = conn.execute(_UPSERT_SERIES, {
+        "series_uid": facts.series_uid, "study_pk": study_pk, "modality": facts.modality,
+        "series_number": facts.series_number, "series_description": facts.series_description,
+        "body_part": facts.body_part, "manufacturer": facts.manufacturer, "image_type": facts.image_type,
+        "slice_thickness": facts.slice_thickness, "calling_ae": facts.calling_ae, "called_ae": facts.called_ae,
+        "is_node_output": facts.is_node_output, "now": now,
+    }).scalar_one()
+    return int(conn.execute(_UPSERT_INSTANCE, {
+        "sop_instance_uid": facts.sop_instance_uid, "series_pk": series_pk, "sop_class_uid": facts.sop_class_uid,
+        "transfer_syntax_uid": facts.transfer_syntax_uid, "instance_number": facts.instance_number,
+        "path": path, "size_bytes": size_bytes, "now": now,
+    }).scalar_one())
+
+
+def known_instance_paths(conn: Connection) -> set[str]:
+    """Return the relative paths of every recorded instance (used to reconcile the spool at start-up)."""
+    return set(conn.execute(select(Instance.path)).scalars())
+
+
+@dataclass(frozen=True)
+class CompletedSeries:
+    """A series that has just become complete."""
+
+    series_pk: int
+    series_uid: str
+    completion_count: int
+    instance_count: int
+
+
+def complete_quiet_series(conn: Connection, now: dt.datetime, quiet_seconds: float) -> list[CompletedSeries]:
+    """Mark complete every receiving series that got no instance for ``quiet_seconds``; return them.
+
+    Each completion increments ``completion_count``, which later stages use as the job version.
+    """
+    cutoff = now - dt.timedelta(seconds=quiet_seconds)
+    rows = conn.execute(
+        select(Series.id, Series.series_uid, Series.completion_count)
+        .where(Series.state == SeriesState.receiving, Series.last_received_at <= cutoff)
+        .order_by(Series.last_received_at)
+    ).all()
+    completed = []
+    for series_pk, series_uid, count in rows:
+        # Guarded by state and last_received_at so a concurrent late instance keeps the series receiving.
+        result = conn.execute(
+            update(Series)
+            .where(Series.id == series_pk, Series.state == SeriesState.receiving,
+                   Series.last_received_at <= cutoff)
+            .values(state=SeriesState.complete, completed_at=now, completion_count=Series.completion_count + 1)
+        )
+        if result.rowcount != 1:
+            continue
+        instance_count = conn.execute(
+            select(func.count(Instance.id)).where(Instance.series_pk == series_pk)
+        ).scalar_one()
+        completed.append(CompletedSeries(series_pk, series_uid, count + 1, instance_count))
+    return completed
+
+
+@dataclass
+class StatusCounts:
+    """Counts shown by ``dicom-node status``."""
+
+    series: dict[str, int]
+    jobs: dict[str, int]
+    exports: dict[str, int]
+    instances: int
+    stored_bytes: int
+
+
+def status_counts(conn: Connection) -> StatusCounts:
+    """Count series, jobs and exports per state, and the instances stored."""
+
+    def by_state(model: Any, states: type) -> dict[str, int]:
+        counts = {s.value: 0 for s in states}
+        for state, n in conn.execute(select(model.state, func.count()).group_by(model.state)):
+            counts[state.value if hasattr(state, "value") else str(state)] = n
+        return counts
+
+    instances, stored = conn.execute(
+        select(func.count(Instance.id), func.coalesce(func.sum(Instance.size_bytes), 0))
+    ).one()
+    return StatusCounts(
+        series=by_state(Series, SeriesState),
+        jobs=by_state(Job, JobState),
+        exports=by_state(Export, ExportState),
+        instances=int(instances),
+        stored_bytes=int(stored),
+    )

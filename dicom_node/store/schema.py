@@ -1,0 +1,188 @@
+"""The job table: patients, studies, series, instances, jobs and exports (SQLAlchemy 2 models).
+
+Only UIDs and the few tags that routing, the dashboard and the logs need are stored; pixel data never enters the
+database. Every change to these tables comes with an Alembic migration in ``store/migrations/versions``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+UID = String(64)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+class SeriesState(str, enum.Enum):
+    """Where a received series stands.
+
+    ``receiving`` until no instance arrived for the quiet time, then ``complete``. A late instance puts a complete
+    series back to ``receiving``; its next completion gets a higher ``completion_count`` (a new job version).
+    """
+
+    receiving = "receiving"
+    complete = "complete"
+
+
+class JobState(str, enum.Enum):
+    """Job states (``queued -> running -> succeeded | failed | cancelled``)."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class ExportState(str, enum.Enum):
+    """Export states, per destination and series."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored as plain strings (no native ENUM type) so new states need no type migration on PostgreSQL.
+    return Enum(cls, name=name, native_enum=False, length=16, validate_strings=True)
+
+
+class Patient(Base):
+    """A patient, keyed by Patient ID (and its issuer). Names stay here; logs never show them."""
+
+    __tablename__ = "patients"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patients_id_issuer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class Study(Base):
+    """A study (StudyInstanceUID)."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_pk: Mapped[int | None] = mapped_column(ForeignKey("patients.id"), nullable=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class Series(Base):
+    """A series (SeriesInstanceUID) with the tags routing rules match on."""
+
+    __tablename__ = "series"
+    __table_args__ = (Index("ix_series_state_last", "state", "last_received_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    manufacturer: Mapped[str] = mapped_column(String(64), default="")
+    image_type: Mapped[str] = mapped_column(String(128), default="")
+    slice_thickness: Mapped[float | None] = mapped_column(Float, nullable=True)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    called_ae: Mapped[str] = mapped_column(String(16), default="")
+    #: True when the series was made by a dicom-node (loop guard: never denoised again).
+    is_node_output: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[SeriesState] = mapped_column(_enum(SeriesState, "series_state"), default=SeriesState.receiving)
+    #: How many times the series became complete; a late instance makes the next completion a new version.
+    completion_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Instance(Base):
+    """One received SOP instance and where its file lies (relative to the data directory)."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    #: How many times this instance was received (re-sends are idempotent and counted).
+    receive_count: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class Job(Base):
+    """A denoising job: one version of one series, run by a worker."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("series_pk", "version", name="uq_jobs_series_version"),
+        Index("ix_jobs_state_not_before", "state", "not_before"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    rule: Mapped[str] = mapped_column(String(64), default="")
+    model: Mapped[str] = mapped_column(String(64), default="")
+    strength: Mapped[float] = mapped_column(Float, default=1.0)
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.queued)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[dt.datetime] = mapped_column(DateTime)
+    worker_id: Mapped[str] = mapped_column(String(128), default="")
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    output_series_uid: Mapped[str] = mapped_column(UID, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Export(Base):
+    """Sending one series (derived, or the original when forwarded) to one destination."""
+
+    __tablename__ = "exports"
+    __table_args__ = (Index("ix_exports_state_not_before", "state", "not_before"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_pk: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[ExportState] = mapped_column(_enum(ExportState, "export_state"), default=ExportState.queued)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[dt.datetime] = mapped_column(DateTime)
+    worker_id: Mapped[str] = mapped_column(String(128), default="")
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    sent_count: Mapped[int] = mapped_column(Integer, default=0)
+    failed_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

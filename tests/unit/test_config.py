@@ -1,0 +1,141 @@
+"""Configuration: the example is valid, and each kind of mistake is reported with its key and reason."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import ConfigError, config_from_mapping, example_config_text, load_config, parse_env_value
+from tests.helpers import PROJECT_ROOT
+
+
+def problems_of(raw: dict, environ: dict | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(raw, "test", environ or {})
+    return info.value.problems
+
+
+def test_example_is_valid_and_matches_deploy_copy(tmp_path: Path) -> None:
+    text = example_config_text()
+    assert (PROJECT_ROOT / "deploy" / "dicom-node.example.toml").read_text() == text
+    cfg = load_config(PROJECT_ROOT / "deploy" / "dicom-node.example.toml", environ={})
+    assert cfg.node.ae_title == "DENOISE" and cfg.node.port == 11112
+    assert cfg.rules[0].name == "ct" and cfg.rules[0].match["Modality"] == "CT"
+
+
+def test_defaults_without_a_file() -> None:
+    cfg = load_config(None, environ={})
+    assert cfg.database_url.startswith("sqlite:///") and cfg.database_url.endswith("dicom-node.sqlite3")
+    assert cfg.destinations == [] and cfg.rules == []
+
+
+def test_unknown_key_and_section_are_named() -> None:
+    problems = problems_of({"node": {"prot": 11112}, "nodes": {}})
+    assert any(p.startswith("node.prot: unknown key") for p in problems)
+    assert any(p.startswith("nodes: unknown section") for p in problems)
+
+
+def test_wrong_types_are_named() -> None:
+    problems = problems_of({"node": {"port": "11112", "max_associations": 2.5}, "security": {"tls": "yes"}})
+    assert any(p.startswith("node.port: must be integer") for p in problems)
+    assert any(p.startswith("node.max_associations: must be integer") for p in problems)
+    assert any(p.startswith("security.tls: must be boolean") for p in problems)
+
+
+def test_port_range_and_ae_titles() -> None:
+    problems = problems_of({
+        "node": {"port": 70000, "ae_title": "A_TITLE_THAT_IS_TOO_LONG"},
+        "web": {"port": -1},
+        "security": {"allowed_calling_ae_titles": ["GOOD", "BAD\\AE"], "allowed_hosts": ["10.0.0.0/8", "nohost"]},
+    })
+    assert "node.port: 70000 is out of range 1-65535" in problems
+    assert any(p.startswith("node.ae_title:") and "at most 16" in p for p in problems)
+    assert any(p.startswith("web.port:") for p in problems)
+    assert any(p.startswith("security.allowed_calling_ae_titles[1]:") and "backslash" in p for p in problems)
+    assert any(p.startswith("security.allowed_hosts[1]:") for p in problems)
+    assert len(problems) == 5
+
+
+def test_unwritable_data_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    problems = problems_of({"node": {"data_dir": str(blocker / "sub")}})
+    assert any(p.startswith("node.data_dir:") and "not a directory" in p for p in problems)
+    if os.geteuid() != 0:  # root can write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        assert any("not writable" in p for p in problems_of({"node": {"data_dir": str(locked / "d")}}))
+
+
+def test_tls_requires_files() -> None:
+    problems = problems_of({"security": {"tls": True, "require_client_certificate": True}})
+    assert "security.certificate: required when security.tls is true" in problems
+    assert "security.private_key: required when security.tls is true" in problems
+    assert any(p.startswith("security.trusted_cas:") for p in problems)
+
+
+def test_destinations_and_rules_shape() -> None:
+    raw = {
+        "destinations": [
+            {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242},
+            {"name": "pacs", "ae_title": "X", "host": "h", "port": 0},
+            {"name": "nohost", "ae_title": "X"},
+        ],
+        "rules": [
+            {"name": "ct", "match": {"Modality": "CT", "SliceThickness": [0.5, 5]}, "model": "m",
+             "destinations": ["pacs"]},
+            {"name": "bad", "match": {"Modality": 3, "Colour": "red", "SeriesDescription": "(unclosed",
+                                      "SliceThickness": [5, 1]},
+             "strength": 1.5, "destinations": ["nowhere"]},
+        ],
+    }
+    problems = problems_of(raw)
+    assert "destinations[1].name: 'pacs' is used by another destination" in problems
+    assert "destinations[1].port: 0 is out of range 1-65535" in problems
+    assert "destinations[2].host: required key is missing" in problems
+    assert "destinations[2].port: required key is missing" in problems
+    assert any(p.startswith("rules[1].match.Modality: must be a string") for p in problems)
+    assert any(p.startswith("rules[1].match.Colour: unknown match key") for p in problems)
+    assert any(p.startswith("rules[1].match.SeriesDescription:") and "regular expression" in p for p in problems)
+    assert any(p.startswith("rules[1].match.SliceThickness:") for p in problems)
+    assert "rules[1].strength: 1.5 is outside [0, 1]" in problems
+    assert any(p.startswith("rules[1].destinations: 'nowhere'") for p in problems)
+    assert not any(p.startswith("rules[0]") for p in problems)
+
+
+def test_environment_overrides_single_keys(tmp_path: Path) -> None:
+    env = {"DICOM_NODE_NODE__PORT": "11113", "DICOM_NODE_NODE__DATA_DIR": str(tmp_path),
+           "DICOM_NODE_SECURITY__ALLOWED_CALLING_AE_TITLES": '["CT1", "MR2"]', "UNRELATED": "1"}
+    cfg = config_from_mapping({"node": {"port": 1}}, "test", env)
+    assert cfg.node.port == 11113 and cfg.node.data_dir == str(tmp_path)
+    assert cfg.security.allowed_calling_ae_titles == ["CT1", "MR2"]
+    problems = problems_of({}, {"DICOM_NODE_NODE__PORT": "eleven", "DICOM_NODE_NOPE__X": "1"})
+    assert any(p.startswith("node.port: must be integer") for p in problems)
+    assert any(p.startswith("DICOM_NODE_NOPE__X: unknown section") for p in problems)
+
+
+def test_parse_env_value() -> None:
+    assert parse_env_value("12") == 12 and parse_env_value("true") is True
+    assert parse_env_value("/srv/data") == "/srv/data" and parse_env_value("1.5") == 1.5
+
+
+def test_config_check_command_reports_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nport = 99999\nae_title = "WAY_TOO_LONG_AE_TITLE"\n')
+    result = subprocess.run([sys.executable, "-m", "dicom_node", "config", "check", str(bad)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "node.port: 99999 is out of range" in result.stderr and "node.ae_title" in result.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[node\n")
+    result = subprocess.run([sys.executable, "-m", "dicom_node", "config", "check", str(broken)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "not valid TOML" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "dicom_node", "config", "example"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == example_config_text()
