@@ -351,7 +351,7 @@ def _decode(chunk: list[Instance]) -> list[tuple[Instance, object, np.ndarray]]:
 
 
 def denoise_series(
-    series: Series | Iterable[str | os.PathLike[str]],
+    series: Series | Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
     model: LoadedModel | Engine,
     output_dir: str | os.PathLike[str],
     strength: float = 1.0,
@@ -366,7 +366,7 @@ def denoise_series(
     Parameters
     ----------
     series
-        A scanned :class:`Series`, or paths (files or folders) holding exactly one series.
+        A scanned :class:`Series`, or a path or paths (files or folders) holding exactly one series.
     model
         A loaded model, or an :class:`Engine` already built for it (reuse it across jobs).
     output_dir

@@ -190,8 +190,13 @@ def read_instance_header(path: str | os.PathLike[str]) -> Instance:
     return Instance(path=p, header=ds, frames=len(formats), formats=formats, geometry=geometry)
 
 
-def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
-    """Files under ``paths`` (folders are walked recursively, in sorted order; hidden entries skipped)."""
+def iter_files(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> Iterator[Path]:
+    """Files under ``paths`` (folders are walked recursively, in sorted order; hidden entries skipped).
+
+    A single path (``str`` or path-like) is accepted as well as an iterable of them.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     for raw in paths:
         p = Path(raw)
         if p.is_file():
@@ -256,7 +261,7 @@ def group_series(instances: Iterable[Instance]) -> list[Series]:
     return list(by_uid.values())
 
 
-def scan(paths: Iterable[str | os.PathLike[str]]) -> ScanResult:
+def scan(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> ScanResult:
     """Find the image series under ``paths``; files that are not DICOM images are skipped with a reason."""
     instances: list[Instance] = []
     skipped: list[tuple[Path, str]] = []

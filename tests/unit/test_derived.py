@@ -1,0 +1,141 @@
+"""The derived-instance builder: identity, provenance and references by the rules of DESIGN.md."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import RLELossless
+
+from dicom_node import __version__
+from dicom_node.denoise.derived import (
+    DerivationInfo,
+    build_derived_instance,
+    derived_sop_instance_uid,
+    new_series_uid,
+    write_instance,
+)
+from dicom_node.denoise.pixels import pixel_format_from_dataset
+from dicom_node.denoise.testing import make_image, make_multiframe
+
+SHA = "ab" * 32
+
+
+def _info(**kw: object) -> DerivationInfo:
+    base = dict(series_instance_uid="1.2.3.4.5", model_name="ct-cnn", model_version="1.2.0", model_sha256=SHA,
+                strength=0.75, created=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc))
+    base.update(kw)
+    return DerivationInfo(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def source() -> pydicom.Dataset:
+    ds = make_image(np.arange(64, dtype=np.int16).reshape(8, 8), intercept=-1024.0, series_number=7,
+                    series_description="HEAD 1MM")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "HELIX"]
+    ds.add_new(0x00291010, "OB", b"private")
+    return ds
+
+
+def test_identity_and_numbering(source: pydicom.Dataset) -> None:
+    fmt = pixel_format_from_dataset(source)
+    pixels = np.full((8, 8), 5, dtype=np.int16)
+    ds = build_derived_instance(source, pixels, fmt, _info())
+    assert ds.SeriesInstanceUID == "1.2.3.4.5"
+    assert ds.SOPInstanceUID == derived_sop_instance_uid("1.2.3.4.5", source.SOPInstanceUID) != source.SOPInstanceUID
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert ds.StudyInstanceUID == source.StudyInstanceUID
+    assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert ds.SeriesNumber == 1007
+    assert ds.SeriesDescription == "HEAD 1MM DN"
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL", "HELIX"]
+    for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+               "PatientName", "PatientID", "RescaleSlope", "RescaleIntercept"):
+        assert ds[kw].value == source[kw].value
+    assert not any(elem.tag.is_private for elem in ds)
+    np.testing.assert_array_equal(ds.pixel_array, pixels)
+
+
+def test_provenance(source: pydicom.Dataset) -> None:
+    ds = build_derived_instance(source, np.zeros((8, 8), np.int16), pixel_format_from_dataset(source), _info())
+    assert "ct-cnn" in ds.DerivationDescription and "1.2.0" in ds.DerivationDescription
+    assert "0.75" in ds.DerivationDescription and SHA[:12] in ds.DerivationDescription
+    code = ds.DerivationCodeSequence[0]
+    assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == ("113087", "DCM", "Smoothing")
+    (ref,) = ds.SourceImageSequence
+    assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert ref.ReferencedSOPClassUID == source.SOPClassUID
+    assert ref.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+    (equip,) = ds.ContributingEquipmentSequence
+    assert equip.Manufacturer == "dicom-node"
+    assert f"dicom-node {__version__}" in equip.SoftwareVersions
+    assert "ct-cnn 1.2.0" in equip.SoftwareVersions
+    assert SHA in equip.ContributionDescription
+    assert equip.PurposeOfReferenceCodeSequence[0].CodeValue == "109103"
+    assert equip.ContributionDateTime.startswith("20260102030405")
+
+
+def test_deterministic_uids() -> None:
+    assert new_series_uid("job-17") == new_series_uid("job-17") != new_series_uid("job-18")
+    assert new_series_uid() != new_series_uid()
+
+
+def test_pixels_are_checked(source: pydicom.Dataset) -> None:
+    fmt = pixel_format_from_dataset(source)
+    with pytest.raises(ValueError, match="shape"):
+        build_derived_instance(source, np.zeros((4, 8), np.int16), fmt, _info())
+    with pytest.raises(ValueError, match="dtype"):
+        build_derived_instance(source, np.zeros((8, 8), np.uint16), fmt, _info())
+    source.BitsStored = 12
+    fmt12 = pixel_format_from_dataset(source)
+    with pytest.raises(ValueError, match="BitsStored 12"):
+        build_derived_instance(source, np.full((8, 8), 5000, np.int16), fmt12, _info())
+
+
+def test_info_is_validated() -> None:
+    with pytest.raises(ValueError, match="UID"):
+        _info(series_instance_uid="not a uid")
+    with pytest.raises(ValueError, match="strength"):
+        _info(strength=1.5)
+    with pytest.raises(ValueError, match="transfer_syntax"):
+        _info(transfer_syntax="jpeg")
+
+
+def test_rle_round_trip(source: pydicom.Dataset, tmp_path: Path) -> None:
+    pixels = np.random.default_rng(0).integers(-1000, 1000, size=(8, 8)).astype(np.int16)
+    ds = build_derived_instance(source, pixels, pixel_format_from_dataset(source), _info(transfer_syntax="rle-lossless"))
+    path = write_instance(ds, tmp_path)
+    back = pydicom.dcmread(path)
+    assert back.file_meta.TransferSyntaxUID == RLELossless
+    np.testing.assert_array_equal(back.pixel_array, pixels)
+
+
+def test_lossy_source_is_marked_lossy(source: pydicom.Dataset) -> None:
+    source.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.91"
+    ds = build_derived_instance(source, np.zeros((8, 8), np.int16), pixel_format_from_dataset(source), _info())
+    assert ds.LossyImageCompression == "01" and ds.LossyImageCompressionMethod == "ISO_15444_1"
+
+
+def test_enhanced_references_each_frame() -> None:
+    volume = np.zeros((3, 4, 4), dtype=np.uint16)
+    src = make_multiframe(volume)
+    ds = build_derived_instance(src, volume, pixel_format_from_dataset(src), _info())
+    assert list(ds.ImageType)[:2] == ["DERIVED", "PRIMARY"]
+    assert "SourceImageSequence" not in ds and "DerivationDescription" not in ds
+    for i, group in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
+        item = group.DerivationImageSequence[0]
+        assert item.SourceImageSequence[0].ReferencedFrameNumber == i
+        assert item.DerivationCodeSequence[0].CodeValue == "113087"
+    evidence = ds.SourceImageEvidenceSequence[0]
+    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == src.SeriesInstanceUID
+
+
+def test_missing_type2_patient_attributes_are_added_empty(source: pydicom.Dataset) -> None:
+    del source.PatientBirthDate
+    del source.PatientSex
+    ds = build_derived_instance(source, np.zeros((8, 8), np.int16), pixel_format_from_dataset(source), _info())
+    assert ds.PatientBirthDate == "" and ds.PatientSex == ""

@@ -1,0 +1,126 @@
+"""Stored values <-> physical units <-> network inputs, and applying a residual."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dicom_node.denoise.errors import SeriesRefused
+from dicom_node.denoise.pixels import (
+    PixelFormat,
+    apply_residual,
+    physical_to_stored,
+    scaling_for,
+    stored_to_physical,
+)
+from models.folder import Normalization
+
+BITS = [(8, 8), (8, 7), (16, 10), (16, 12), (16, 16)]
+RESCALES = [(1.0, 0.0), (1.0, -1024.0), (3.774114, 0.000061), (0.25, 10.5), (9.570207, -19595.0), (-1.0, 100.0)]
+
+
+def every_value(fmt: PixelFormat) -> np.ndarray:
+    lo, hi = fmt.stored_range
+    return np.arange(lo, hi + 1, dtype=np.int64).astype(fmt.dtype)
+
+
+@pytest.mark.parametrize("bits_allocated,bits_stored", BITS)
+@pytest.mark.parametrize("signed", [0, 1])
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("slope,intercept", RESCALES)
+def test_stored_physical_round_trip_is_exact(bits_allocated: int, bits_stored: int, signed: int, photometric: str,
+                                             slope: float, intercept: float) -> None:
+    fmt = PixelFormat(bits_allocated, bits_stored, signed, photometric, slope, intercept)
+    stored = every_value(fmt)
+    back = physical_to_stored(stored_to_physical(stored, fmt), fmt)
+    assert back.dtype == fmt.dtype
+    np.testing.assert_array_equal(back, stored)
+
+
+@pytest.mark.parametrize("bits_allocated,bits_stored", BITS)
+@pytest.mark.parametrize("signed", [0, 1])
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("mode", ["fixed", "per-image"])
+def test_zero_residual_gives_back_every_stored_value(bits_allocated: int, bits_stored: int, signed: int,
+                                                     photometric: str, mode: str) -> None:
+    fmt = PixelFormat(bits_allocated, bits_stored, signed, photometric, 1.5, -7.0)
+    stored = every_value(fmt)
+    physical = stored_to_physical(stored, fmt)
+    norm = Normalization(input_unit="modality", mode=mode, offset=3.0, scale=40.0, clip=[-50.0, 4000.0])
+    scaling = scaling_for(physical, fmt, norm)
+    x = scaling.to_network(physical)
+    out = apply_residual(stored, np.zeros_like(x), scaling, fmt, strength=1.0)
+    np.testing.assert_array_equal(out, stored)
+    assert out.dtype == fmt.dtype
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_residual_moves_physical_values_the_right_way(photometric: str) -> None:
+    fmt = PixelFormat(16, 12, 0, photometric, 2.0, -100.0)
+    stored = np.full((4, 4), 1000, dtype=fmt.dtype)
+    physical = stored_to_physical(stored, fmt)
+    norm = Normalization(input_unit="modality", mode="fixed", offset=0.0, scale=100.0)
+    scaling = scaling_for(physical, fmt, norm)
+    x = scaling.to_network(physical)
+    # the network lowers its input by 0.1: in MONOCHROME2 that is -10 physical units, -5 stored values;
+    # in MONOCHROME1 the network sees an inverted image, so its -0.1 raises the stored values.
+    out = apply_residual(stored, np.full_like(x, -0.1), scaling, fmt)
+    expected = 995 if photometric == "MONOCHROME2" else 1005
+    assert (out == expected).all()
+
+
+def test_monochrome1_inversion_keeps_fixed_offsets_meaningful() -> None:
+    fmt = PixelFormat(16, 10, 0, "MONOCHROME1")
+    norm = Normalization(input_unit="modality", mode="fixed", offset=0.0, scale=1023.0)
+    stored = np.array([[0, 1023]], dtype=fmt.dtype)
+    x = scaling_for(stored_to_physical(stored, fmt), fmt, norm).to_network(stored_to_physical(stored, fmt))
+    np.testing.assert_allclose(x, [[1.0, 0.0]])  # stored 0 is the brightest in MONOCHROME1
+
+
+def test_strength_blends_and_clips() -> None:
+    fmt = PixelFormat(16, 12, 0, "MONOCHROME2", 1.0, 0.0)
+    stored = np.array([[100, 4090]], dtype=fmt.dtype)
+    physical = stored_to_physical(stored, fmt)
+    scaling = scaling_for(physical, fmt, Normalization(input_unit="modality", offset=0.0, scale=1.0))
+    res = np.array([[-40.0, 40.0]], dtype=np.float32)
+    np.testing.assert_array_equal(apply_residual(stored, res, scaling, fmt, 0.0), stored)
+    np.testing.assert_array_equal(apply_residual(stored, res, scaling, fmt, 0.5), [[80, 4095]])
+    np.testing.assert_array_equal(apply_residual(stored, res, scaling, fmt, 1.0), [[60, 4095]])
+    with pytest.raises(ValueError):
+        apply_residual(stored, res, scaling, fmt, 1.5)
+
+
+def test_padding_is_untouched_and_not_fed_raw() -> None:
+    fmt = PixelFormat(16, 16, 1, "MONOCHROME2", 1.0, 0.0, "HU", padding_value=-2000)
+    stored = np.array([[-2000, 40], [-2000, 50]], dtype=fmt.dtype)
+    mask = fmt.padding_mask(stored)
+    assert mask is not None and mask.sum() == 2
+    physical = stored_to_physical(stored, fmt)
+    norm = Normalization(input_unit="HU", offset=0.0, scale=1000.0, clip=[-1024.0, 3071.0])
+    scaling = scaling_for(physical, fmt, norm, mask)
+    x = scaling.to_network(physical, mask)
+    assert x.min() >= -1.024 - 1e-6
+    out = apply_residual(stored, np.full(x.shape, 0.5, np.float32), scaling, fmt, mask=mask)
+    assert out[0, 0] == -2000 and out[1, 0] == -2000
+    assert out[0, 1] == 540
+
+
+def test_padding_range_limit() -> None:
+    fmt = PixelFormat(16, 12, 0, padding_value=0, padding_limit=10)
+    mask = fmt.padding_mask(np.array([0, 5, 10, 11], dtype=np.uint16))
+    np.testing.assert_array_equal(mask, [True, True, True, False])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"photometric": "RGB"}, "RGB is not supported"),
+    ({"photometric": "YBR_FULL_422"}, "not supported"),
+    ({"bits_allocated": 32, "bits_stored": 32}, "BitsAllocated 32"),
+    ({"bits_stored": 17}, "BitsStored 17"),
+    ({"slope": 0.0}, "rescale slope"),
+])
+def test_unsupported_formats_are_refused(kwargs: dict, match: str) -> None:
+    base = dict(bits_allocated=16, bits_stored=12, pixel_representation=0, photometric="MONOCHROME2")
+    base.update(kwargs)
+    with pytest.raises(SeriesRefused, match=match):
+        PixelFormat(**base)
+
