@@ -282,7 +282,12 @@ class Engine:
                 scalings.append(scaling)
                 masks.append(mask)
                 del physical
-            res = self.residual(inputs)
+            try:
+                res = self.residual(inputs)
+            except (ValueError, RuntimeError) as exc:
+                if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+                    raise
+                raise SeriesRefused(f"model {self.card.name} cannot process {rows}x{cols} images: {exc}") from exc
             for i in range(b0, b1):
                 out[i] = apply_residual(stored[i], res[i - b0], scalings[i - b0], formats[i], strength, masks[i - b0])
         return out
