@@ -72,7 +72,7 @@ def storescp(storage: Path, ae_title: str = "STORESCP") -> Iterator[Peer]:
     storage.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = subprocess.Popen(
-        ["storescp", "-aet", ae_title, "-od", str(storage), "+B", str(port)],
+        ["storescp", "-aet", ae_title, "-od", str(storage), "+B", "+xa", str(port)],
         env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

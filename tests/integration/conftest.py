@@ -1,0 +1,35 @@
+"""Fixtures that start the real node and real peers as subprocesses."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator
+
+import pytest
+
+from tests.helpers import require_program
+from tests.peers import Peer, dicom_node
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _peer_programs() -> None:
+    for program in ("storescu", "echoscu"):
+        require_program(program)
+
+
+NodeFactory = Callable[..., ContextManager[Peer]]
+
+
+@pytest.fixture()
+def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start ``dicom-node serve`` subprocesses: ``with node_factory(extra_env={...}) as node: ...``."""
+    stack = contextlib.ExitStack()
+
+    def start(data_dir: Path | None = None, config: Path | None = None, **kwargs) -> ContextManager[Peer]:
+        return dicom_node(data_dir or tmp_path / "node", config=config, **kwargs)
+
+    with stack:
+        yield start

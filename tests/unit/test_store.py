@@ -1,0 +1,189 @@
+"""Job table, spool and the C-STORE handler's storage logic, without sockets."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import inspect, select
+
+from dicom_node.receive import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_INVALID_UID,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_UID_MISMATCH,
+    Receiver,
+    StoreRefused,
+    reindex_spool,
+    store_instance,
+)
+from dicom_node.store.database import make_engine, migrate, schema_version, utcnow
+from dicom_node.store.repository import complete_quiet_series, status_counts
+from dicom_node.store.schema import Base, Instance, Series, SeriesState
+from dicom_node.store.spool import Spool, is_valid_uid
+from dicom_node.synthetic import make_ct_series
+from tests import malformed
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+@pytest.fixture()
+def receiver(tmp_path: Path) -> Receiver:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    migrate(engine)
+    return Receiver(Spool(tmp_path / "spool"), engine, min_free_bytes=0)
+
+
+@pytest.fixture(scope="module")
+def series_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_ct_series(tmp_path_factory.mktemp("series"), n_slices=4, rows=64, cols=64)
+
+
+def send(receiver: Receiver, path: Path, body: bytes | None = None, affected: str | None = None) -> str:
+    ds = dcmread(path)
+    data = malformed.encode_dataset(ds) if body is None else body
+    return store_instance(receiver, io.BytesIO(data), EXPLICIT_LE, ds.SOPClassUID,
+                          affected or ds.SOPInstanceUID, "SCANNER", "DENOISE")
+
+
+def spool_files(receiver: Receiver) -> list[Path]:
+    return sorted(p for p in receiver.spool.root.rglob("*") if p.is_file())
+
+
+def test_uid_validation() -> None:
+    assert is_valid_uid("1.2.840.10008.5.1.4.1.1.2") and is_valid_uid("0.1")
+    for bad in ("", "1.2.3/../../etc", "1..2", "1.02", "a.b", "1." * 40, None, "1.2.3 ", ".1"):
+        assert not is_valid_uid(bad), bad
+
+
+def test_migrations_match_the_models_and_rerun_cleanly(tmp_path: Path) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    assert schema_version(engine) is None
+    migrate(engine)
+    migrate(engine)  # opening an up-to-date database changes nothing
+    assert schema_version(engine) == "0001"
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert diff == [], f"schema.py changed without a migration: {diff}"
+        assert {"patients", "studies", "series", "instances", "jobs", "exports"} <= set(inspect(conn).get_table_names())
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_store_writes_exact_bytes_and_row(receiver: Receiver, series_files: list[Path]) -> None:
+    relative = send(receiver, series_files[0])
+    stored = receiver.spool.absolute(relative)
+    ds = dcmread(series_files[0])
+    assert relative == f"spool/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+    raw = stored.read_bytes()
+    assert raw.endswith(malformed.encode_dataset(ds))
+    back = dcmread(stored)
+    assert back.file_meta.TransferSyntaxUID == EXPLICIT_LE and back.SOPInstanceUID == ds.SOPInstanceUID
+    assert back.file_meta.SourceApplicationEntityTitle == "SCANNER"
+    with receiver.engine.connect() as conn:
+        row = conn.execute(select(Instance)).one()
+        series = conn.execute(select(Series)).one()
+    assert row.path == relative and row.size_bytes == len(raw) and row.receive_count == 1
+    assert series.modality == "CT" and series.body_part == "HEAD" and series.slice_thickness == 1.0
+    assert series.calling_ae == "SCANNER" and series.state == SeriesState.receiving
+    assert not list(receiver.spool.incoming.iterdir())
+
+
+def test_resend_is_idempotent(receiver: Receiver, series_files: list[Path]) -> None:
+    first = send(receiver, series_files[1])
+    second = send(receiver, series_files[1])
+    assert first == second
+    with receiver.engine.connect() as conn:
+        rows = conn.execute(select(Instance)).all()
+    assert len(rows) == 1 and rows[0].receive_count == 2
+    assert len(spool_files(receiver)) == 1
+
+
+@pytest.mark.parametrize("breaker", [malformed.truncated, malformed.huge_length, malformed.garbage_after_preamble,
+                                     malformed.wrong_vr])
+def test_malformed_is_refused_and_leaves_nothing(receiver: Receiver, series_files: list[Path], breaker) -> None:
+    body = breaker(malformed.encode_dataset(dcmread(series_files[0])))
+    with pytest.raises(StoreRefused) as info:
+        send(receiver, series_files[0], body=body)
+    assert info.value.status == STATUS_CANNOT_UNDERSTAND
+    assert spool_files(receiver) == []
+
+
+def test_uid_that_escapes_is_never_a_path(receiver: Receiver, series_files: list[Path], tmp_path: Path) -> None:
+    bad = malformed.uid_with_dots(dcmread(series_files[0]))
+    with pytest.raises(StoreRefused) as info:
+        store_instance(receiver, io.BytesIO(malformed.encode_dataset(bad)), EXPLICIT_LE, bad.SOPClassUID,
+                       bad.SOPInstanceUID, "SCANNER", "DENOISE")
+    assert info.value.status == STATUS_INVALID_UID
+    assert spool_files(receiver) == [] and not (tmp_path / "etc").exists()
+
+
+def test_sop_uid_must_match_the_request(receiver: Receiver, series_files: list[Path]) -> None:
+    with pytest.raises(StoreRefused) as info:
+        send(receiver, series_files[0], affected="1.2.3.4")
+    assert info.value.status == STATUS_UID_MISMATCH
+
+
+def test_disk_watermark_refuses_with_a700(receiver: Receiver, series_files: list[Path]) -> None:
+    receiver.min_free_bytes = receiver.spool.free_bytes() + 10**15
+    with pytest.raises(StoreRefused) as info:
+        send(receiver, series_files[0])
+    assert info.value.status == STATUS_OUT_OF_RESOURCES and "watermark" in info.value.reason
+    assert spool_files(receiver) == []
+
+
+def test_write_failure_refuses_with_a700(receiver: Receiver, series_files: list[Path], monkeypatch) -> None:
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", disk_full)
+    with pytest.raises(StoreRefused) as info:
+        send(receiver, series_files[0])
+    assert info.value.status == STATUS_OUT_OF_RESOURCES and "No space left" in info.value.reason
+    assert spool_files(receiver) == []
+
+
+def test_database_failure_refuses_and_removes_the_file(receiver: Receiver, series_files: list[Path],
+                                                       monkeypatch) -> None:
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr("dicom_node.receive.record_instance", broken)
+    with pytest.raises(StoreRefused) as info:
+        send(receiver, series_files[0])
+    assert info.value.status == STATUS_OUT_OF_RESOURCES
+    assert spool_files(receiver) == []
+
+
+def test_quiet_series_completes_and_late_instance_makes_a_new_version(receiver: Receiver,
+                                                                      series_files: list[Path]) -> None:
+    for path in series_files[:3]:
+        send(receiver, path)
+    with receiver.engine.begin() as conn:
+        assert complete_quiet_series(conn, utcnow(), quiet_seconds=60) == []
+        done = complete_quiet_series(conn, utcnow() + dt.timedelta(seconds=61), quiet_seconds=60)
+    assert len(done) == 1 and done[0].instance_count == 3 and done[0].completion_count == 1
+    send(receiver, series_files[3])  # a late instance
+    with receiver.engine.begin() as conn:
+        assert conn.execute(select(Series.state)).scalar_one() == SeriesState.receiving
+        again = complete_quiet_series(conn, utcnow() + dt.timedelta(seconds=61), quiet_seconds=60)
+        counts = status_counts(conn)
+    assert again[0].completion_count == 2 and again[0].instance_count == 4
+    assert counts.series == {"receiving": 0, "complete": 1} and counts.instances == 4
+
+
+def test_reindex_spool_recovers_rows_and_removes_partials(receiver: Receiver, series_files: list[Path]) -> None:
+    relative = send(receiver, series_files[0])
+    with receiver.engine.begin() as conn:  # as if a power loss lost the last commit
+        conn.execute(Instance.__table__.delete())
+    (receiver.spool.incoming / "dead.part").write_bytes(b"half a file")
+    assert reindex_spool(receiver) == 1
+    with receiver.engine.connect() as conn:
+        assert conn.execute(select(Instance.path)).scalar_one() == relative
+    assert not list(receiver.spool.incoming.iterdir())
+    assert reindex_spool(receiver) == 0
