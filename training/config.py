@@ -1,0 +1,238 @@
+"""One TOML file per training run (copied into the run folder).
+
+Example (``training/configs/ct-cnn.toml`` is a full one)::
+
+    name = "ct-cnn"            # model name, run folder runs/<name>/
+    version = "1.0"
+    mode = "supervised"        # supervised | gan | self-supervised
+    modality = "CT"
+    seed = 0
+
+    [model]
+    architecture = "unet-res"
+    arguments = {}
+    init = ""                  # a model folder to start from (the GAN starts from the CNN)
+
+    [data]
+    root = ""                  # default $DICOM_NODE_SHARED_DATA or ../shared/data; relative paths resolve there
+    train = ["ct/ge-head-7mm", "ct/philips-head-phantom-highdose-2.5mm"]
+    validation = ["ct/philips-head-phantom-lowdose-5mm"]
+    pairs = "simulated"        # simulated | real | self-supervised
+    patch = 64
+    batch = 16
+
+    [noise]                    # see training.data.NoiseSettings
+    kind = "ct"
+    dose_range = [0.1, 0.5]
+
+    [train]
+    steps = 3000
+    lr = 2e-4
+
+    [evaluate]
+    data = ["ct/philips-head-phantom-lowdose-1mm"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.data import NoiseSettings
+
+
+class TrainingConfigError(ValueError):
+    """A training config is missing a key, has an unknown one, or a value out of range."""
+
+
+@dataclass
+class ModelSection:
+    architecture: str = "unet-res"
+    arguments: dict[str, Any] = field(default_factory=dict)
+    init: str = ""
+
+
+@dataclass
+class DataSection:
+    root: str = ""
+    train: list[str] = field(default_factory=list)
+    validation: list[str] = field(default_factory=list)
+    pairs: str = "simulated"
+    real_pairs: list[list[str]] = field(default_factory=list)  # [[low, full], ...]
+    self_supervised: str = "noise2sim"
+    patch: int = 64
+    batch: int = 16
+    max_slices: int = 0  # per series, evenly spread; 0 = all
+    validation_patches: int = 64
+    noise_cache: str = ""  # folder to keep simulated noisy slices in (shared by runs with the same noise)
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    lr: float = 2e-4
+    lr_min: float = 1e-6
+    warmup: int = 100
+    weight_decay: float = 0.0
+    loss: str = "l1"  # l1 | mse
+    ema: float = 0.999
+    grad_clip: float = 1.0
+    amp: bool = True  # mixed precision (bfloat16) on CUDA only
+    threads: int = 0  # torch threads on CPU; 0 = leave torch's default
+    device: str = "auto"
+    log_every: int = 10
+    validate_every: int = 200
+    checkpoint_every: int = 200
+    n2n_gamma: float = 2.0  # Neighbor2Neighbor regulariser weight
+
+
+@dataclass
+class GanSection:
+    critic: str = "patch-critic"
+    critic_arguments: dict[str, Any] = field(default_factory=lambda: {"channels": 32, "layers": 3})
+    adversarial_weight: float = 2e-3
+    gp_weight: float = 10.0
+    critic_steps: int = 2
+    critic_lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+
+
+@dataclass
+class EvaluateSection:
+    data: list[str] = field(default_factory=list)
+    real_low_dose: list[str] = field(default_factory=list)
+    dose_fraction: float = 0.25
+    window: list[float] = field(default_factory=lambda: [-160.0, 240.0])
+    baseline: str = "bm3d"
+    max_slices: int = 8
+
+
+@dataclass
+class TrainingConfig:
+    name: str
+    version: str = "1.0"
+    mode: str = "supervised"
+    modality: str = "CT"
+    body_parts: list[str] = field(default_factory=list)
+    description: str = ""
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
+    train: TrainSection = field(default_factory=TrainSection)
+    gan: GanSection = field(default_factory=GanSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    source: str = ""  # the file it was read from (not a TOML key)
+
+    def data_root(self) -> Path:
+        from training.data import shared_data_dir
+
+        return Path(self.data.root).expanduser() if self.data.root else shared_data_dir()
+
+    def data_path(self, relative: str) -> Path:
+        p = Path(relative).expanduser()
+        if p.is_absolute():
+            return p
+        if self.source and (Path(self.source).parent / p).exists() and not self.data.root:
+            return Path(self.source).parent / p
+        return self.data_root() / p
+
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "noise": NoiseSettings, "train": TrainSection,
+             "gan": GanSection, "evaluate": EvaluateSection}
+
+
+def _build(cls, table: dict, where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise TrainingConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(names)})")
+    values = {}
+    for key, value in table.items():
+        default = getattr(cls(), key) if key not in ("name",) else None
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    return cls(**values)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "") -> TrainingConfig:
+    data = dict(data)
+    if "name" not in data:
+        raise TrainingConfigError(f"{source or 'config'}: missing key 'name'")
+    sections = {}
+    for key, cls in _SECTIONS.items():
+        sections[key] = _build(cls, dict(data.pop(key, {})), f"{source or 'config'} [{key}]")
+    top = {f.name for f in dataclasses.fields(TrainingConfig)} - set(_SECTIONS) - {"source"}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise TrainingConfigError(f"{source or 'config'}: unknown key(s) {', '.join(unknown)}")
+    cfg = TrainingConfig(**data, **sections, source=source)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> TrainingConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise TrainingConfigError(f"{path}: {exc}") from exc
+    return config_from_dict(data, str(path.resolve()))
+
+
+def validate(cfg: TrainingConfig) -> None:
+    problems = []
+    if cfg.mode not in {"supervised", "gan", "self-supervised"}:
+        problems.append(f"mode: {cfg.mode!r} is not supervised, gan or self-supervised")
+    if cfg.data.pairs not in {"simulated", "real", "self-supervised"}:
+        problems.append(f"data.pairs: {cfg.data.pairs!r} is not simulated, real or self-supervised")
+    if cfg.mode == "self-supervised" and cfg.data.pairs != "self-supervised":
+        problems.append("mode self-supervised needs data.pairs = \"self-supervised\"")
+    if cfg.train.loss not in {"l1", "mse"}:
+        problems.append(f"train.loss: {cfg.train.loss!r} is not l1 or mse")
+    if cfg.train.steps < 1 or cfg.data.batch < 1 or cfg.data.patch < 8:
+        problems.append("train.steps and data.batch must be >= 1, data.patch >= 8")
+    if not 0 <= cfg.train.ema < 1:
+        problems.append("train.ema must be in [0, 1)")
+    lo, hi = cfg.noise.dose_range
+    if not 0 < lo <= hi <= 1:
+        problems.append(f"noise.dose_range: {cfg.noise.dose_range} must be within (0, 1]")
+    if cfg.mode == "gan" and not cfg.model.init:
+        problems.append("mode gan needs model.init (the trained CNN's model folder)")
+    if problems:
+        raise TrainingConfigError(f"{cfg.source or 'config'} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def config_to_toml(cfg: TrainingConfig) -> str:
+    """The full config (with defaults filled in) as TOML: what the run folder keeps."""
+    d = dataclasses.asdict(cfg)
+    d.pop("source", None)
+    lines = []
+    for key, value in d.items():
+        if key not in _SECTIONS and value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key in _SECTIONS:
+        lines.append(f"\n[{key}]")
+        for k, v in d[key].items():
+            if v is not None:  # TOML has no null: an absent key means the default (None)
+                lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
