@@ -314,6 +314,10 @@ def _toml_str(value: str) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):  # numpy scalars from metrics
+        value = value.item() if getattr(value, "ndim", 0) == 0 else value.tolist()
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -375,7 +379,7 @@ def save_model_folder(network: nn.Module, card: ModelCard, path: str | os.PathLi
     Returns
     -------
     ModelCard
-        A copy of ``card`` with ``sha256`` (and ``created`` when empty) filled in.
+        The card as written (read back from ``card.toml``), with ``sha256`` (and ``created`` when empty) filled in.
     """
     card = dataclasses.replace(card, normalization=dataclasses.replace(card.normalization))
     card.sha256 = ""
@@ -401,7 +405,7 @@ def save_model_folder(network: nn.Module, card: ModelCard, path: str | os.PathLi
     tmp_card.write_text(card.to_toml(), encoding="utf-8")
     os.replace(tmp_card, folder / CARD_FILE)
     LOGGER.info("saved model %s %s to %s (sha256 %s)", card.name, card.version, folder, card.short_hash)
-    return card
+    return read_card(folder)  # exactly what a loader will see (numpy scalars and paths become plain values)
 
 
 def read_card(path: str | os.PathLike[str]) -> ModelCard:

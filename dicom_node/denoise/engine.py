@@ -15,6 +15,7 @@ of frames at a time.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,25 +50,24 @@ DEFAULT_MAX_TILE_PIXELS = 1024 * 1024
 
 
 def _axis_windows(length: int, window: int, halo: int, blend: int, multiple: int) -> list[tuple[int, int]]:
-    """Start/stop of windows covering ``[0, length)``; starts are multiples of ``multiple``."""
+    """Start/stop of the fewest equal windows (at most ``window`` long) that cover ``[0, length)``.
+
+    Consecutive windows overlap by at least ``2 * halo + blend`` so every pixel has positive blend weight; starts
+    are multiples of ``multiple``. Windows are shrunk to share the length evenly (an image of 1.1 tiles becomes
+    two windows of 0.55 + overlap, not two full tiles).
+    """
     if length <= window:
         return [(0, length)]
-    step = window - 2 * halo - blend
-    step = (step // multiple) * multiple
-    if step < multiple:
+    margin = 2 * halo + blend
+    usable = window - margin - 2 * multiple
+    if usable < multiple:
         raise ValueError(f"tile {window} is too small for halo {halo} and blend {blend}")
-    out = []
-    start = 0
-    while True:
-        stop = min(start + window, length)
-        out.append((start, stop))
-        if stop >= length:
-            break
-        start += step
-        if start + window > length:  # last window: end at the image edge, start aligned down
-            start = max(((length - window) // multiple) * multiple, out[-1][0] + multiple)
-            out.append((start, length))
-            break
+    n = math.ceil((length - window) / usable) + 1
+    size = math.ceil((length + (n - 1) * margin) / n) + multiple
+    size = min(window, math.ceil(size / multiple) * multiple)
+    starts = [((k * (length - size)) // (n - 1)) // multiple * multiple for k in range(n)]
+    out = [(start, min(start + size, length)) for start in starts]
+    out[-1] = (out[-1][0], length)
     return out
 
 
@@ -207,6 +207,10 @@ class Engine:
         rr = receptive_radius(network)
         self.tile_halo = int(tile_halo) if tile_halo is not None else min(rr, 128)
         self.tile_blend = int(tile_blend)
+        smallest = 2 * self.tile_halo + self.tile_blend + 3 * self.tile_multiple
+        if self.tile_size < smallest:
+            raise ValueError(f"tile_size {self.tile_size} must be at least {smallest} for halo {self.tile_halo}, "
+                             f"blend {self.tile_blend} and size multiple {self.tile_multiple}")
         self.batch_size = batch_size
         self.autocast_dtype: torch.dtype | None = None
         if autocast and self.device.type == "cuda":

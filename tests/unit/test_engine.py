@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,7 @@ def test_engine_tiles_large_images_like_whole_image(models_dir: Path) -> None:
 
     fmt = [PixelFormat(16, 12, 0, "MONOCHROME2", 1.0, -1024.0, "HU")]
     whole = Engine(model).denoise_frames(stored, fmt)
-    tiled = Engine(model, max_tile_pixels=64 * 64, tile_size=64, tile_blend=8).denoise_frames(stored, fmt)
+    tiled = Engine(model, max_tile_pixels=64 * 64, tile_size=80, tile_blend=8).denoise_frames(stored, fmt)
     assert np.abs(whole.astype(int) - tiled.astype(int)).max() <= 1  # rounding of float differences only
 
 
@@ -250,3 +251,20 @@ def test_lossless_interop_syntaxes_decode_to_the_same_pixels(shared_data: Path, 
     ref = pydicom.dcmread(shared_data / "interop" / "wg04" / "REF" / "CT1_UNC").pixel_array
     result = denoise_series([src], load_model_folder(models_dir / "id-ct"), tmp_path / syntax)
     np.testing.assert_array_equal(pydicom.dcmread(result.paths[0]).pixel_array, ref)
+
+
+@pytest.mark.parametrize("length", [65, 100, 129, 257, 1000, 1760, 2140, 4000])
+@pytest.mark.parametrize("halo,blend,multiple", [(0, 8, 1), (24, 8, 4), (56, 32, 8)])
+def test_tile_windows_cover_evenly_with_positive_weight(length: int, halo: int, blend: int, multiple: int) -> None:
+    from dicom_node.denoise.engine import _axis_weights, _axis_windows
+
+    window = 256
+    windows = _axis_windows(length, window, halo, blend, multiple)
+    total = np.zeros(length)
+    for start, stop in windows:
+        assert start % multiple == 0
+        assert stop - start <= window + multiple
+        total[start:stop] += _axis_weights(start, stop, length, halo, blend)
+    assert (total > 0).all()
+    # no needless extra tiles: as few as the usable (non-overlapping) part of a tile allows
+    assert len(windows) <= math.ceil(length / (window - 2 * halo - blend - 2 * multiple)) + 1

@@ -165,3 +165,15 @@ def test_no_random_weights_are_bundled() -> None:
     for entry in list_models([]):
         assert entry.path.parent == bundled
         assert entry.card is not None and entry.card.training, f"{entry.path} has no training record"
+
+
+def test_card_accepts_numpy_scalars_and_paths_in_free_tables(tmp_path: Path) -> None:
+    import numpy as np
+
+    net = build_network("unet-res-small", **TINY["unet-res-small"])
+    card = tiny_card(metrics={"psnr_db": np.float32(40.5), "n": np.int64(3), "curve": np.array([1.0, 2.0])},
+                     training={"data": tmp_path})
+    saved = save_model_folder(net, card, tmp_path / "m")
+    loaded = load_model_folder(tmp_path / "m").card
+    assert loaded.metrics == {"psnr_db": 40.5, "n": 3, "curve": [1.0, 2.0]} and loaded == saved
+    assert loaded.training["data"] == str(tmp_path)
