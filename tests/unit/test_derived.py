@@ -139,3 +139,12 @@ def test_missing_type2_patient_attributes_are_added_empty(source: pydicom.Datase
     del source.PatientSex
     ds = build_derived_instance(source, np.zeros((8, 8), np.int16), pixel_format_from_dataset(source), _info())
     assert ds.PatientBirthDate == "" and ds.PatientSex == ""
+
+
+def test_rle_multiframe_round_trip(tmp_path: Path) -> None:
+    volume = np.random.default_rng(1).integers(0, 4095, size=(3, 6, 5)).astype(np.uint16)
+    src = make_multiframe(volume)
+    ds = build_derived_instance(src, volume, pixel_format_from_dataset(src), _info(transfer_syntax="rle-lossless"))
+    back = pydicom.dcmread(write_instance(ds, tmp_path))
+    assert back.file_meta.TransferSyntaxUID == RLELossless and back.NumberOfFrames == 3
+    np.testing.assert_array_equal(back.pixel_array, volume)
