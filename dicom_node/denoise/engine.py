@@ -359,6 +359,16 @@ def _decode(chunk: list[Instance]) -> list[tuple[Instance, object, np.ndarray]]:
     return [(inst, *read_frames(inst)) for inst in chunk]
 
 
+def _write_chunk(items: list[tuple[object, np.ndarray, PixelFormat]], info: DerivationInfo,
+                 output_dir: str | os.PathLike[str], progress: Callable[[int], None] | None) -> list[Path]:
+    paths = []
+    for ds, new, fmt in items:
+        paths.append(write_instance(build_derived_instance(ds, new, fmt, info), output_dir))  # type: ignore[arg-type]
+        if progress is not None:
+            progress(int(new.shape[0]))
+    return paths
+
+
 def denoise_series(
     series: Series | Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
     model: LoadedModel | Engine,
@@ -427,11 +437,15 @@ def denoise_series(
     chunks = list(_chunks(series.instances, batch))
     LOGGER.info("denoising %s with %s %s on %s, batch %d", series.describe(), card.name, card.version,
                 engine.device, batch)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        pending: Future | None = pool.submit(_decode, chunks[0]) if chunks else None
+    # Three stages overlap: a decode thread reads chunk k+1 and a write thread encodes and writes chunk k-1
+    # while the network runs on chunk k. At most one chunk waits on each side, so memory stays bounded.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
+        pending: Future | None = decoder.submit(_decode, chunks[0]) if chunks else None
+        writing: Future | None = None
         for index in range(len(chunks)):
             decoded = pending.result() if pending is not None else []
-            pending = pool.submit(_decode, chunks[index + 1]) if index + 1 < len(chunks) else None
+            pending = decoder.submit(_decode, chunks[index + 1]) if index + 1 < len(chunks) else None
             if len(decoded) == 1 and decoded[0][0].frames > 1:
                 inst, ds, stored = decoded[0]
                 new = engine.denoise_frames(stored, inst.formats, strength)
@@ -440,17 +454,20 @@ def denoise_series(
                 stack = np.concatenate([d[2] for d in decoded], axis=0)
                 formats = [d[0].formats[0] for d in decoded]
                 new_stack = engine.denoise_frames(stack, formats, strength)
+                del stack
                 items = [(d[0], d[1], d[2], new_stack[i:i + 1]) for i, d in enumerate(decoded)]
             for inst, ds, stored, new in items:
                 if keep_preview and preview is None and frames_done <= middle < frames_done + inst.frames:
                     k = middle - frames_done
                     preview = (stored[k].copy(), new[k].copy(), inst.formats[k])
-                derived = build_derived_instance(ds, new, inst.formats[0], info)
-                written.append(write_instance(derived, output_dir))
                 frames_done += inst.frames
-                if progress is not None:
-                    progress(inst.frames)
+            if writing is not None:
+                written.extend(writing.result())
+            writing = writer.submit(_write_chunk, [(ds, new, inst.formats[0]) for inst, ds, _s, new in items],
+                                    info, output_dir, progress)
             del decoded, items
+        if writing is not None:
+            written.extend(writing.result())
     seconds = time.perf_counter() - started
     LOGGER.info("wrote %d derived instances (%d frames) in %.1f s", len(written), frames_done, seconds)
     return DenoiseResult(paths=written, series_instance_uid=info.series_instance_uid,

@@ -268,3 +268,31 @@ def test_tile_windows_cover_evenly_with_positive_weight(length: int, halo: int, 
     assert (total > 0).all()
     # no needless extra tiles: as few as the usable (non-overlapping) part of a tile allows
     assert len(windows) <= math.ceil(length / (window - 2 * halo - blend - 2 * multiple)) + 1
+
+
+def test_long_series_is_streamed_in_bounded_memory(tmp_path: Path, models_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicom_node.denoise.engine as engine_module
+
+    volume = np.zeros((24, 16, 16), dtype=np.uint16)
+    write_series(tmp_path / "in", volume, bits_stored=12)
+    decoded, written, in_flight = [0], [0], []
+    real_read, real_write = engine_module.read_frames, engine_module.write_instance
+
+    def counting_read(inst):  # noqa: ANN001, ANN202
+        decoded[0] += 1
+        in_flight.append(decoded[0] - written[0])
+        return real_read(inst)
+
+    def counting_write(ds, folder):  # noqa: ANN001, ANN202
+        written[0] += 1
+        return real_write(ds, folder)
+
+    monkeypatch.setattr(engine_module, "read_frames", counting_read)
+    monkeypatch.setattr(engine_module, "write_instance", counting_write)
+    engine = Engine(load_model_folder(models_dir / "id-ct"), batch_size=2)
+    result = denoise_series(tmp_path / "in", engine, tmp_path / "out")
+    assert len(result.paths) == 24 and written[0] == 24
+    assert max(in_flight) <= 4 * 2  # decoding ahead, computing, writing behind: a few batches, never the series
+    z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in result.paths]
+    assert z == sorted(z)  # result paths come back in slice order
