@@ -124,3 +124,20 @@ def test_simpleitk_sees_the_same_geometry(derived: list[tuple[Series, list[Path]
             np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
             np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
             np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+def test_rle_lossless_output_is_valid_and_lossless(shared_data: Path, tmp_path: Path) -> None:
+    from dicom_node.denoise.derived import DerivedSeriesSettings
+
+    dciodvfy = require_program("dciodvfy")
+    (series,) = scan([shared_data / "ct" / "ge-head-7mm"]).series
+    engine = Engine(load_model_folder(make_tiny_model(tmp_path / "models", name="id")))
+    result = denoise_series(series, engine, tmp_path / "rle", settings=DerivedSeriesSettings(transfer_syntax="rle-lossless"))
+    sources = {inst.sop_instance_uid: inst.path for inst in series.instances}
+    for path in result.paths[:5]:
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+        src = pydicom.dcmread(sources[str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)])
+        np.testing.assert_array_equal(ds.pixel_array, src.pixel_array)  # identity model: exact, padding included
+        proc = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=120)
+        assert not [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
