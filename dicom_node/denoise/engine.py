@@ -7,9 +7,10 @@ padding pixels untouched. On CUDA the network runs under bf16 (or fp16) autocast
 channels-last layout; always under :func:`torch.inference_mode`.
 
 :func:`denoise_series` streams a series: single-frame instances are decoded, denoised and written a batch at
-a time (the next batch is decoded in a background thread while the network runs), so a 1000-slice series never
-holds more than two batches of pixels; a multi-frame object is held once as stored integers and denoised a batch
-of frames at a time.
+a time (a decode thread reads the next batch and a write thread encodes the previous one while the network runs),
+so a 1000-slice series never holds more than a few batches of pixels; a multi-frame object is held once as stored
+integers and denoised a batch of frames at a time. When a series is refused half-way, the files this call already
+wrote are removed, so a failed job leaves no partial derived series behind.
 """
 
 from __future__ import annotations
@@ -369,6 +370,20 @@ def _write_chunk(items: list[tuple[object, np.ndarray, PixelFormat]], info: Deri
     return paths
 
 
+def _remove_partial(series: Series, info: DerivationInfo, output_dir: str | os.PathLike[str]) -> None:
+    """Delete the derived files of ``series`` that a failed call wrote (their names are deterministic)."""
+    from dicom_node.denoise.derived import derived_sop_instance_uid
+
+    removed = 0
+    for inst in series.instances:
+        path = Path(output_dir) / f"{derived_sop_instance_uid(info.series_instance_uid, inst.sop_instance_uid)}.dcm"
+        if path.exists():
+            path.unlink()
+            removed += 1
+    if removed:
+        LOGGER.info("removed %d derived files of the failed series", removed)
+
+
 def denoise_series(
     series: Series | Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
     model: LoadedModel | Engine,
@@ -399,7 +414,7 @@ def denoise_series(
     device
         Where to run when ``model`` is a :class:`LoadedModel` (its own device when ``None``).
     progress
-        Called with the number of frames just finished.
+        Called with the number of frames just written (from the write thread).
     keep_preview
         Keep the middle frame before and after, for a preview image.
 
@@ -437,37 +452,41 @@ def denoise_series(
     chunks = list(_chunks(series.instances, batch))
     LOGGER.info("denoising %s with %s %s on %s, batch %d", series.describe(), card.name, card.version,
                 engine.device, batch)
-    # Three stages overlap: a decode thread reads chunk k+1 and a write thread encodes and writes chunk k-1
-    # while the network runs on chunk k. At most one chunk waits on each side, so memory stays bounded.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
-        pending: Future | None = decoder.submit(_decode, chunks[0]) if chunks else None
-        writing: Future | None = None
-        for index in range(len(chunks)):
-            decoded = pending.result() if pending is not None else []
-            pending = decoder.submit(_decode, chunks[index + 1]) if index + 1 < len(chunks) else None
-            if len(decoded) == 1 and decoded[0][0].frames > 1:
-                inst, ds, stored = decoded[0]
-                new = engine.denoise_frames(stored, inst.formats, strength)
-                items = [(inst, ds, stored, new)]
-            else:
-                stack = np.concatenate([d[2] for d in decoded], axis=0)
-                formats = [d[0].formats[0] for d in decoded]
-                new_stack = engine.denoise_frames(stack, formats, strength)
-                del stack
-                items = [(d[0], d[1], d[2], new_stack[i:i + 1]) for i, d in enumerate(decoded)]
-            for inst, ds, stored, new in items:
-                if keep_preview and preview is None and frames_done <= middle < frames_done + inst.frames:
-                    k = middle - frames_done
-                    preview = (stored[k].copy(), new[k].copy(), inst.formats[k])
-                frames_done += inst.frames
+    try:
+        # Three stages overlap: a decode thread reads chunk k+1 and a write thread encodes and writes chunk k-1
+        # while the network runs on chunk k. At most one chunk waits on each side, so memory stays bounded.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
+            pending: Future | None = decoder.submit(_decode, chunks[0]) if chunks else None
+            writing: Future | None = None
+            for index in range(len(chunks)):
+                decoded = pending.result() if pending is not None else []
+                pending = decoder.submit(_decode, chunks[index + 1]) if index + 1 < len(chunks) else None
+                if len(decoded) == 1 and decoded[0][0].frames > 1:
+                    inst, ds, stored = decoded[0]
+                    new = engine.denoise_frames(stored, inst.formats, strength)
+                    items = [(inst, ds, stored, new)]
+                else:
+                    stack = np.concatenate([d[2] for d in decoded], axis=0)
+                    formats = [d[0].formats[0] for d in decoded]
+                    new_stack = engine.denoise_frames(stack, formats, strength)
+                    del stack
+                    items = [(d[0], d[1], d[2], new_stack[i:i + 1]) for i, d in enumerate(decoded)]
+                for inst, ds, stored, new in items:
+                    if keep_preview and preview is None and frames_done <= middle < frames_done + inst.frames:
+                        k = middle - frames_done
+                        preview = (stored[k].copy(), new[k].copy(), inst.formats[k])
+                    frames_done += inst.frames
+                if writing is not None:
+                    written.extend(writing.result())
+                writing = writer.submit(_write_chunk, [(ds, new, inst.formats[0]) for inst, ds, _s, new in items],
+                                        info, output_dir, progress)
+                del decoded, items
             if writing is not None:
                 written.extend(writing.result())
-            writing = writer.submit(_write_chunk, [(ds, new, inst.formats[0]) for inst, ds, _s, new in items],
-                                    info, output_dir, progress)
-            del decoded, items
-        if writing is not None:
-            written.extend(writing.result())
+    except BaseException:
+        _remove_partial(series, info, output_dir)
+        raise
     seconds = time.perf_counter() - started
     LOGGER.info("wrote %d derived instances (%d frames) in %.1f s", len(written), frames_done, seconds)
     return DenoiseResult(paths=written, series_instance_uid=info.series_instance_uid,

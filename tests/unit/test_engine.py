@@ -296,3 +296,15 @@ def test_long_series_is_streamed_in_bounded_memory(tmp_path: Path, models_dir: P
     assert max(in_flight) <= 4 * 2  # decoding ahead, computing, writing behind: a few batches, never the series
     z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in result.paths]
     assert z == sorted(z)  # result paths come back in slice order
+
+
+def test_refusal_half_way_leaves_no_partial_series(tmp_path: Path, models_dir: Path) -> None:
+    paths = write_series(tmp_path / "in", np.zeros((6, 16, 16), np.int16), intercept=0.0)
+    ds = pydicom.dcmread(paths[4])
+    ds.PixelData = ds.PixelData[:100]  # the fifth slice in geometric order cannot be decoded
+    ds.save_as(paths[4], enforce_file_format=True)
+    engine = Engine(load_model_folder(models_dir / "id-ct"), batch_size=1)
+    with pytest.raises(SeriesRefused):
+        denoise_series(tmp_path / "in", engine, tmp_path / "out")
+    assert list((tmp_path / "out").glob("*.dcm")) == []
+    assert not list((tmp_path / "out").glob(".*.tmp"))
