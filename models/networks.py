@@ -29,6 +29,7 @@ weights (DESIGN.md, Models and training).
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Callable
 
@@ -161,6 +162,7 @@ class REDCNN(nn.Module):
 
 @register_architecture("red-cnn")
 def _build_red_cnn(channels: int = 96, kernel_size: int = 5) -> nn.Module:
+    """RED-CNN: 1.85 M parameters, 917 GFLOP per 512x512 slice (a GPU model)."""
     return REDCNN(channels=channels, kernel_size=kernel_size)
 
 
@@ -280,20 +282,27 @@ class ResUNet(nn.Module):
 @register_architecture("unet-res")
 def _build_unet_res(channels: tuple[int, ...] | list[int] = (32, 64, 128, 256), blocks: int = 2,
                     bias: bool = True, unshuffle: int = 1) -> nn.Module:
+    """The main CNN: 4.26 M parameters, 142 GFLOP per 512x512 slice (RED-CNN: 917)."""
     return ResUNet(channels=channels, blocks=blocks, bias=bias, unshuffle=unshuffle)
 
 
 @register_architecture("unet-res-small")
 def _build_unet_res_small(channels: tuple[int, ...] | list[int] = (32, 64, 128), blocks: int = 1,
                           bias: bool = True, unshuffle: int = 2) -> nn.Module:
-    """The CPU variant: a 2x pixel-unshuffle stem (as in FFDNet) then three levels at 1/2, 1/4, 1/8 resolution."""
+    """The CPU variant: a 2x pixel-unshuffle stem (as in FFDNet) then three levels at 1/2, 1/4, 1/8 resolution.
+
+    0.56 M parameters, 13.5 GFLOP per 512x512 slice.
+    """
     return ResUNet(channels=channels, blocks=blocks, bias=bias, unshuffle=unshuffle)
 
 
 @register_architecture("gan-generator")
 def _build_gan_generator(channels: tuple[int, ...] | list[int] = (32, 64, 128, 256), blocks: int = 2,
                          bias: bool = True, unshuffle: int = 1) -> nn.Module:
-    """The GAN's generator: a :class:`ResUNet` with ``unet-res``'s defaults, so it loads the CNN's weights."""
+    """The GAN's generator: a :class:`ResUNet` with ``unet-res``'s defaults, so it loads the CNN's weights.
+
+    4.26 M parameters, 142 GFLOP per 512x512 slice.
+    """
     return ResUNet(channels=channels, blocks=blocks, bias=bias, unshuffle=unshuffle)
 
 
@@ -354,6 +363,7 @@ class PatchCritic(nn.Module):
 
 @register_architecture("patch-critic", denoiser=False)
 def _build_patch_critic(in_channels: int = 1, channels: int = 64, layers: int = 3, norm: str = "none") -> nn.Module:
+    """PatchGAN critic: 2.76 M parameters, 25.4 GFLOP per 512x512 slice (training only)."""
     return PatchCritic(in_channels=in_channels, channels=channels, layers=layers, norm=norm)
 
 
@@ -371,7 +381,7 @@ def count_flops(network: nn.Module, height: int = 512, width: int = 512) -> int:
     """FLOPs of one forward pass on a ``(1, 1, height, width)`` input (a multiply-add counts as 2).
 
     Counts convolutions and transposed convolutions (everything else is negligible for these networks) by running
-    the network once on zeros with forward hooks.
+    a copy of the network once on the shape-only "meta" device with forward hooks.
     """
     total = 0
 
@@ -388,13 +398,13 @@ def count_flops(network: nn.Module, height: int = 512, width: int = 512) -> int:
             macs = positions * module.in_channels * (module.out_channels // module.groups) * kh * kw
         total += 2 * macs
 
-    handles = [m.register_forward_hook(conv_hook) for m in network.modules()
+    # Count on the "meta" device: shapes only, no arithmetic, so even RED-CNN is counted in milliseconds.
+    probe = copy.deepcopy(network).to("meta")
+    handles = [m.register_forward_hook(conv_hook) for m in probe.modules()
                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     try:
-        param = next(network.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
         with torch.inference_mode():
-            network(torch.zeros(1, 1, height, width, device=device))
+            probe(torch.zeros(1, 1, height, width, device="meta"))
     finally:
         for h in handles:
             h.remove()

@@ -177,3 +177,16 @@ def test_card_accepts_numpy_scalars_and_paths_in_free_tables(tmp_path: Path) -> 
     loaded = load_model_folder(tmp_path / "m").card
     assert loaded.metrics == {"psnr_db": 40.5, "n": 3, "curve": [1.0, 2.0]} and loaded == saved
     assert loaded.training["data"] == str(tmp_path)
+
+
+@pytest.mark.parametrize("name,params,gflop", [
+    ("red-cnn", 1.85e6, 917), ("unet-res", 4.26e6, 142), ("unet-res-small", 0.56e6, 13.5),
+    ("gan-generator", 4.26e6, 142), ("patch-critic", 2.76e6, 25.4),
+])
+def test_docstring_sizes_are_true(name: str, params: float, gflop: float) -> None:
+    import models.networks as networks
+
+    net = build_network(name)
+    assert abs(count_parameters(net) - params) / params < 0.01
+    assert abs(count_flops(net) / 1e9 - gflop) / gflop < 0.01
+    assert f"{gflop:g}" in networks.__doc__  # the module's table states the same figure
