@@ -73,7 +73,7 @@ def run_denoise(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dicom_node.cli import config_from_args
-    from dicom_node.denoise.derived import DerivedSeriesSettings
+    from dicom_node.denoise.derived import DerivedSeriesSettings, new_series_uid
     from dicom_node.denoise.engine import Engine, denoise_series, series_unit
     from dicom_node.denoise.errors import SeriesRefused
     from dicom_node.denoise.preview import preview_image, write_png
@@ -109,8 +109,6 @@ def run_denoise(args: argparse.Namespace) -> int:
                 if folder not in engines:
                     engines[folder] = Engine(load_model_folder(folder, device), batch_size=args.batch_size)
                 engine = engines[folder]
-                from dicom_node.denoise.derived import new_series_uid
-
                 uid = new_series_uid()
                 result = denoise_series(series, engine, args.output / uid, strength=args.strength,
                                         settings=settings, series_instance_uid=uid, progress=bar.update,
