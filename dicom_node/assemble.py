@@ -1,45 +1,111 @@
-"""The assembling stage: decide when a series is complete.
+"""The assembling stage: decide when a series is complete and what happens to it.
 
-A series is complete when no instance arrived for the quiet time. Completion is recorded in the job table
-(``series.state``, ``completed_at``, ``completion_count``), where the routing and worker stages pick it up.
+A series is complete when no instance arrived for its quiet time (the matching rule's, else ``node.quiet_seconds``).
+At completion it is routed: a job is queued for the rule's model, exports of the original are queued when the rule
+forwards it, and a series that matches no rule (or is the node's own output) is kept with a note saying why. All of
+it happens in one transaction, so a crash never leaves a complete series without its job.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
+from dataclasses import dataclass
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select, update
 
+from dicom_node.config import LOCAL_DESTINATION, Config
+from dicom_node.routing import SeriesAttributes, min_quiet_seconds, route
 from dicom_node.store.database import utcnow
-from dicom_node.store.repository import CompletedSeries, complete_quiet_series
+from dicom_node.store.queue import enqueue_export, enqueue_job
+from dicom_node.store.schema import Instance, Series, SeriesState
 
 LOGGER = logging.getLogger(__name__)
 
 
-def assemble_once(engine: Engine, quiet_seconds: float) -> list[CompletedSeries]:
-    """Mark complete every series quiet for ``quiet_seconds``; return them (one transaction)."""
+@dataclass(frozen=True)
+class Completion:
+    """A series that became complete in this pass, and what was decided for it."""
+
+    series_pk: int
+    series_uid: str
+    version: int
+    instance_count: int
+    rule: str
+    job_pk: int | None
+    note: str
+
+
+def assemble_once(engine: Engine, cfg: Config, now: dt.datetime | None = None) -> list[Completion]:
+    """Complete and route every series that has been quiet long enough (one transaction)."""
+    now = now or utcnow()
+    shortest = min_quiet_seconds(cfg.rules, cfg.node.quiet_seconds)
+    done: list[Completion] = []
     with engine.begin() as conn:
-        completed = complete_quiet_series(conn, utcnow(), quiet_seconds)
-    for series in completed:
-        LOGGER.info("series %s complete: %d instance(s), version %d", series.series_uid,
-                    series.instance_count, series.completion_count)
-    return completed
+        candidates = conn.execute(
+            select(Series.__table__).where(Series.state == SeriesState.receiving,
+                                           Series.last_received_at <= now - dt.timedelta(seconds=shortest))
+            .order_by(Series.last_received_at)
+        ).all()
+        for series in candidates:
+            decision = route(cfg.rules, SeriesAttributes.from_row(series))
+            quiet = cfg.node.quiet_seconds
+            if decision.rule is not None and decision.rule.quiet_seconds is not None:
+                quiet = decision.rule.quiet_seconds
+            cutoff = now - dt.timedelta(seconds=quiet)
+            if series.last_received_at > cutoff:
+                continue
+            rule_name = decision.rule.name if decision.rule else ""
+            # Guarded by state and time, so an instance arriving meanwhile keeps the series receiving.
+            result = conn.execute(
+                update(Series).where(Series.id == series.id, Series.state == SeriesState.receiving,
+                                     Series.last_received_at <= cutoff)
+                .values(state=SeriesState.complete, completed_at=now,
+                        completion_count=Series.completion_count + 1, route_rule=rule_name, route_note=decision.note)
+            )
+            if result.rowcount != 1:
+                continue
+            version = series.completion_count + 1
+            instances = conn.execute(
+                select(Instance.sop_instance_uid, Instance.path).where(Instance.series_pk == series.id)
+                .order_by(Instance.id)
+            ).all()
+            job_pk = None
+            rule = decision.rule
+            if rule is not None and rule.model:
+                job_pk = enqueue_job(conn, series.id, version, rule.name, rule.model, rule.strength, now)
+            if rule is not None and rule.forward_original:
+                for destination in rule.destinations or [LOCAL_DESTINATION]:
+                    enqueue_export(conn, series.series_uid, destination, [tuple(i) for i in instances], now)
+            done.append(Completion(series.id, series.series_uid, version, len(instances), rule_name, job_pk,
+                                   decision.note))
+    for c in done:
+        if c.job_pk is not None:
+            LOGGER.info("series %s complete (%d instances, version %d): rule %s, job %d queued", c.series_uid,
+                        c.instance_count, c.version, c.rule, c.job_pk)
+        elif c.rule:
+            LOGGER.info("series %s complete (%d instances, version %d): rule %s forwards it", c.series_uid,
+                        c.instance_count, c.version, c.rule)
+        else:
+            LOGGER.info("series %s complete (%d instances, version %d): not routed: %s", c.series_uid,
+                        c.instance_count, c.version, c.note)
+    return done
 
 
 class Assembler(threading.Thread):
     """Background thread running :func:`assemble_once` every ``poll_seconds`` until ``stop`` is set."""
 
-    def __init__(self, engine: Engine, quiet_seconds: float, stop: threading.Event, poll_seconds: float = 1.0):
+    def __init__(self, engine: Engine, cfg: Config, stop: threading.Event, poll_seconds: float = 1.0) -> None:
         super().__init__(name="assembler", daemon=True)
         self.engine = engine
-        self.quiet_seconds = quiet_seconds
+        self.cfg = cfg
         self.stop_event = stop
         self.poll_seconds = poll_seconds
 
     def run(self) -> None:
         while not self.stop_event.wait(self.poll_seconds):
             try:
-                assemble_once(self.engine, self.quiet_seconds)
+                assemble_once(self.engine, self.cfg)
             except Exception:  # the database may be briefly unavailable; try again next round
                 LOGGER.exception("assembling failed; retrying")

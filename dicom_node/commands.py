@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import ssl
 import sys
+from pathlib import Path
 
 from dicom_node.cli import add_config_argument, config_from_args, setup_logging
 from dicom_node.config import Config, Destination, example_config_text, load_config
@@ -32,14 +32,6 @@ def _cmd_config_example(_args: argparse.Namespace) -> int:
     return 0
 
 
-def _client_ssl_context(cfg: Config) -> ssl.SSLContext:
-    sec = cfg.security
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=sec.trusted_cas or None)
-    if sec.certificate and sec.private_key:
-        context.load_cert_chain(sec.certificate, sec.private_key)
-    return context
-
-
 def echo_destination(cfg: Config, dest: Destination) -> tuple[bool, str]:
     """C-ECHO ``dest`` (PS3.4 A.4); return whether it answered success and a one-line description."""
     from pynetdicom import AE
@@ -48,11 +40,14 @@ def echo_destination(cfg: Config, dest: Destination) -> tuple[bool, str]:
     ae = AE(ae_title=dest.calling_ae_title or cfg.node.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
-    tls_args = (_client_ssl_context(cfg), dest.host) if dest.tls else None
+    from dicom_node.export import client_ssl_context
+
+    tls_args = (client_ssl_context(cfg), dest.host) if dest.tls else None
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
-        return False, f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): association failed ({why})"
+        from dicom_node.export import association_failure
+
+        return False, f"{dest.name}: {association_failure(assoc, dest)}"
     try:
         status = assoc.send_c_echo()
     finally:
@@ -78,15 +73,10 @@ def _cmd_echo(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from dicom_node.store.database import make_engine, schema_version
     from dicom_node.store.repository import status_counts
 
-    if not cfg.data_path.is_dir():
-        print(f"dicom-node: data directory {cfg.data_path} does not exist (has the node run yet?)", file=sys.stderr)
-        return 1
-    engine = make_engine(cfg.database_url)
-    if schema_version(engine) is None:
-        print(f"dicom-node: no database at {cfg.database_url} (has the node run yet?)", file=sys.stderr)
+    engine = _open_existing_database(cfg)
+    if engine is None:
         return 1
     with engine.connect() as conn:
         counts = status_counts(conn)
@@ -114,6 +104,163 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_existing_database(cfg: Config):  # type: ignore[no-untyped-def]
+    from dicom_node.store.database import make_engine, schema_version
+
+    if not cfg.node.database_url and not cfg.data_path.is_dir():
+        print(f"dicom-node: data directory {cfg.data_path} does not exist (has the node run yet?)", file=sys.stderr)
+        return None
+    engine = make_engine(cfg.database_url)
+    if schema_version(engine) is None:
+        print(f"dicom-node: no database at {cfg.database_url} (has the node run yet?)", file=sys.stderr)
+        return None
+    return engine
+
+
+def _age(when, now) -> str:  # type: ignore[no-untyped-def]
+    if when is None:
+        return "-"
+    seconds = (now - when).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if abs(seconds) >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _cmd_jobs_list(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from dicom_node.store.database import utcnow
+    from dicom_node.store.schema import Export, Job, Series
+
+    cfg = config_from_args(args)
+    engine = _open_existing_database(cfg)
+    if engine is None:
+        return 1
+    now = utcnow()
+    with engine.connect() as conn:
+        jobs_q = select(Job.__table__, Series.series_uid).join(Series, Series.id == Job.series_pk).order_by(Job.id.desc())
+        exports_q = select(Export.__table__).order_by(Export.id.desc())
+        if args.state:
+            jobs_q = jobs_q.where(Job.state == args.state)
+            exports_q = exports_q.where(Export.state == args.state)
+        jobs = conn.execute(jobs_q.limit(args.limit)).all()
+        exports = conn.execute(exports_q.limit(args.limit)).all()
+    print(f"{'JOB':>6} {'STATE':10} {'AGE':>5} {'TRIES':>5} {'RULE':12} {'MODEL':16} SERIES / LAST ERROR")
+    for job in jobs:
+        series_uid = job.series_uid
+        print(f"{job.id:>6} {job.state.value:10} {_age(job.created_at, now):>5} {job.attempts:>5} "
+              f"{job.rule[:12]:12} {job.model[:16]:16} {series_uid} v{job.version}")
+        if job.last_error and job.state.value != "succeeded":
+            print(f"{'':>6} {job.last_error[:200]}")
+    print()
+    print(f"{'EXPORT':>6} {'STATE':10} {'AGE':>5} {'TRIES':>5} {'DESTINATION':12} {'SENT':>9} SERIES / LAST ERROR")
+    for exp in exports:
+        total = exp.sent_count + exp.failed_count
+        print(f"{exp.id:>6} {exp.state.value:10} {_age(exp.created_at, now):>5} {exp.attempts:>5} "
+              f"{exp.destination[:12]:12} {f'{exp.sent_count}/{total}':>9} {exp.series_uid}"
+              + (f" (job {exp.job_pk})" if exp.job_pk else " (original)"))
+        if exp.last_error and exp.state.value != "succeeded":
+            print(f"{'':>6} {exp.last_error[:200]}")
+    return 0
+
+
+def _cmd_jobs_show(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from dicom_node.store.schema import Export, ExportInstance, Job, Series
+
+    cfg = config_from_args(args)
+    engine = _open_existing_database(cfg)
+    if engine is None:
+        return 1
+    with engine.connect() as conn:
+        if args.kind == "job":
+            row = conn.execute(select(Job.__table__).where(Job.id == args.id)).one_or_none()
+            if row is None:
+                print(f"dicom-node: no job {args.id}", file=sys.stderr)
+                return 1
+            series = conn.execute(select(Series.__table__).where(Series.id == row.series_pk)).one()
+            exports = conn.execute(select(Export.__table__).where(Export.job_pk == row.id)).all()
+            fields = {"job": row.id, "state": row.state.value, "series": series.series_uid,
+                      "modality": series.modality, "description": series.series_description,
+                      "version": row.version, "rule": row.rule, "model": row.model, "strength": row.strength,
+                      "attempts": row.attempts, "worker": row.worker_id, "created": row.created_at,
+                      "started": row.started_at, "finished": row.finished_at, "heartbeat": row.heartbeat_at,
+                      "derived series": row.output_series_uid or "-", "last error": row.last_error or "-",
+                      "exports": ", ".join(f"{e.id} to {e.destination}: {e.state.value}" for e in exports) or "-"}
+        else:
+            row = conn.execute(select(Export.__table__).where(Export.id == args.id)).one_or_none()
+            if row is None:
+                print(f"dicom-node: no export {args.id}", file=sys.stderr)
+                return 1
+            items = conn.execute(select(ExportInstance.__table__).where(ExportInstance.export_pk == row.id)).all()
+            failed = [i for i in items if i.status not in (0x0000, 0xB000, 0xB006, 0xB007)]
+            fields = {"export": row.id, "state": row.state.value, "series": row.series_uid,
+                      "job": row.job_pk or "- (original series)", "destination": row.destination,
+                      "attempts": row.attempts, "instances": len(items), "accepted": len(items) - len(failed),
+                      "created": row.created_at, "finished": row.finished_at, "last error": row.last_error or "-"}
+            for item in failed[:20]:
+                code = "no answer" if item.status is None else f"0x{item.status:04X}"
+                fields[f"  {item.sop_instance_uid}"] = f"{code} {item.error}".strip()
+    width = max(len(k) for k in fields)
+    for key, value in fields.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_jobs_action(args: argparse.Namespace) -> int:
+    from dicom_node.store.database import utcnow
+    from dicom_node.store.queue import cancel, retry
+
+    cfg = config_from_args(args)
+    engine = _open_existing_database(cfg)
+    if engine is None:
+        return 1
+    action = retry if args.action == "retry" else cancel
+    with engine.begin() as conn:
+        changed = action(conn, args.kind, args.id, utcnow())
+    if not changed:
+        allowed = "failed or cancelled" if args.action == "retry" else "queued, running or failed"
+        print(f"dicom-node: {args.kind} {args.id} not found or not {allowed}", file=sys.stderr)
+        return 1
+    print(f"{args.kind} {args.id}: {'queued again' if args.action == 'retry' else 'cancelled'}")
+    return 0
+
+
+def _cmd_rules_test(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+
+    from dicom_node.receive import extract_facts
+    from dicom_node.routing import SeriesAttributes, explain
+
+    cfg = config_from_args(args)
+    seen: dict[str, tuple[SeriesAttributes, int, str]] = {}
+    root = Path(args.path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for path in files:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+            facts = extract_facts(ds, str(ds.file_meta.get("TransferSyntaxUID", "")), args.calling, cfg.node.ae_title)
+        except Exception:
+            continue
+        if facts.series_uid in seen:
+            attrs, count, label = seen[facts.series_uid]
+            seen[facts.series_uid] = (attrs, count + 1, label)
+            continue
+        attrs = SeriesAttributes.from_row(facts)
+        label = f"{facts.modality} #{facts.series_number} {facts.series_description!r}"
+        seen[facts.series_uid] = (attrs, 1, label)
+    if not seen:
+        print(f"dicom-node: no DICOM series found in {root}", file=sys.stderr)
+        return 1
+    for series_uid, (attrs, count, label) in seen.items():
+        print(f"series {series_uid} ({label}, {count} file(s)):")
+        for line in explain(cfg.rules, attrs):
+            print(line)
+    return 0
+
+
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add ``serve``, ``config``, ``echo`` and ``status``."""
     p = subparsers.add_parser("serve", help="run the node (receive, assemble, denoise, export)")
@@ -133,6 +280,33 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("destination", metavar="DESTINATION", help="destination name from the configuration")
     add_config_argument(p)
     p.set_defaults(handler=_cmd_echo)
+
+    p = subparsers.add_parser("jobs", help="list, show, retry or cancel denoising jobs and exports")
+    jobs_sub = p.add_subparsers(dest="jobs_command", metavar="ACTION")
+    jobs_sub.required = True
+    c = jobs_sub.add_parser("list", help="recent jobs and exports with their state and last error")
+    c.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    c.add_argument("--limit", type=int, default=20)
+    add_config_argument(c)
+    c.set_defaults(handler=_cmd_jobs_list)
+    for action, helptext in (("show", "everything about one job or export"),
+                             ("retry", "queue a failed or cancelled job or export again"),
+                             ("cancel", "cancel a queued, running or failed job or export")):
+        c = jobs_sub.add_parser(action, help=helptext)
+        c.add_argument("id", type=int, metavar="ID")
+        c.add_argument("--export", dest="kind", action="store_const", const="export", default="job",
+                       help="ID is an export, not a job")
+        add_config_argument(c)
+        c.set_defaults(handler=_cmd_jobs_show if action == "show" else _cmd_jobs_action, action=action)
+
+    p = subparsers.add_parser("rules", help="test routing rules against DICOM files")
+    rules_sub = p.add_subparsers(dest="rules_command", metavar="ACTION")
+    rules_sub.required = True
+    c = rules_sub.add_parser("test", help="show, per series in PATH, which rule matches and why others do not")
+    c.add_argument("path", metavar="PATH")
+    c.add_argument("--calling", default="", help="calling AE title to assume (rules may match on it)")
+    add_config_argument(c)
+    c.set_defaults(handler=_cmd_rules_test)
 
     p = subparsers.add_parser("status", help="series, jobs and exports per state, and disk use")
     add_config_argument(p)

@@ -40,6 +40,9 @@ RULE_MATCH_KEYS = frozenset(
         "CalledAETitle",
     }
 )
+#: The pseudo-destination of rules that name none: derived series are copied to ``<data_dir>/output``.
+LOCAL_DESTINATION = "local"
+
 #: Match keys whose value is a regular expression.
 RULE_REGEX_KEYS = frozenset({"SeriesDescription", "BodyPartExamined", "Manufacturer"})
 
@@ -115,6 +118,35 @@ class DerivedSettings:
 
 
 @dataclass
+class WorkerSettings:
+    """The ``[worker]`` section: the denoising stage."""
+
+    #: Run the denoising worker in ``serve`` (turn off on receive-only hosts).
+    enabled: bool = True
+    #: Seconds between heartbeats of a running job.
+    heartbeat_seconds: float = 10.0
+    #: A running job whose heartbeat is older than this is taken up again (its worker died).
+    stall_timeout_seconds: float = 120.0
+    #: Attempts for a job that fails for a transient reason; a series the model refuses fails at once.
+    max_attempts: int = 3
+    poll_seconds: float = 1.0
+
+
+@dataclass
+class ExportSettings:
+    """The ``[export]`` section: sending series to destinations."""
+
+    #: Attempts before an export is marked failed (``dicom-node jobs retry`` starts it again).
+    max_attempts: int = 10
+    #: Capped exponential backoff with jitter: base * 2**(attempt-1), at most ``backoff_max_seconds``.
+    backoff_base_seconds: float = 5.0
+    backoff_max_seconds: float = 600.0
+    #: An export running without progress for this long is taken up again (its exporter died).
+    stall_timeout_seconds: float = 300.0
+    poll_seconds: float = 1.0
+
+
+@dataclass
 class RetentionSettings:
     """The ``[retention]`` section: how long received and derived files are kept."""
 
@@ -159,6 +191,8 @@ class Config:
     web: WebSettings = field(default_factory=WebSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
     derived: DerivedSettings = field(default_factory=DerivedSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     destinations: list[Destination] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
@@ -177,6 +211,11 @@ class Config:
     @property
     def outbox_path(self) -> Path:
         return self.data_path / "outbox"
+
+    @property
+    def output_path(self) -> Path:
+        """Where derived series go when their rule names no destination."""
+        return self.data_path / "output"
 
     @property
     def database_url(self) -> str:
@@ -200,6 +239,8 @@ _SECTIONS: dict[str, type] = {
     "web": WebSettings,
     "models": ModelSettings,
     "derived": DerivedSettings,
+    "worker": WorkerSettings,
+    "export": ExportSettings,
     "retention": RetentionSettings,
 }
 
@@ -338,6 +379,8 @@ def _check_rule(rule: Rule, where: str, destination_names: set[str], problems: l
                     re.compile(pattern)
                 except re.error as exc:
                     problems.append(f"{where}.match.{key}: {pattern!r} is not a valid regular expression ({exc})")
+    if not rule.model and not rule.forward_original:
+        problems.append(f"{where}: names no model and does not forward the original; it would do nothing")
     if not 0.0 <= rule.strength <= 1.0:
         problems.append(f"{where}.strength: {rule.strength} is outside [0, 1]")
     if rule.quiet_seconds is not None and rule.quiet_seconds < 0:
@@ -400,11 +443,24 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     if not 1 <= cfg.derived.series_number_offset <= 100000:
         problems.append("derived.series_number_offset: must be between 1 and 100000")
 
+    for key in ("heartbeat_seconds", "stall_timeout_seconds", "poll_seconds"):
+        if getattr(cfg.worker, key) <= 0:
+            problems.append(f"worker.{key}: must be positive")
+    if cfg.worker.stall_timeout_seconds < 3 * cfg.worker.heartbeat_seconds:
+        problems.append("worker.stall_timeout_seconds: must be at least three heartbeats")
+    for key in ("backoff_base_seconds", "backoff_max_seconds", "stall_timeout_seconds", "poll_seconds"):
+        if getattr(cfg.export, key) <= 0:
+            problems.append(f"export.{key}: must be positive")
+    for section in ("worker", "export"):
+        if getattr(cfg, section).max_attempts < 1:
+            problems.append(f"{section}.max_attempts: must be at least 1")
     names: set[str] = set()
     for i, dest in enumerate(cfg.destinations):
         where = f"destinations[{i}]"
         if dest.name in names:
             problems.append(f"{where}.name: {dest.name!r} is used by another destination")
+        if dest.name == LOCAL_DESTINATION:
+            problems.append(f"{where}.name: {LOCAL_DESTINATION!r} is reserved for the local output folder")
         names.add(dest.name)
         if (why := validate_ae_title(dest.ae_title)) is not None:
             problems.append(f"{where}.ae_title: {why}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -11,10 +12,14 @@ from typing import Any
 from sqlalchemy import Engine
 
 from dicom_node import __version__
+import socket
+
 from dicom_node.assemble import Assembler
 from dicom_node.config import Config
+from dicom_node.export import Exporter, StalledExportSweeper, destinations_to_serve
 from dicom_node.receive import Receiver, reindex_spool, start_scp
-from dicom_node.store.database import make_engine, migrate
+from dicom_node.store.database import make_engine, migrate, utcnow
+from dicom_node.store.queue import requeue_orphans
 from dicom_node.store.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -42,15 +47,28 @@ class Node:
     threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> None:
-        """Open storage, re-index the spool, start receiving and assembling."""
+        """Open storage, re-index the spool, take up orphaned work, start every stage."""
         engine, spool = open_storage(self.cfg)
         self.engine = engine
         self.receiver = Receiver(spool, engine, int(self.cfg.node.min_free_disk_gb * 1024**3))
         reindex_spool(self.receiver)
+        with engine.begin() as conn:
+            orphans = requeue_orphans(conn, socket.gethostname(), utcnow())
+        if orphans:
+            LOGGER.warning("taken up again after a crash: %s", ", ".join(orphans))
         _, self.server = start_scp(self.cfg, self.receiver)
-        assembler = Assembler(engine, self.cfg.node.quiet_seconds, self.stop_event)
-        assembler.start()
-        self.threads.append(assembler)
+        worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        threads: list[threading.Thread] = [Assembler(engine, self.cfg, self.stop_event)]
+        if self.cfg.worker.enabled:
+            from dicom_node.worker import Worker
+
+            threads.append(Worker(self.cfg, engine, self.stop_event, f"{worker_id}:worker"))
+        for destination in destinations_to_serve(self.cfg):
+            threads.append(Exporter(self.cfg, engine, destination, self.stop_event, f"{worker_id}:export"))
+        threads.append(StalledExportSweeper(self.cfg, engine, self.stop_event))
+        for thread in threads:
+            thread.start()
+        self.threads.extend(threads)
         LOGGER.info("dicom-node %s started: data in %s, database %s", __version__, self.cfg.data_path,
                     self.cfg.database_url.split("://")[0])
 

@@ -83,7 +83,7 @@ def storescp(storage: Path, ae_title: str = "STORESCP") -> Iterator[Peer]:
 
 
 def orthanc_config(storage: Path, dicom_port: int, http_port: int, ae_title: str = "ORTHANC",
-                   modalities: dict[str, list] | None = None) -> Path:
+                   modalities: dict[str, list] | None = None, extra: dict[str, object] | None = None) -> Path:
     """Write an Orthanc configuration for a private instance and return its path."""
     storage.mkdir(parents=True, exist_ok=True)
     config = {
@@ -102,26 +102,35 @@ def orthanc_config(storage: Path, dicom_port: int, http_port: int, ae_title: str
         "SaveJobs": False,
         "ConcurrentJobs": 2,
         "HttpTimeout": 60,
+        **(extra or {}),
     }
     path = storage / "orthanc.json"
     path.write_text(json.dumps(config, indent=2))
     return path
 
 
-@contextlib.contextmanager
-def orthanc(storage: Path, ae_title: str = "ORTHANC") -> Iterator[Peer]:
-    """A private Orthanc (Debian package) on free ports, with its own storage."""
-    dicom_port, http_port = free_port(), free_port()
-    config = orthanc_config(storage, dicom_port, http_port, ae_title)
-    log = open(storage / "orthanc.log", "wb")
+def start_orthanc(config: Path) -> Peer:
+    """Start Orthanc with an existing configuration (e.g. again after stopping it); stop it with ``stop_process``."""
+    settings = json.loads(config.read_text())
+    storage = config.parent
+    log = open(storage / "orthanc.log", "ab")
     proc = subprocess.Popen(["Orthanc", str(config)], env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    wait_for_port(settings["HttpPort"], process=proc)
+    wait_for_port(settings["DicomPort"], process=proc)
+    return Peer("orthanc", settings["DicomAet"], settings["DicomPort"], proc, storage, settings["HttpPort"])
+
+
+@contextlib.contextmanager
+def orthanc(storage: Path, ae_title: str = "ORTHANC", **options: object) -> Iterator[Peer]:
+    """A private Orthanc (Debian package) on free ports, with its own storage; ``options`` go to its config."""
+    dicom_port, http_port = free_port(), free_port()
+    config = orthanc_config(storage, dicom_port, http_port, ae_title, extra=options)
+    peer = start_orthanc(config)
     try:
-        wait_for_port(http_port, process=proc)
-        wait_for_port(dicom_port, process=proc)
-        yield Peer("orthanc", ae_title, dicom_port, proc, storage, http_port)
+        yield peer
     finally:
-        stop_process(proc)
-        log.close()
+        stop_process(peer.process)
 
 
 def orthanc_get(peer: Peer, path: str) -> object:

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, func, select, text, update
+from sqlalchemy import Connection, func, select, text
 
 from dicom_node.store.schema import (
     Export,
@@ -112,45 +112,6 @@ def record_instance(conn: Connection, facts: InstanceFacts, path: str, size_byte
 def known_instance_paths(conn: Connection) -> set[str]:
     """Return the relative paths of every recorded instance (used to reconcile the spool at start-up)."""
     return set(conn.execute(select(Instance.path)).scalars())
-
-
-@dataclass(frozen=True)
-class CompletedSeries:
-    """A series that has just become complete."""
-
-    series_pk: int
-    series_uid: str
-    completion_count: int
-    instance_count: int
-
-
-def complete_quiet_series(conn: Connection, now: dt.datetime, quiet_seconds: float) -> list[CompletedSeries]:
-    """Mark complete every receiving series that got no instance for ``quiet_seconds``; return them.
-
-    Each completion increments ``completion_count``, which later stages use as the job version.
-    """
-    cutoff = now - dt.timedelta(seconds=quiet_seconds)
-    rows = conn.execute(
-        select(Series.id, Series.series_uid, Series.completion_count)
-        .where(Series.state == SeriesState.receiving, Series.last_received_at <= cutoff)
-        .order_by(Series.last_received_at)
-    ).all()
-    completed = []
-    for series_pk, series_uid, count in rows:
-        # Guarded by state and last_received_at so a concurrent late instance keeps the series receiving.
-        result = conn.execute(
-            update(Series)
-            .where(Series.id == series_pk, Series.state == SeriesState.receiving,
-                   Series.last_received_at <= cutoff)
-            .values(state=SeriesState.complete, completed_at=now, completion_count=Series.completion_count + 1)
-        )
-        if result.rowcount != 1:
-            continue
-        instance_count = conn.execute(
-            select(func.count(Instance.id)).where(Instance.series_pk == series_pk)
-        ).scalar_one()
-        completed.append(CompletedSeries(series_pk, series_uid, count + 1, instance_count))
-    return completed
 
 
 @dataclass

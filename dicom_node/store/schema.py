@@ -119,6 +119,10 @@ class Series(Base):
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime)
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: The rule that matched at the last completion ("" when none did).
+    route_rule: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    #: Why the series was not routed (no rule matched, loop guard), shown to administrators.
+    route_note: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class Instance(Base):
@@ -186,3 +190,20 @@ class Export(Base):
     failed_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class ExportInstance(Base):
+    """One instance of an export and the status the destination answered for it (PS3.4 B.2.3)."""
+
+    __tablename__ = "export_instances"
+    __table_args__ = (UniqueConstraint("export_pk", "sop_instance_uid", name="uq_export_instances"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    export_pk: Mapped[int] = mapped_column(ForeignKey("exports.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    #: The file to send, relative to the data directory.
+    path: Mapped[str] = mapped_column(Text)
+    #: The C-STORE response status; ``None`` until the destination answered.
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

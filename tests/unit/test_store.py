@@ -21,7 +21,9 @@ from dicom_node.receive import (
     store_instance,
 )
 from dicom_node.store.database import make_engine, migrate, schema_version, utcnow
-from dicom_node.store.repository import complete_quiet_series, status_counts
+from dicom_node.assemble import assemble_once
+from dicom_node.config import config_from_mapping
+from dicom_node.store.repository import status_counts
 from dicom_node.store.schema import Base, Instance, Series, SeriesState
 from dicom_node.store.spool import Spool, is_valid_uid
 from dicom_node.synthetic import make_ct_series
@@ -67,7 +69,7 @@ def test_migrations_match_the_models_and_rerun_cleanly(tmp_path: Path) -> None:
     assert schema_version(engine) is None
     migrate(engine)
     migrate(engine)  # opening an up-to-date database changes nothing
-    assert schema_version(engine) == "0001"
+    assert schema_version(engine) == "0002"
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == [], f"schema.py changed without a migration: {diff}"
@@ -162,19 +164,43 @@ def test_database_failure_refuses_and_removes_the_file(receiver: Receiver, serie
 
 def test_quiet_series_completes_and_late_instance_makes_a_new_version(receiver: Receiver,
                                                                       series_files: list[Path]) -> None:
+    cfg = config_from_mapping({"node": {"quiet_seconds": 60.0},
+                               "rules": [{"name": "ct", "match": {"Modality": "CT"}, "model": "m"}]}, environ={})
     for path in series_files[:3]:
         send(receiver, path)
-    with receiver.engine.begin() as conn:
-        assert complete_quiet_series(conn, utcnow(), quiet_seconds=60) == []
-        done = complete_quiet_series(conn, utcnow() + dt.timedelta(seconds=61), quiet_seconds=60)
-    assert len(done) == 1 and done[0].instance_count == 3 and done[0].completion_count == 1
+    assert assemble_once(receiver.engine, cfg, utcnow()) == []
+    done = assemble_once(receiver.engine, cfg, utcnow() + dt.timedelta(seconds=61))
+    assert len(done) == 1 and done[0].instance_count == 3 and done[0].version == 1 and done[0].rule == "ct"
     send(receiver, series_files[3])  # a late instance
-    with receiver.engine.begin() as conn:
+    with receiver.engine.connect() as conn:
         assert conn.execute(select(Series.state)).scalar_one() == SeriesState.receiving
-        again = complete_quiet_series(conn, utcnow() + dt.timedelta(seconds=61), quiet_seconds=60)
+    again = assemble_once(receiver.engine, cfg, utcnow() + dt.timedelta(seconds=61))
+    assert again[0].version == 2 and again[0].instance_count == 4 and again[0].job_pk != done[0].job_pk
+    with receiver.engine.connect() as conn:
         counts = status_counts(conn)
-    assert again[0].completion_count == 2 and again[0].instance_count == 4
     assert counts.series == {"receiving": 0, "complete": 1} and counts.instances == 4
+    assert counts.jobs["queued"] == 2
+
+
+def test_older_database_is_upgraded_in_place(tmp_path: Path, series_files: list[Path]) -> None:
+    from alembic import command
+
+    from dicom_node.store.database import _alembic_config
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.sqlite3'}")
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0001")
+    old = Receiver(Spool(tmp_path / "spool"), engine, 0)
+    with engine.begin() as conn:  # a row written by the first version of the schema
+        conn.exec_driver_sql(
+            "INSERT INTO studies (study_uid, study_date, accession_number, created_at) "
+            "VALUES ('1.2.3', '', '', '2026-01-01 00:00:00')")
+    migrate(engine)
+    assert schema_version(engine) == "0002"
+    send(old, series_files[0])
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM studies").scalar() == 2
+        assert conn.execute(select(Series.route_note)).scalar_one() == ""
 
 
 def test_reindex_spool_recovers_rows_and_removes_partials(receiver: Receiver, series_files: list[Path]) -> None:

@@ -1,0 +1,260 @@
+"""The export stage: send queued series to their destinations by C-STORE (PS3.4 Annex B, SCU role).
+
+One exporter thread per destination, so a destination that is down or slow never holds up another. Each
+attempt opens one association for the series, proposes a presentation context per SOP class with the files'
+own transfer syntax plus the uncompressed ones, and transcodes a file when the destination accepted only an
+uncompressed syntax for it. Every instance's status is recorded; instances already accepted are not sent again
+on the next attempt. Failed attempts are retried with capped exponential backoff and jitter, then the export is
+``failed`` (visible in ``dicom-node jobs list``) until an operator retries it.
+
+The pseudo-destination ``local`` copies the files to ``<data_dir>/output/<study>/<series>/`` instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import ssl
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from sqlalchemy import Engine
+
+from dicom_node.config import LOCAL_DESTINATION, Config, Destination
+from dicom_node.store.database import utcnow
+from dicom_node.store.queue import (
+    ClaimedExport,
+    RetryPolicy,
+    claim_export,
+    finish_export,
+    heartbeat_export,
+    pending_export_instances,
+    record_instance_status,
+    requeue_stalled_exports,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+class ExportAborted(Exception):
+    """The association could not be opened or broke; the reason is the message."""
+
+
+def client_ssl_context(cfg: Config) -> ssl.SSLContext:
+    """Client TLS context for destinations with ``tls = true`` (our certificate when configured)."""
+    sec = cfg.security
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=sec.trusted_cas or None)
+    if sec.certificate and sec.private_key:
+        context.load_cert_chain(sec.certificate, sec.private_key)
+    return context
+
+
+def association_failure(assoc: Any, dest: Destination) -> str:
+    """Why an association with ``dest`` was not established, in words an administrator can act on."""
+    import socket
+
+    where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+    if assoc.is_rejected:
+        rsp = getattr(assoc.acceptor, "primitive", None)
+        reason = getattr(rsp, "reason_str", "") if rsp is not None else ""
+        return f"association with {where} rejected{f' ({reason})' if reason else ''}"
+    try:
+        with socket.create_connection((dest.host, dest.port), timeout=min(5.0, dest.timeout_seconds)):
+            pass
+    except OSError as exc:
+        return f"association with {where} failed: cannot connect ({exc.strerror or exc})"
+    return f"association with {where} failed: the peer aborted or did not answer"
+
+
+def _headers(paths: list[tuple[int, str, Path]]) -> list[tuple[int, str, Path, str, str]]:
+    out = []
+    for key, sop, path in paths:
+        meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        out.append((key, sop, path, str(meta.file_meta.MediaStorageSOPClassUID), str(meta.file_meta.TransferSyntaxUID)))
+    return out
+
+
+def send_series(cfg: Config, dest: Destination, files: list[tuple[int, str, Path]],
+                on_status: Any) -> str:
+    """Send ``files`` (key, SOP UID, path) over one association; call ``on_status(key, status, error)`` each.
+
+    Returns an error text for the attempt ("" when the association ran to its end), raising nothing for
+    per-instance failures, which are reported through ``on_status``.
+    """
+    from pynetdicom import AE, build_context
+
+    headers = _headers(files)
+    ae = AE(ae_title=dest.calling_ae_title or cfg.node.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
+    ae.maximum_pdu_size = 0
+    wanted: dict[str, list[str]] = {}
+    for _key, _sop, _path, sop_class, ts in headers:
+        syntaxes = wanted.setdefault(sop_class, [])
+        for syntax in [ts, *UNCOMPRESSED]:
+            if syntax not in syntaxes:
+                syntaxes.append(syntax)
+    contexts = [build_context(sop_class, syntaxes) for sop_class, syntaxes in wanted.items()]
+    if len(contexts) > 128:
+        return f"series needs {len(contexts)} presentation contexts; at most 128 fit one association"
+    tls_args = (client_ssl_context(cfg), dest.host) if dest.tls else None
+    assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        return association_failure(assoc, dest)
+    try:
+        accepted: dict[str, set[str]] = {}
+        for cx in assoc.accepted_contexts:
+            accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+        for key, _sop, path, sop_class, ts in headers:
+            if not assoc.is_established:
+                return "association ended early"
+            offered = accepted.get(sop_class, set())
+            if not offered:
+                on_status(key, None, f"destination accepts no context for SOP class {sop_class}")
+                continue
+            try:
+                if ts in offered:
+                    status = assoc.send_c_store(path)
+                else:
+                    status = assoc.send_c_store(_transcoded(path, offered))
+            except Exception as exc:  # a broken association or an undecodable file
+                on_status(key, None, f"{type(exc).__name__}: {exc}")
+                continue
+            code = getattr(status, "Status", None)
+            comment = str(getattr(status, "ErrorComment", "") or "")
+            on_status(key, code, "" if code == 0 else (comment or ("no response" if code is None else "")))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return ""
+
+
+def _transcoded(path: Path, offered: set[str]) -> Any:
+    """The file's dataset decoded to an uncompressed syntax the destination accepted."""
+    ds = dcmread(path)
+    target = ExplicitVRLittleEndian if ExplicitVRLittleEndian in offered else ImplicitVRLittleEndian
+    if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
+        ds.decompress()
+    for _ in ds.iterall():  # decode every raw element, so it can be written in the new encoding
+        pass
+    ds.file_meta.TransferSyntaxUID = target
+    ds.set_original_encoding(target.is_implicit_VR, True, ds.original_character_set)
+    return ds
+
+
+def copy_to_local(cfg: Config, files: list[tuple[int, str, Path]], on_status: Any) -> str:
+    """The ``local`` destination: copy files to ``output/<study>/<series>/`` durably."""
+    for key, sop, path in files:
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+            folder = cfg.output_path / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID)
+            folder.mkdir(parents=True, exist_ok=True)
+            temp = folder / f".{sop}.part"
+            shutil.copyfile(path, temp)
+            with open(temp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(temp, folder / f"{sop}.dcm")
+            on_status(key, 0x0000, "")
+        except OSError as exc:
+            on_status(key, None, f"cannot copy: {exc}")
+    return ""
+
+
+def run_export(cfg: Config, engine: Engine, claimed: ClaimedExport, policy: RetryPolicy) -> str:
+    """Run one attempt of a claimed export and close it; return the resulting state's name."""
+    with engine.connect() as conn:
+        pending = pending_export_instances(conn, claimed.id)
+    files = [(key, sop, cfg.data_path / rel) for key, sop, rel in pending]
+
+    def on_status(key: int, status: int | None, error: str) -> None:
+        with engine.begin() as conn:
+            record_instance_status(conn, key, status, error, utcnow())
+            heartbeat_export(conn, claimed.id, utcnow())
+
+    error = ""
+    if files:
+        if claimed.destination == LOCAL_DESTINATION:
+            error = copy_to_local(cfg, files, on_status)
+        else:
+            try:
+                dest = cfg.destination(claimed.destination)
+            except KeyError as exc:
+                error = f"destination removed from the configuration: {exc.args[0]}"
+            else:
+                try:
+                    error = send_series(cfg, dest, files, on_status)
+                except Exception as exc:
+                    LOGGER.exception("export %d: unexpected error", claimed.id)
+                    error = f"{type(exc).__name__}: {exc}"
+    give_up = policy.gives_up(claimed.attempts)
+    retry_at = None if give_up else utcnow() + dt.timedelta(seconds=policy.delay(claimed.attempts))
+    with engine.begin() as conn:
+        state = finish_export(conn, claimed.id, utcnow(), error, retry_at, give_up)
+    level = logging.INFO if state.value == "succeeded" else logging.WARNING
+    LOGGER.log(level, "export %d of series %s to %s, attempt %d: %s%s", claimed.id, claimed.series_uid,
+               claimed.destination, claimed.attempts, state.value, f" ({error})" if error else "")
+    return state.value
+
+
+class Exporter(threading.Thread):
+    """Sends the exports of one destination until ``stop`` is set."""
+
+    def __init__(self, cfg: Config, engine: Engine, destination: str, stop: threading.Event,
+                 worker_id: str) -> None:
+        super().__init__(name=f"export-{destination}", daemon=True)
+        self.cfg = cfg
+        self.engine = engine
+        self.destination = destination
+        self.stop_event = stop
+        self.worker_id = worker_id
+        self.policy = RetryPolicy(cfg.export.max_attempts, cfg.export.backoff_base_seconds,
+                                  cfg.export.backoff_max_seconds)
+
+    def run_once(self) -> bool:
+        with self.engine.begin() as conn:
+            claimed = claim_export(conn, self.destination, self.worker_id, utcnow())
+        if claimed is None:
+            return False
+        run_export(self.cfg, self.engine, claimed, self.policy)
+        return True
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:
+                LOGGER.exception("exporter %s loop error; retrying", self.destination)
+                ran = False
+            if not ran:
+                self.stop_event.wait(self.cfg.export.poll_seconds)
+
+
+class StalledExportSweeper(threading.Thread):
+    """Requeues exports whose exporter died (another process, or a crash) every ``poll`` seconds."""
+
+    def __init__(self, cfg: Config, engine: Engine, stop: threading.Event, poll: float = 30.0) -> None:
+        super().__init__(name="export-sweeper", daemon=True)
+        self.cfg, self.engine, self.stop_event, self.poll = cfg, engine, stop, poll
+
+    def run(self) -> None:
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    ids = requeue_stalled_exports(conn, utcnow(), self.cfg.export.stall_timeout_seconds)
+                if ids:
+                    LOGGER.warning("exports %s made no progress; queued again", ids)
+            except Exception:
+                LOGGER.exception("export sweeper error")
+            if self.stop_event.wait(self.poll):
+                return
+
+
+def destinations_to_serve(cfg: Config) -> list[str]:
+    """Every configured destination plus ``local``."""
+    return [d.name for d in cfg.destinations] + [LOCAL_DESTINATION]

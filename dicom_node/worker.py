@@ -1,0 +1,205 @@
+"""The denoising stage: claim a job, denoise its series into the outbox, queue its exports.
+
+Models stay loaded between jobs (one engine per model name). A running job sends heartbeats; a job whose worker
+died is taken up again after ``worker.stall_timeout_seconds``. The derived SeriesInstanceUID is derived from the
+source series and job version, and SOP Instance UIDs from it and each source instance, so a job re-run after a
+crash writes the same UIDs again (PACS sees one series, not two). The job's success and its exports are committed
+in one transaction. A series the model refuses fails at once with the reason; other errors are retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+from dicom_node.config import LOCAL_DESTINATION, Config
+from dicom_node.store.database import utcnow
+from dicom_node.store.queue import (
+    ClaimedJob,
+    RetryPolicy,
+    claim_job,
+    enqueue_export,
+    fail_job,
+    finish_job,
+    heartbeat_job,
+    requeue_stalled_jobs,
+    series_by_pk,
+    series_instance_paths,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+
+def default_worker_id(role: str = "worker") -> str:
+    """``host:pid:role``: unique per process, readable in ``dicom-node jobs list``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{role}"
+
+
+class ModelCache:
+    """Loaded models and their engines, by name, kept between jobs."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._engines: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def engine(self, name: str) -> Any:
+        """The inference engine for model ``name`` (loaded and moved to the device on first use)."""
+        with self.lock:
+            if name not in self._engines:
+                from dicom_node.denoise.engine import Engine
+                from models.folder import load_model, resolve_device
+
+                device = resolve_device(self.cfg.models.device)
+                loaded = load_model(name, self.cfg.models.directories, device)
+                self._engines[name] = Engine(loaded, device=device)
+                LOGGER.info("model %s %s loaded on %s", loaded.card.name, loaded.card.version, device)
+            return self._engines[name]
+
+    def loaded_names(self) -> list[str]:
+        with self.lock:
+            return sorted(self._engines)
+
+
+class JobFailed(Exception):
+    """A job failed for a reason that will not change on retry (the series or the model is at fault)."""
+
+
+def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, worker_id: str) -> str:
+    """Denoise one claimed job into ``outbox/job-<id>`` and queue its exports; return the derived series UID.
+
+    Raises
+    ------
+    JobFailed
+        When the series cannot be denoised with this model (the reason is the message).
+    """
+    from dicom_node.denoise.derived import DerivedSeriesSettings, new_series_uid
+    from dicom_node.denoise.engine import denoise_series
+    from dicom_node.denoise.errors import SeriesRefused
+    from models.folder import ModelError
+
+    with engine.connect() as conn:
+        series = series_by_pk(conn, job.series_pk)
+        paths = [cfg.data_path / p for p in series_instance_paths(conn, job.series_pk)]
+    out_dir = cfg.outbox_path / f"job-{job.id}"
+    if out_dir.exists():  # a crashed earlier attempt: start clean, the UIDs will be the same
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    derived_uid = new_series_uid(series.series_uid, f"version-{job.version}")
+    stop_beat = threading.Event()
+
+    def beat() -> None:
+        while not stop_beat.wait(cfg.worker.heartbeat_seconds):
+            try:
+                with engine.begin() as conn:
+                    heartbeat_job(conn, job.id, worker_id, utcnow())
+            except Exception:
+                LOGGER.exception("job %d: heartbeat failed", job.id)
+
+    beater = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
+    beater.start()
+    try:
+        try:
+            model_engine = models.engine(job.model)
+            result = denoise_series(paths, model_engine, out_dir, strength=job.strength,
+                                    settings=DerivedSeriesSettings.from_config(cfg.derived),
+                                    series_instance_uid=derived_uid)
+        except (SeriesRefused, ModelError) as exc:
+            raise JobFailed(str(exc)) from exc
+    finally:
+        stop_beat.set()
+        beater.join()
+    from pydicom import dcmread
+
+    instances = []
+    for path in result.paths:
+        sop = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID
+        instances.append((str(sop), path.relative_to(cfg.data_path).as_posix()))
+    destinations = _rule_destinations(cfg, job.rule)
+    with engine.begin() as conn:
+        if not finish_job(conn, job.id, worker_id, result.series_instance_uid, utcnow()):
+            LOGGER.warning("job %d was cancelled or taken over while running; its output is discarded", job.id)
+            return result.series_instance_uid
+        for destination in destinations:
+            enqueue_export(conn, result.series_instance_uid, destination, instances, utcnow(), job_pk=job.id)
+    LOGGER.info("job %d: series %s denoised with %s in %.1f s (%d frames) -> %s, exports to %s", job.id,
+                series.series_uid, job.model, result.seconds, result.frames, result.series_instance_uid,
+                ", ".join(destinations))
+    return result.series_instance_uid
+
+
+def _rule_destinations(cfg: Config, rule_name: str) -> list[str]:
+    for rule in cfg.rules:
+        if rule.name == rule_name:
+            return list(rule.destinations) or [LOCAL_DESTINATION]
+    # The rule was removed from the configuration since the job was queued: keep the result locally.
+    return [LOCAL_DESTINATION]
+
+
+class Worker(threading.Thread):
+    """Claims and runs jobs until ``stop`` is set."""
+
+    def __init__(self, cfg: Config, engine: Engine, stop: threading.Event, worker_id: str | None = None,
+                 models: ModelCache | None = None) -> None:
+        super().__init__(name="worker", daemon=True)
+        self.cfg = cfg
+        self.engine = engine
+        self.stop_event = stop
+        self.worker_id = worker_id or default_worker_id()
+        self.models = models or ModelCache(cfg)
+        self.policy = RetryPolicy(cfg.worker.max_attempts, 10.0, 300.0)
+
+    def run_once(self) -> bool:
+        """Requeue stalled jobs, then run at most one job; return whether one ran."""
+        with self.engine.begin() as conn:
+            stalled = requeue_stalled_jobs(conn, utcnow(), self.cfg.worker.stall_timeout_seconds)
+        if stalled:
+            LOGGER.warning("jobs %s had no heartbeat for %.0f s; queued again", stalled,
+                           self.cfg.worker.stall_timeout_seconds)
+        with self.engine.begin() as conn:
+            job = claim_job(conn, self.worker_id, utcnow())
+        if job is None:
+            return False
+        LOGGER.info("job %d claimed (series %d version %d, model %s, attempt %d)", job.id, job.series_pk,
+                    job.version, job.model, job.attempts)
+        try:
+            run_job(self.cfg, self.engine, self.models, job, self.worker_id)
+        except JobFailed as exc:
+            LOGGER.error("job %d failed: %s", job.id, exc)
+            with self.engine.begin() as conn:
+                fail_job(conn, job.id, str(exc), utcnow(), None)
+        except Exception as exc:
+            retry = not self.policy.gives_up(job.attempts)
+            when = utcnow() + _seconds(self.policy.delay(job.attempts)) if retry else None
+            LOGGER.exception("job %d: attempt %d failed%s", job.id, job.attempts,
+                             "; will retry" if retry else "; giving up")
+            with self.engine.begin() as conn:
+                fail_job(conn, job.id, f"{type(exc).__name__}: {exc}", utcnow(), when)
+        return True
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:
+                LOGGER.exception("worker loop error; retrying")
+                ran = False
+            if not ran:
+                self.stop_event.wait(self.cfg.worker.poll_seconds)
+
+
+def _seconds(value: float):  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    return dt.timedelta(seconds=value)
+
+
+def outbox_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
