@@ -401,8 +401,9 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
     return ds
 
 
-#: The node's Implementation Class UID (PS3.7 D.3.3.2); a fixed UID under pydicom's root.
-_IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1.4100"
+#: The node's Implementation Class UID (PS3.7 D.3.3.2): a fixed, name-derived UID under pydicom's root (the root
+#: pydicom offers for UIDs made with ``generate_uid``), the same in every run.
+_IMPLEMENTATION_CLASS_UID = str(generate_uid(entropy_srcs=["dicom-node", "implementation class"]))
 
 
 def write_instance(ds: Dataset, folder: str | os.PathLike[str]) -> Path:
