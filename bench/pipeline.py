@@ -1,0 +1,142 @@
+"""Pipeline benchmark: storescu sends a 300-slice 512x512 CT series to the node, which denoises it and sends the
+derived series to Orthanc. Measures the time from the end of the sender's association to the last derived instance
+stored in Orthanc, minus the quiet time, split into stages from the job table, and compares it in the same run
+with two peers: the model alone on the same slices (the engine's network, no I/O), and storescu sending the same
+derived files to the same Orthanc.
+
+    .venv/bin/python bench/pipeline.py [--slices 300] [--model ct-cnn-small] [--models-dir DIR] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sqlalchemy import create_engine, select  # noqa: E402
+
+from dicom_node.store.schema import Export, Job, Series  # noqa: E402
+from dicom_node.synthetic import make_ct_series  # noqa: E402
+from tests.peers import dicom_node, orthanc, orthanc_get, require, storescu  # noqa: E402
+
+
+def orthanc_instances(peer, study_uid: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    request = urllib.request.Request(f"http://127.0.0.1:{peer.http_port}/tools/lookup", data=study_uid.encode(),
+                                     method="POST")
+    found = [f for f in json.loads(urllib.request.urlopen(request, timeout=30).read()) if f["Type"] == "Study"]
+    if not found:
+        return {}
+    return {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"])
+            for s in orthanc_get(peer, f"/studies/{found[0]['ID']}/series")}  # type: ignore[union-attr]
+
+
+def model_alone(files: list[Path], model: str, models_dir: list[str], device: str) -> tuple[float, int]:
+    """Seconds for the engine's network alone on the series' slices (decoded beforehand); and the batch size."""
+    import numpy as np
+    import torch
+
+    from dicom_node.denoise.engine import Engine
+    from dicom_node.denoise.series import read_frames, scan
+    from models.folder import load_model
+
+    series = scan(files).series[0]
+    decoded = [read_frames(inst) for inst in series.instances]
+    stack = np.concatenate([d[1] for d in decoded], axis=0)
+    formats = [inst.formats[0] for inst in series.instances]
+    engine = Engine(load_model(model, models_dir, device), device=device)
+    batch = engine.batch_for(*stack.shape[1:])
+    engine.denoise_frames(stack[:batch], formats[:batch], 1.0)  # warm-up
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(stack), batch):
+        engine.denoise_frames(stack[i:i + batch], formats[i:i + batch], 1.0)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, batch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--model", default="ct-cnn-small")
+    parser.add_argument("--models-dir", action="append", default=[])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quiet", type=float, default=2.0, help="the rule's quiet time in seconds")
+    args = parser.parse_args()
+    require("storescu", "Orthanc")
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        root = Path(tmp)
+        files = make_ct_series(root / "series", n_slices=args.slices)
+        with orthanc(root / "orthanc") as pacs:
+            config = root / "node.toml"
+            config.write_text("\n".join([
+                "[node]", f"quiet_seconds = {args.quiet}", "[models]",
+                f"directories = {json.dumps(args.models_dir)}", f"device = {json.dumps(args.device)}",
+                "[worker]", "poll_seconds = 0.2", "[export]", "poll_seconds = 0.2",
+                "[[destinations]]", 'name = "pacs"', f'ae_title = "{pacs.ae_title}"', 'host = "127.0.0.1"',
+                f"port = {pacs.port}",
+                "[[rules]]", 'name = "ct"', 'match = { Modality = "CT" }', f'model = "{args.model}"',
+                'destinations = ["pacs"]', f"quiet_seconds = {args.quiet}",
+            ]) + "\n")
+            with dicom_node(root / "node", config=config) as node:
+                sent = storescu(node.port, node.ae_title, files)
+                if sent.returncode != 0:
+                    raise SystemExit(f"storescu failed: {sent.stderr[-2000:]}")
+                t_sent = time.time()
+                study_uid = str(__import__("pydicom").dcmread(files[0]).StudyInstanceUID)
+                deadline = time.monotonic() + 3600
+                while time.monotonic() < deadline:
+                    counts = orthanc_instances(pacs, study_uid)
+                    if any(n == len(files) for n in counts.values()):
+                        break
+                    time.sleep(0.2)
+                else:
+                    raise SystemExit("timed out waiting for the derived series in Orthanc")
+                t_done = time.time()
+                engine = create_engine(f"sqlite:///{node.storage / 'dicom-node.sqlite3'}")
+                with engine.connect() as conn:
+                    series = conn.execute(select(Series.__table__)).one()
+                    job = conn.execute(select(Job.__table__)).one()
+                    export = conn.execute(select(Export.__table__)).one()
+                log = (node.storage / "node.log").read_text()
+                outbox = sorted((node.storage / "outbox").rglob("*.dcm"))
+        total = t_done - t_sent - args.quiet
+        stages = {
+            "assemble (after quiet time)": (series.completed_at - series.last_received_at).total_seconds() - args.quiet,
+            "queue wait": (job.started_at - series.completed_at).total_seconds(),
+            "job (load + model + write)": (job.finished_at - job.started_at).total_seconds(),
+            "export": (export.finished_at - job.finished_at).total_seconds(),
+        }
+        split = re.search(r"stages: (.*)$", log, re.MULTILINE)
+        print(f"series: {len(files)} x 512x512 CT; model {args.model}; quiet time {args.quiet:g} s")
+        print(f"pipeline (last C-STORE response -> last derived instance in Orthanc, minus quiet): {total:.1f} s")
+        for name, seconds in stages.items():
+            print(f"  {name:30s} {seconds:7.1f} s")
+        if split:
+            print(f"  job split: {split.group(1)}")
+        with orthanc(root / "orthanc-peer") as peer:
+            start = time.perf_counter()
+            result = storescu(peer.port, peer.ae_title, outbox)
+            peer_export = time.perf_counter() - start
+            if result.returncode != 0:
+                raise SystemExit(f"storescu of the derived files failed: {result.stderr[-1000:]}")
+        alone, batch = model_alone(files, args.model, args.models_dir, args.device)
+        print(f"peer: model alone on the same {len(files)} slices (batch {batch}): {alone:.1f} s")
+        print(f"peer: storescu sending the {len(outbox)} derived files to Orthanc: {peer_export:.1f} s")
+        print(f"ratio pipeline / model alone: {total / alone:.2f}")
+        print(f"ratio node export / storescu export: {stages['export'] / peer_export:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TCP_NODELAY", "1")
+    sys.exit(main())
