@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, select, update
 
+from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config
 from dicom_node.routing import SeriesAttributes, min_quiet_seconds, route
 from dicom_node.store.database import utcnow
@@ -78,6 +79,11 @@ def assemble_once(engine: Engine, cfg: Config, now: dt.datetime | None = None) -
             if rule is not None and rule.forward_original:
                 for destination in rule.destinations or [LOCAL_DESTINATION]:
                     enqueue_export(conn, series.series_uid, destination, [tuple(i) for i in instances], now)
+            audit.record(conn, "series.received", "node:assemble", now, object_kind="series", object_id=series.id,
+                         series_uid=series.series_uid,
+                         detail=f"{len(instances)} instances, version {version}, rule {rule_name or 'none'}"
+                                + (f", job {job_pk}" if job_pk is not None else ""))
+            metrics.observe_stage("receive", (series.last_received_at - series.first_received_at).total_seconds())
             done.append(Completion(series.id, series.series_uid, version, len(instances), rule_name, job_pk,
                                    decision.note))
     for c in done:

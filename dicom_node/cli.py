@@ -20,6 +20,7 @@ LOGGER = logging.getLogger(__name__)
 #: Modules that contribute commands; each has ``register(subparsers) -> None``.
 COMMAND_MODULES = (
     "dicom_node.commands",
+    "dicom_node.ops_commands",
     "dicom_node.denoise.cli",
     "training.cli",
 )

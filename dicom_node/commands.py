@@ -15,9 +15,14 @@ from dicom_node.config import Config, Destination, example_config_text, load_con
 def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     setup_logging(cfg.node.log_level)
-    from dicom_node.service import serve
+    from dicom_node.service import parse_roles, serve
 
-    return serve(cfg)
+    try:
+        roles = parse_roles(args.role or ["all"])
+    except ValueError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2
+    return serve(cfg, roles)
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
@@ -218,8 +223,13 @@ def _cmd_jobs_action(args: argparse.Namespace) -> int:
     if engine is None:
         return 1
     action = retry if args.action == "retry" else cancel
+    from dicom_node import audit
+
     with engine.begin() as conn:
         changed = action(conn, args.kind, args.id, utcnow())
+        if changed:
+            audit.record(conn, f"{args.kind}.{args.action}", audit.cli_actor(), utcnow(), object_kind=args.kind,
+                         object_id=args.id)
     if not changed:
         allowed = "failed or cancelled" if args.action == "retry" else "queued, running or failed"
         print(f"dicom-node: {args.kind} {args.id} not found or not {allowed}", file=sys.stderr)
@@ -265,6 +275,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     """Add ``serve``, ``config``, ``echo`` and ``status``."""
     p = subparsers.add_parser("serve", help="run the node (receive, assemble, denoise, export)")
     add_config_argument(p)
+    p.add_argument("--role", action="append", metavar="ROLE",
+                   help="run only these stages: receive, worker, export, web (repeat or comma-separate; "
+                        "default all)")
     p.set_defaults(handler=_cmd_serve)
 
     p = subparsers.add_parser("config", help="check a configuration file or print the annotated example")

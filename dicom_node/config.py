@@ -95,6 +95,22 @@ class WebSettings:
 
     port: int = 8080
     bind_address: str = "127.0.0.1"
+    #: Dashboard users: ``{ name, role = "read" | "admin", password_hash }`` (``dicom-node web hash-password``).
+    users: list[dict[str, Any]] = field(default_factory=list)
+    #: API tokens: ``{ name, role, token_sha256 }``, sent as ``Authorization: Bearer <token>``.
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    #: Hours a dashboard login lasts.
+    session_hours: float = 12.0
+    #: Show patient names and IDs to users with the admin role (never to read-only users).
+    show_patient_data: bool = False
+
+
+@dataclass
+class AuditSettings:
+    """The ``[audit]`` section: the audit log of configuration changes, operator actions and series."""
+
+    #: Days audit events are kept (0: forever).
+    retention_days: float = 365.0
 
 
 @dataclass
@@ -194,6 +210,7 @@ class Config:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     destinations: list[Destination] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
     #: Where the configuration came from (a path, or ``defaults``).
@@ -242,6 +259,7 @@ _SECTIONS: dict[str, type] = {
     "worker": WorkerSettings,
     "export": ExportSettings,
     "retention": RetentionSettings,
+    "audit": AuditSettings,
 }
 
 _AE_ALLOWED = re.compile(r"^[\x20-\x7e]*$")
@@ -391,6 +409,38 @@ def _check_rule(rule: Rule, where: str, destination_names: set[str], problems: l
             problems.append(f"{where}.destinations: {dest!r} is not a configured destination ({known})")
 
 
+#: Dashboard roles: ``read`` sees everything but patient data; ``admin`` may also retry, cancel and echo.
+WEB_ROLES = ("read", "admin")
+_PASSWORD_HASH = re.compile(r"^pbkdf2_sha256\$\d+\$[0-9a-f]+\$[0-9a-f]{64}$")
+
+
+def _check_web(cfg: Config, problems: list[str]) -> None:
+    if cfg.web.session_hours <= 0:
+        problems.append("web.session_hours: must be positive")
+    names: set[str] = set()
+    for kind, secret_key, pattern in (("users", "password_hash", _PASSWORD_HASH),
+                                      ("tokens", "token_sha256", re.compile(r"^[0-9a-f]{64}$"))):
+        for i, entry in enumerate(getattr(cfg.web, kind)):
+            where = f"web.{kind}[{i}]"
+            unknown = set(entry) - {"name", "role", secret_key}
+            if unknown:
+                problems.append(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: name, role, {secret_key})")
+            name = entry.get("name")
+            if not isinstance(name, str) or not name.strip():
+                problems.append(f"{where}.name: must be a non-empty string")
+            elif name in names:
+                problems.append(f"{where}.name: {name!r} is used by another user or token")
+            else:
+                names.add(name)
+            if entry.get("role", "read") not in WEB_ROLES:
+                problems.append(f"{where}.role: {entry.get('role')!r} is not one of {', '.join(WEB_ROLES)}")
+            secret = entry.get(secret_key)
+            if not isinstance(secret, str) or not pattern.match(secret):
+                hint = ("make one with `dicom-node web hash-password`" if kind == "users"
+                        else "the sha256 hex digest of the token (`dicom-node web new-token`)")
+                problems.append(f"{where}.{secret_key}: missing or malformed ({hint})")
+
+
 def _validate(cfg: Config, problems: list[str]) -> None:
     node = cfg.node
     if (why := validate_ae_title(node.ae_title)) is not None:
@@ -451,6 +501,9 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     for key in ("backoff_base_seconds", "backoff_max_seconds", "stall_timeout_seconds", "poll_seconds"):
         if getattr(cfg.export, key) <= 0:
             problems.append(f"export.{key}: must be positive")
+    _check_web(cfg, problems)
+    if cfg.audit.retention_days < 0:
+        problems.append("audit.retention_days: must not be negative (0 keeps events forever)")
     for section in ("worker", "export"):
         if getattr(cfg, section).max_attempts < 1:
             problems.append(f"{section}.max_attempts: must be at least 1")

@@ -18,6 +18,7 @@ import os
 import shutil
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import Engine
 
+from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config, Destination
 from dicom_node.store.database import utcnow
 from dicom_node.store.queue import (
@@ -168,6 +170,7 @@ def copy_to_local(cfg: Config, files: list[tuple[int, str, Path]], on_status: An
 
 def run_export(cfg: Config, engine: Engine, claimed: ClaimedExport, policy: RetryPolicy) -> str:
     """Run one attempt of a claimed export and close it; return the resulting state's name."""
+    started = time.monotonic()
     with engine.connect() as conn:
         pending = pending_export_instances(conn, claimed.id)
     files = [(key, sop, cfg.data_path / rel) for key, sop, rel in pending]
@@ -196,6 +199,12 @@ def run_export(cfg: Config, engine: Engine, claimed: ClaimedExport, policy: Retr
     retry_at = None if give_up else utcnow() + dt.timedelta(seconds=policy.delay(claimed.attempts))
     with engine.begin() as conn:
         state = finish_export(conn, claimed.id, utcnow(), error, retry_at, give_up)
+        if state.value in ("succeeded", "failed"):
+            audit.record(conn, "series.exported" if state.value == "succeeded" else "export.failed",
+                         "node:export", utcnow(), object_kind="export", object_id=claimed.id,
+                         series_uid=claimed.series_uid,
+                         detail=f"to {claimed.destination}, attempt {claimed.attempts}" + (f": {error}" if error else ""))
+    metrics.record_export(claimed.destination, state.value, time.monotonic() - started)
     level = logging.INFO if state.value == "succeeded" else logging.WARNING
     LOGGER.log(level, "export %d of series %s to %s, attempt %d: %s%s", claimed.id, claimed.series_uid,
                claimed.destination, claimed.attempts, state.value, f" ({error})" if error else "")

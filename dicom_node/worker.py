@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config
 from dicom_node.store.database import utcnow
 from dicom_node.store.queue import (
@@ -35,6 +36,9 @@ from dicom_node.store.queue import (
 )
 
 LOGGER = logging.getLogger(__name__)
+
+#: The before/after/difference image of a job's middle slice, in ``outbox/job-<id>/``.
+PREVIEW_NAME = "preview.png"
 
 
 def default_worker_id(role: str = "worker") -> str:
@@ -110,12 +114,13 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
             model_engine = models.engine(job.model)
             result = denoise_series(paths, model_engine, out_dir, strength=job.strength,
                                     settings=DerivedSeriesSettings.from_config(cfg.derived),
-                                    series_instance_uid=derived_uid)
+                                    series_instance_uid=derived_uid, keep_preview=True)
         except (SeriesRefused, ModelError) as exc:
             raise JobFailed(str(exc)) from exc
     finally:
         stop_beat.set()
         beater.join()
+    write_preview(out_dir, result)
     from pydicom import dcmread
 
     instances = []
@@ -129,10 +134,30 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
             return result.series_instance_uid
         for destination in destinations:
             enqueue_export(conn, result.series_instance_uid, destination, instances, utcnow(), job_pk=job.id)
+        audit.record(conn, "series.processed", worker_id, utcnow(), object_kind="job", object_id=job.id,
+                     series_uid=series.series_uid,
+                     detail=f"model {job.model}, strength {job.strength:g}, {result.frames} frames in "
+                            f"{result.seconds:.1f} s, derived series {result.series_instance_uid}")
+    metrics.observe_stage("denoise", result.seconds)
+    metrics.JOBS_FINISHED.labels("succeeded").inc()
     LOGGER.info("job %d: series %s denoised with %s in %.1f s (%d frames) -> %s, exports to %s", job.id,
                 series.series_uid, job.model, result.seconds, result.frames, result.series_instance_uid,
                 ", ".join(destinations))
     return result.series_instance_uid
+
+
+def write_preview(out_dir: Path, result: Any) -> Path | None:
+    """Write ``preview.png`` (middle slice: before | after | difference) beside the derived files."""
+    if getattr(result, "preview", None) is None:
+        return None
+    from dicom_node.denoise.preview import preview_image, write_png
+
+    try:
+        before, after, fmt = result.preview
+        return write_png(out_dir / PREVIEW_NAME, preview_image(before, after, fmt))
+    except Exception:  # a preview is a convenience; it never fails a job
+        LOGGER.exception("cannot write the preview of %s", out_dir.name)
+        return None
 
 
 def _rule_destinations(cfg: Config, rule_name: str) -> list[str]:
@@ -175,6 +200,9 @@ class Worker(threading.Thread):
             LOGGER.error("job %d failed: %s", job.id, exc)
             with self.engine.begin() as conn:
                 fail_job(conn, job.id, str(exc), utcnow(), None)
+                audit.record(conn, "job.failed", self.worker_id, utcnow(), object_kind="job", object_id=job.id,
+                             detail=str(exc)[:1000])
+            metrics.JOBS_FINISHED.labels("failed").inc()
         except Exception as exc:
             retry = not self.policy.gives_up(job.attempts)
             when = utcnow() + _seconds(self.policy.delay(job.attempts)) if retry else None
@@ -182,6 +210,10 @@ class Worker(threading.Thread):
                              "; will retry" if retry else "; giving up")
             with self.engine.begin() as conn:
                 fail_job(conn, job.id, f"{type(exc).__name__}: {exc}", utcnow(), when)
+                if not retry:
+                    audit.record(conn, "job.failed", self.worker_id, utcnow(), object_kind="job", object_id=job.id,
+                                 detail=f"{type(exc).__name__}: {exc}"[:1000])
+            metrics.JOBS_FINISHED.labels("retried" if retry else "failed").inc()
         return True
 
     def run(self) -> None:

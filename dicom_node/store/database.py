@@ -76,6 +76,9 @@ def migrate(engine: Engine) -> None:
     from alembic import command
 
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Several processes of a scaled-out site start together: one migrates, the others wait for it.
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7770001)")
         command.upgrade(_alembic_config(connection), "head")
 
 

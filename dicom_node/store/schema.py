@@ -207,3 +207,23 @@ class ExportInstance(Base):
     status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class AuditEvent(Base):
+    """One audit log entry: who did what to which object, when (UIDs only, never patient names or IDs)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_at", "at"), Index("ix_audit_events_action_at", "action", "at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime)
+    #: A dashboard user (``user:alice``), a token (``token:name``), a CLI user (``cli:root``) or a process.
+    actor: Mapped[str] = mapped_column(String(128))
+    #: What happened, e.g. ``login``, ``export.retry``, ``series.received``, ``config.changed``.
+    action: Mapped[str] = mapped_column(String(64))
+    #: The kind of object acted on (``job``, ``export``, ``series``, ``destination``, ``config``) and its key.
+    object_kind: Mapped[str] = mapped_column(String(16), default="")
+    object_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    study_uid: Mapped[str] = mapped_column(UID, default="")
+    series_uid: Mapped[str] = mapped_column(UID, default="")
+    detail: Mapped[str] = mapped_column(Text, default="")

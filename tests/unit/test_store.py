@@ -69,7 +69,7 @@ def test_migrations_match_the_models_and_rerun_cleanly(tmp_path: Path) -> None:
     assert schema_version(engine) is None
     migrate(engine)
     migrate(engine)  # opening an up-to-date database changes nothing
-    assert schema_version(engine) == "0002"
+    assert schema_version(engine) == "0003"
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == [], f"schema.py changed without a migration: {diff}"
@@ -196,7 +196,7 @@ def test_older_database_is_upgraded_in_place(tmp_path: Path, series_files: list[
             "INSERT INTO studies (study_uid, study_date, accession_number, created_at) "
             "VALUES ('1.2.3', '', '', '2026-01-01 00:00:00')")
     migrate(engine)
-    assert schema_version(engine) == "0002"
+    assert schema_version(engine) == "0003"
     send(old, series_files[0])
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM studies").scalar() == 2

@@ -1,0 +1,137 @@
+"""Operator commands: ``db migrate-to``, ``db upgrade``, ``audit``, ``web hash-password`` and ``web new-token``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import json
+import logging
+import secrets
+import sys
+
+from dicom_node.cli import add_config_argument, config_from_args, setup_logging
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _cmd_db_migrate_to(args: argparse.Namespace) -> int:
+    from dicom_node.store.copy import CopyRefused, copy_database
+    from dicom_node.store.database import make_engine
+
+    cfg = config_from_args(args)
+    setup_logging("WARNING")
+    source_url = args.source or cfg.database_url
+    if source_url == args.url:
+        print("dicom-node: source and target are the same database", file=sys.stderr)
+        return 2
+    source, target = make_engine(source_url), make_engine(args.url)
+    try:
+        copied = copy_database(source, target)
+    except CopyRefused as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        source.dispose()
+        target.dispose()
+    for table, count in copied.items():
+        print(f"{table:18} {count:>9} row(s)")
+    print(f"copied to {args.url.split('@')[-1]}; now set node.database_url to it and start the node")
+    return 0
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from dicom_node.store.database import make_engine, migrate, schema_version
+
+    cfg = config_from_args(args)
+    if not cfg.node.database_url:
+        cfg.data_path.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(cfg.database_url)
+    migrate(engine)
+    print(f"schema at {schema_version(engine)}")
+    engine.dispose()
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from dicom_node import audit
+    from dicom_node.commands import _open_existing_database
+    from dicom_node.store.database import utcnow
+
+    cfg = config_from_args(args)
+    engine = _open_existing_database(cfg)
+    if engine is None:
+        return 1
+    since = utcnow() - dt.timedelta(hours=args.hours) if args.hours else None
+    with engine.connect() as conn:
+        events = audit.query(conn, since=since, action=args.action, actor=args.actor, uid=args.uid,
+                             limit=args.limit)
+    engine.dispose()
+    if args.json:
+        print(json.dumps([dict(e._mapping) for e in events], default=str, indent=1))
+        return 0
+    for e in reversed(events):
+        obj = f"{e.object_kind} {e.object_id}" if e.object_id is not None else e.object_kind
+        print(f"{e.at:%Y-%m-%d %H:%M:%S} {e.actor[:28]:28} {e.action:18} {obj:12} {e.series_uid or '-'} "
+              f"{e.detail[:160]}")
+    return 0
+
+
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    from dicom_node.web.auth import hash_password
+
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("dicom-node: the passwords differ", file=sys.stderr)
+            return 1
+    if len(password) < 8:
+        print("dicom-node: use at least 8 characters", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
+def _cmd_new_token(_args: argparse.Namespace) -> int:
+    from dicom_node.web.auth import token_digest
+
+    token = secrets.token_urlsafe(32)
+    print(f"token (give it to the client; it is not stored): {token}")
+    print(f"token_sha256 (put it in [web] tokens):           {token_digest(token)}")
+    return 0
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add ``db``, ``audit`` and ``web``."""
+    p = subparsers.add_parser("db", help="database maintenance: upgrade the schema, copy to PostgreSQL")
+    sub = p.add_subparsers(dest="db_command", metavar="ACTION")
+    sub.required = True
+    c = sub.add_parser("migrate-to", help="copy the job table into an empty database (e.g. SQLite to PostgreSQL)")
+    c.add_argument("url", metavar="URL", help="target, e.g. postgresql+psycopg://node:secret@db/dicom_node")
+    c.add_argument("--source", metavar="URL", help="source database (default: the configured one)")
+    add_config_argument(c)
+    c.set_defaults(handler=_cmd_db_migrate_to)
+    c = sub.add_parser("upgrade", help="create or upgrade the schema of the configured database")
+    add_config_argument(c)
+    c.set_defaults(handler=_cmd_db_upgrade)
+
+    p = subparsers.add_parser("audit", help="show the audit log (logins, actions, configuration, series)")
+    p.add_argument("--action", help="action or its prefix, e.g. series. or export.retry")
+    p.add_argument("--actor", help="exact actor, e.g. user:alice")
+    p.add_argument("--uid", help="a Series or Study Instance UID")
+    p.add_argument("--hours", type=float, default=0, help="only the last N hours")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    add_config_argument(p)
+    p.set_defaults(handler=_cmd_audit)
+
+    p = subparsers.add_parser("web", help="dashboard credentials")
+    sub = p.add_subparsers(dest="web_command", metavar="ACTION")
+    sub.required = True
+    c = sub.add_parser("hash-password", help="print the password_hash of a [web] users entry")
+    c.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    c.set_defaults(handler=_cmd_hash_password)
+    c = sub.add_parser("new-token", help="make an API token and print its token_sha256")
+    c.set_defaults(handler=_cmd_new_token)

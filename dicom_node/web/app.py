@@ -1,0 +1,413 @@
+"""The dashboard's WSGI application: routes, login, roles, CSRF, actions and the JSON API.
+
+Open without login: ``/login``, ``/metrics``, ``/healthz``, ``/readyz`` (they carry no patient data). Every other
+page needs a session (or a bearer token). Actions (retry, cancel, C-ECHO) are ``POST`` only, need the admin role
+and the session's CSRF token, and are written to the audit log with the user as actor. Answers are HTML for
+browsers and JSON for clients that send ``Accept: application/json``.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import logging
+import urllib.parse
+from http import HTTPStatus
+from io import BytesIO
+from typing import Any, Callable, Iterable
+
+from dicom_node import audit
+from dicom_node.store.database import utcnow
+from dicom_node.web import pages
+from dicom_node.web.auth import Authenticator, Principal, csrf_ok
+
+LOGGER = logging.getLogger(__name__)
+
+SESSION_COOKIE = "dicom_node_session"
+MAX_BODY = 64 * 1024 * 1024
+PUBLIC = {"/login", "/metrics", "/healthz", "/readyz"}
+
+
+class Request:
+    """The parts of a WSGI request the handlers use."""
+
+    def __init__(self, environ: dict[str, Any]) -> None:
+        self.environ = environ
+        self.method = environ["REQUEST_METHOD"].upper()
+        self.path = environ.get("PATH_INFO", "/") or "/"
+        self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).items()}
+        self._form: dict[str, Any] | None = None
+
+    def header(self, name: str) -> str:
+        return self.environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+
+    @property
+    def wants_json(self) -> bool:
+        return "application/json" in self.header("Accept")
+
+    def cookie(self, name: str) -> str | None:
+        for part in self.environ.get("HTTP_COOKIE", "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name:
+                return value
+        return None
+
+    def form(self) -> dict[str, Any]:
+        """URL-encoded or multipart form fields; files come as ``(filename, bytes)``."""
+        if self._form is not None:
+            return self._form
+        try:
+            length = int(self.environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > MAX_BODY:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
+        body = self.environ["wsgi.input"].read(length) if length else b""
+        ctype = self.environ.get("CONTENT_TYPE", "")
+        fields: dict[str, Any] = {}
+        if ctype.startswith("multipart/form-data"):
+            message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                f"Content-Type: {ctype}\r\n\r\n".encode("latin-1") + body)
+            for part in message.iter_parts():
+                name = part.get_param("name", header="content-disposition")
+                if not name:
+                    continue
+                filename = part.get_filename()
+                payload = part.get_payload(decode=True) or b""
+                fields[name] = (filename, payload) if filename is not None else payload.decode("utf-8", "replace")
+        elif ctype.startswith("application/json"):
+            try:
+                fields = {k: str(v) for k, v in json.loads(body or b"{}").items()}
+            except (ValueError, AttributeError):
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "body is not a JSON object")
+        else:
+            fields = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()}
+        self._form = fields
+        return fields
+
+
+class HTTPError(Exception):
+    """Answer with ``status`` and a short reason."""
+
+    def __init__(self, status: HTTPStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+Response = tuple[HTTPStatus, list[tuple[str, str]], bytes]
+
+
+def _html(body: str, status: HTTPStatus = HTTPStatus.OK, headers: list[tuple[str, str]] | None = None) -> Response:
+    return status, [("Content-Type", "text/html; charset=utf-8"), *(headers or [])], body.encode("utf-8")
+
+
+def _json(data: Any, status: HTTPStatus = HTTPStatus.OK) -> Response:
+    return status, [("Content-Type", "application/json")], json.dumps(data, default=str, indent=1).encode()
+
+
+def _redirect(location: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    return HTTPStatus.SEE_OTHER, [("Location", location), *(headers or [])], b""
+
+
+class DashboardApp:
+    """The WSGI callable. ``node`` is the running :class:`~dicom_node.service.Node` (config, engine, roles)."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.cfg = node.cfg
+        self.auth = Authenticator(self.cfg.web.users, self.cfg.web.tokens, self.cfg.web.session_hours)
+        self.dashboard = "web" in node.roles
+        self.routes: dict[tuple[str, str], Callable[[Request, Principal | None], Response]] = {
+            ("GET", "/metrics"): self.metrics, ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz,
+        }
+        if self.dashboard:
+            self.routes.update({
+                ("GET", "/login"): self.login_form, ("POST", "/login"): self.login,
+                ("POST", "/logout"): self.logout, ("GET", "/"): self.index, ("GET", "/api/status"): self.api_status,
+                ("GET", "/rules"): self.rules_form, ("POST", "/rules"): self.rules_test,
+                ("GET", "/audit"): self.audit_log, ("POST", "/actions/retry"): self.action_job,
+                ("POST", "/actions/cancel"): self.action_job, ("POST", "/actions/echo"): self.action_echo,
+            })
+
+    # ------------------------------------------------------------------------------------------- plumbing
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        request = Request(environ)
+        try:
+            status, headers, body = self.dispatch(request)
+        except HTTPError as exc:
+            if request.wants_json or request.method != "GET":
+                status, headers, body = _json({"error": exc.reason}, exc.status)
+            else:
+                status, headers, body = _html(f"<p>{pages.esc(exc.reason)}</p>", exc.status)
+        except Exception:
+            LOGGER.exception("web request %s %s failed", request.method, request.path)
+            status, headers, body = _json({"error": "internal error"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+        headers = [*headers, ("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+                   ("Referrer-Policy", "same-origin"), ("Cache-Control", "no-store"),
+                   ("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'; img-src 'self'")]
+        start_response(f"{status.value} {status.phrase}", headers + [("Content-Length", str(len(body)))])
+        return [body]
+
+    def principal(self, request: Request) -> Principal | None:
+        auth = request.header("Authorization")
+        if auth.lower().startswith("bearer "):
+            return self.auth.bearer(auth[7:].strip())
+        return self.auth.session(request.cookie(SESSION_COOKIE))
+
+    def dispatch(self, request: Request) -> Response:
+        path = request.path
+        handler = self.routes.get((request.method, path))
+        if handler is None and request.method == "GET" and path.startswith("/preview/") and self.dashboard:
+            handler = self.preview
+        if handler is None:
+            known_paths = {p for _m, p in self.routes}
+            if path in known_paths:
+                raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed")
+            raise HTTPError(HTTPStatus.NOT_FOUND, "not found")
+        if path in PUBLIC:
+            return handler(request, None)
+        principal = self.principal(request)
+        if principal is None:
+            if request.method == "GET" and not request.wants_json:
+                return _redirect("/login?next=" + urllib.parse.quote(path))
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, "log in first")
+        if request.method == "POST":
+            sent = request.header("X-CSRF-Token") or request.form().get("csrf_token")
+            if not csrf_ok(principal, sent if isinstance(sent, str) else None):
+                raise HTTPError(HTTPStatus.FORBIDDEN, "missing or wrong CSRF token")
+        return handler(request, principal)
+
+    def _require_admin(self, principal: Principal) -> None:
+        if not principal.is_admin:
+            raise HTTPError(HTTPStatus.FORBIDDEN, "this needs the admin role")
+
+    def _after_action(self, request: Request, ok: bool, message: str) -> Response:
+        if request.wants_json:
+            return _json({"ok": ok, "message": message}, HTTPStatus.OK if ok else HTTPStatus.CONFLICT)
+        return _redirect("/?msg=" + urllib.parse.quote(message))
+
+    def _page(self, title: str, body: str, principal: Principal | None, message: str = "",
+              refresh: int | None = None) -> Response:
+        node_title = f"{self.cfg.node.ae_title} on port {self.cfg.node.port}"
+        return _html(pages.layout(title, body, principal, node_title, message, refresh))
+
+    # ------------------------------------------------------------------------------------------- open
+
+    def metrics(self, request: Request, _p: Principal | None) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from dicom_node.metrics import exposition
+
+        return HTTPStatus.OK, [("Content-Type", CONTENT_TYPE_LATEST)], exposition(self.node, self.dashboard)
+
+    def _checks(self) -> list[Any]:
+        from dicom_node.health import run_checks
+
+        return run_checks(self.node)
+
+    def healthz(self, request: Request, _p: Principal | None) -> Response:
+        from dicom_node.health import liveness
+
+        checks = self._checks()
+        ok = liveness(checks)
+        return _json({"ok": ok, "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}},
+                     HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
+
+    def readyz(self, request: Request, _p: Principal | None) -> Response:
+        checks = self._checks()
+        ok = all(c.ok for c in checks)
+        return _json({"ok": ok, "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}},
+                     HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
+
+    def login_form(self, request: Request, _p: Principal | None) -> Response:
+        return _html(pages.login_page(next_url=request.query.get("next", "/")))
+
+    def login(self, request: Request, _p: Principal | None) -> Response:
+        form = request.form()
+        name, password = str(form.get("username", "")), str(form.get("password", ""))
+        result = self.auth.login(name, password) if name else None
+        now = utcnow()
+        with self.node.engine.begin() as conn:
+            audit.record(conn, "login" if result else "login.failed", f"user:{name[:64]}", now,
+                         detail=f"from {request.environ.get('REMOTE_ADDR', '?')}")
+        if result is None:
+            LOGGER.warning("failed dashboard login for %r from %s", name[:64], request.environ.get("REMOTE_ADDR"))
+            if request.wants_json:
+                raise HTTPError(HTTPStatus.UNAUTHORIZED, "wrong user name or password")
+            return _html(pages.login_page("Wrong user name or password."), HTTPStatus.UNAUTHORIZED)
+        session_id, principal = result
+        cookie = (f"{SESSION_COOKIE}={session_id}; Path=/; HttpOnly; SameSite=Strict; "
+                  f"Max-Age={int(self.cfg.web.session_hours * 3600)}")
+        if request.wants_json:
+            status, headers, body = _json({"user": principal.name, "role": principal.role,
+                                           "csrf_token": principal.csrf})
+            return status, [*headers, ("Set-Cookie", cookie)], body
+        target = str(form.get("next", "/"))
+        if not target.startswith("/") or target.startswith("//"):
+            target = "/"
+        return _redirect(target, [("Set-Cookie", cookie)])
+
+    # ------------------------------------------------------------------------------------------- logged in
+
+    def logout(self, request: Request, principal: Principal | None) -> Response:
+        self.auth.logout(request.cookie(SESSION_COOKIE))
+        return _redirect("/login", [("Set-Cookie", f"{SESSION_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict")])
+
+    def _show_patient(self, principal: Principal) -> bool:
+        return principal.is_admin and self.cfg.web.show_patient_data
+
+    def _context(self, principal: Principal) -> dict[str, Any]:
+        from dicom_node.store.overview import failures, queue_summary, recent_series
+        from dicom_node.worker import PREVIEW_NAME
+
+        now = utcnow()
+        with self.node.engine.connect() as conn:
+            summary = queue_summary(conn, now)
+            series = recent_series(conn, 20, with_patient=self._show_patient(principal))
+            failed = failures(conn)
+        previews = {s.job_id for s in series
+                    if s.job_id and (self.cfg.outbox_path / f"job-{s.job_id}" / PREVIEW_NAME).is_file()}
+        return {"now": now, "summary": summary, "series": series, "failures": failed, "previews": previews,
+                "checks": self._checks(), "destinations": self.cfg.destinations}
+
+    def index(self, request: Request, principal: Principal | None) -> Response:
+        assert principal is not None
+        ctx = self._context(principal)
+        body = pages.dashboard(ctx, principal, self._show_patient(principal))
+        return self._page("dicom-node", body, principal, request.query.get("msg", ""), refresh=15)
+
+    def api_status(self, request: Request, principal: Principal | None) -> Response:
+        assert principal is not None
+        ctx = self._context(principal)
+        show = self._show_patient(principal)
+        series = []
+        for s in ctx["series"]:
+            item = {k: v for k, v in vars(s).items() if k not in ("patient_name", "patient_id") or show}
+            item["preview"] = f"/preview/{s.job_id}.png" if s.job_id in ctx["previews"] else None
+            series.append(item)
+        return _json({"summary": ctx["summary"], "series": series, "failures": ctx["failures"],
+                      "health": {c.name: {"ok": c.ok, "detail": c.detail} for c in ctx["checks"]},
+                      "user": {"name": principal.name, "role": principal.role}})
+
+    def preview(self, request: Request, principal: Principal | None) -> Response:
+        from dicom_node.worker import PREVIEW_NAME
+
+        name = request.path.removeprefix("/preview/")
+        if not name.endswith(".png") or not name[:-4].isdigit():
+            raise HTTPError(HTTPStatus.NOT_FOUND, "not found")
+        path = self.cfg.outbox_path / f"job-{int(name[:-4])}" / PREVIEW_NAME
+        if not path.is_file():
+            raise HTTPError(HTTPStatus.NOT_FOUND, "no preview for this job")
+        return HTTPStatus.OK, [("Content-Type", "image/png")], path.read_bytes()
+
+    def action_job(self, request: Request, principal: Principal | None) -> Response:
+        assert principal is not None
+        self._require_admin(principal)
+        from dicom_node.store.queue import cancel, retry
+
+        action = request.path.rsplit("/", 1)[-1]
+        form = request.form()
+        kind = str(form.get("kind", ""))
+        try:
+            key = int(str(form.get("id", "")))
+        except ValueError:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "id must be a number")
+        if kind not in ("job", "export"):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "kind must be job or export")
+        now = utcnow()
+        with self.node.engine.begin() as conn:
+            changed = (retry if action == "retry" else cancel)(conn, kind, key, now)
+            if changed:
+                audit.record(conn, f"{kind}.{action}", principal.actor, now, object_kind=kind, object_id=key,
+                             series_uid=_series_uid_of(conn, kind, key))
+        if not changed:
+            allowed = "failed or cancelled" if action == "retry" else "queued, running or failed"
+            return self._after_action(request, False, f"{kind} {key} not found or not {allowed}")
+        LOGGER.info("%s %s %d from the dashboard", principal.actor, action, key)
+        return self._after_action(request, True, f"{kind} {key}: {'queued again' if action == 'retry' else 'cancelled'}")
+
+    def action_echo(self, request: Request, principal: Principal | None) -> Response:
+        assert principal is not None
+        self._require_admin(principal)
+        from dicom_node.commands import echo_destination
+
+        name = str(request.form().get("destination", ""))
+        try:
+            dest = self.cfg.destination(name)
+        except KeyError as exc:
+            raise HTTPError(HTTPStatus.NOT_FOUND, exc.args[0])
+        ok, text = echo_destination(self.cfg, dest)
+        with self.node.engine.begin() as conn:
+            audit.record(conn, "destination.echo", principal.actor, utcnow(), object_kind="destination",
+                         detail=text)
+        return self._after_action(request, ok, text)
+
+    def rules_form(self, request: Request, principal: Principal | None) -> Response:
+        assert principal is not None
+        from dicom_node.store.overview import series_choices
+
+        with self.node.engine.connect() as conn:
+            choices = series_choices(conn)
+        return self._page("Rules tester", pages.rules_page(principal, choices, None), principal)
+
+    def rules_test(self, request: Request, principal: Principal | None) -> Response:
+        assert principal is not None
+        from dicom_node.routing import SeriesAttributes, explain
+        from dicom_node.store.overview import series_choices, series_row
+
+        form = request.form()
+        upload = form.get("file")
+        calling = str(form.get("calling", "") or "")
+        if isinstance(upload, tuple) and upload[1]:
+            from pydicom import dcmread
+
+            from dicom_node.receive import extract_facts
+
+            try:
+                ds = dcmread(BytesIO(upload[1]), stop_before_pixels=True, force=True)
+                ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
+                facts = extract_facts(ds, ts, calling, self.cfg.node.ae_title)
+            except Exception as exc:
+                raise HTTPError(HTTPStatus.BAD_REQUEST, f"not a readable DICOM file: {exc}")
+            attrs = SeriesAttributes.from_row(facts)
+            label = f"uploaded file {upload[0] or ''} ({facts.modality} {facts.series_description!r})"
+        elif str(form.get("series", "")).isdigit():
+            with self.node.engine.connect() as conn:
+                row = series_row(conn, int(form["series"]))
+            if row is None:
+                raise HTTPError(HTTPStatus.NOT_FOUND, "no such series")
+            attrs = SeriesAttributes.from_row(row)
+            label = f"series {row.series_uid} ({row.modality} {row.series_description!r})"
+        else:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "pick a series or upload a DICOM file")
+        lines = explain(self.cfg.rules, attrs)
+        if request.wants_json:
+            return _json({"series": label, "explanation": lines})
+        with self.node.engine.connect() as conn:
+            choices = series_choices(conn)
+        return self._page("Rules tester", pages.rules_page(principal, choices, lines, label), principal)
+
+    def audit_log(self, request: Request, principal: Principal | None) -> Response:
+        assert principal is not None
+        filters = {k: request.query.get(k, "") for k in ("action", "actor", "uid")}
+        with self.node.engine.connect() as conn:
+            events = audit.query(conn, action=filters["action"] or None, actor=filters["actor"] or None,
+                                 uid=filters["uid"] or None, limit=int(request.query.get("limit", "200") or 200))
+        if request.wants_json:
+            return _json([dict(e._mapping) for e in events])
+        return self._page("Audit log", pages.audit_page(events, utcnow(), filters), principal)
+
+
+def _series_uid_of(conn: Any, kind: str, key: int) -> str:
+    from sqlalchemy import select
+
+    from dicom_node.store.schema import Export, Job, Series
+
+    if kind == "export":
+        return conn.execute(select(Export.series_uid).where(Export.id == key)).scalar() or ""
+    return conn.execute(select(Series.series_uid).join(Job, Job.series_pk == Series.id)
+                        .where(Job.id == key)).scalar() or ""
+
