@@ -210,14 +210,24 @@ class Receiver:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
+        #: Per open association: [instances stored, instances refused].
+        self.per_association: dict[int, list[int]] = {}
 
-    def count(self, ok: bool, size: int = 0) -> None:
+    def count(self, ok: bool, size: int = 0, association: int | None = None) -> None:
         with self.lock:
             if ok:
                 self.received += 1
                 self.bytes_received += size
             else:
                 self.refused += 1
+            if association is not None:
+                self.per_association.setdefault(association, [0, 0])[0 if ok else 1] += 1
+
+    def end_association(self, association: int) -> tuple[int, int]:
+        """Forget an association's counters and return (stored, refused)."""
+        with self.lock:
+            stored, refused = self.per_association.pop(association, [0, 0])
+        return stored, refused
 
 
 def _failure(status: int, reason: str) -> Dataset:
@@ -331,15 +341,15 @@ def handle_store(event: evt.Event, receiver: Receiver) -> int | Dataset:
         relative = store_instance(receiver, request.DataSet, event.context.transfer_syntax,
                                   str(request.AffectedSOPClassUID or ""), affected, calling, called)
     except StoreRefused as exc:
-        receiver.count(False)
+        receiver.count(False, association=assoc.native_id)
         LOGGER.warning("assoc %s from %s (%s): C-STORE refused with 0x%04X: %s",
                        assoc.native_id, calling, assoc.requestor.address, exc.status, exc.reason)
         return _failure(exc.status, exc.reason)
     except Exception as exc:  # never let a bug turn into an unanswered request
-        receiver.count(False)
+        receiver.count(False, association=assoc.native_id)
         LOGGER.exception("assoc %s: unexpected error storing an instance", assoc.native_id)
         return _failure(STATUS_OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
-    receiver.count(True, len(request.DataSet.getbuffer()))
+    receiver.count(True, len(request.DataSet.getbuffer()), association=assoc.native_id)
     LOGGER.debug("assoc %s: stored %s", assoc.native_id, relative)
     return STATUS_SUCCESS
 
@@ -379,6 +389,14 @@ def _log_association(event: evt.Event) -> None:
     assoc = event.assoc
     LOGGER.info("assoc %s %s: calling %s at %s", assoc.native_id, event.event.name.removeprefix("EVT_").lower(),
                 assoc.requestor.ae_title, assoc.requestor.address)
+
+
+def _log_association_end(event: evt.Event, receiver: Receiver) -> None:
+    assoc = event.assoc
+    stored, refused = receiver.end_association(assoc.native_id)
+    LOGGER.info("assoc %s %s: calling %s at %s; %d instance(s) stored, %d refused", assoc.native_id,
+                event.event.name.removeprefix("EVT_").lower(), assoc.requestor.ae_title, assoc.requestor.address,
+                stored, refused)
 
 
 def _log_rejected(event: evt.Event) -> None:
@@ -423,8 +441,8 @@ def start_scp(cfg: Config, receiver: Receiver) -> tuple[AE, Any]:
         (evt.EVT_C_STORE, handle_store, [receiver]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_ACCEPTED, _log_association),
-        (evt.EVT_RELEASED, _log_association),
-        (evt.EVT_ABORTED, _log_association),
+        (evt.EVT_RELEASED, _log_association_end, [receiver]),
+        (evt.EVT_ABORTED, _log_association_end, [receiver]),
         (evt.EVT_REJECTED, _log_rejected),
     ]
     if cfg.security.allowed_hosts:

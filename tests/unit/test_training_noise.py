@@ -146,3 +146,18 @@ def test_philips_phantom_self_calibration(shared_data):
     assert 1.0 < measured < 30.0
     assert simulated == pytest.approx(measured, rel=0.15)
     assert 1e3 < flux < 1e8
+
+
+def test_fbp_window_cutoff_sets_the_noise_texture():
+    """A smoother kernel (lower cutoff) moves noise power to low frequencies; (c)^3 flux scaling keeps the SD."""
+    image = water_disk()
+    m = centre_mask()
+    out = {}
+    for c in (1.0, 0.4):
+        sim = CTNoiseSimulator(geometry=ParallelBeam(n_views=120, window="hann", cutoff=c), electronic_sd=0.0)
+        noise = _noise_stack(sim, image, 2e4 * c**3, 0.25, 6, seed=9)
+        rois = noise[:, SIZE // 2 - 16:SIZE // 2 + 16, SIZE // 2 - 16:SIZE // 2 + 16]
+        f, ps = noise_power_spectrum(rois, PIXEL_MM, bins=8)
+        out[c] = (float((f * ps).sum() / ps.sum()), float(noise[:, m].std()))
+    assert out[0.4][0] < 0.7 * out[1.0][0]
+    assert out[0.4][1] == pytest.approx(out[1.0][1], rel=0.35)
