@@ -22,7 +22,7 @@ h2{font-size:1.05em;margin:.2em 0 .6em}
 table{border-collapse:collapse;font-size:.9em} td,th{padding:.25em .6em;border-bottom:1px solid #e3e3e3;
 text-align:left;vertical-align:top} .num{text-align:right}
 .ok{color:#176b1e}.bad{color:#a11}.state-failed{color:#a11;font-weight:600}.state-succeeded{color:#176b1e}
-.state-running{color:#a60}.state-queued{color:#555} img.preview{max-width:480px;image-rendering:pixelated}
+.state-running{color:#a60}.state-queued{color:#555} img.preview{height:12em;max-width:40em;image-rendering:pixelated}
 .msg{background:#ffe;border:1px solid #dd8;padding:.4em .8em;border-radius:4px}
 form.inline{display:inline} button{cursor:pointer} code{font-size:.85em}
 """
@@ -115,8 +115,9 @@ def dashboard(ctx: dict[str, Any], principal: Principal, show_patient: bool) -> 
         extra = ""
         if name != "series":
             one = name[:-1]
-            extra = (f"oldest queued {duration(summary[f'oldest_queued_{one}_seconds'])}, oldest running "
-                     f"{duration(summary[f'oldest_running_{one}_seconds'])}")
+            queued = summary[f"oldest_queued_{one}_seconds"] if summary[name]["queued"] else None
+            running = summary[f"oldest_running_{one}_seconds"] if summary[name]["running"] else None
+            extra = f"oldest queued {duration(queued)}, oldest running {duration(running)}"
         rows.append(f"<tr><td>{name}</td><td>{counts}</td><td>{extra}</td></tr>")
     parts.append(f'<section><h2>Queues</h2>{table(["", "by state", "ages"], rows, "queues")}</section>')
 

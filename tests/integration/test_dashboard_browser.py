@@ -1,0 +1,96 @@
+"""The dashboard in a real headless Chromium: log in, see a processed series with its preview, retry a failed
+export once the PACS is back, and see it delivered.
+
+The PACS (Orthanc) is down when the series is denoised, so its export fails (one attempt allowed); Orthanc is then
+started, and the admin clicks Retry on the dashboard.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.denoise.testing import make_tiny_model
+from dicom_node.store.schema import Export, Job
+from dicom_node.synthetic import make_ct_series
+from dicom_node.web.auth import hash_password
+from tests.helpers import require_program
+from tests.integration.test_pipeline import CT_RULE, db_rows, orthanc_series, wait_until, write_config
+from tests.peers import dicom_node, free_port, orthanc_config, start_orthanc, stop_process, wait_for_port
+from tests.webdriver import chromium
+
+
+def test_log_in_see_preview_retry_failed_export(tmp_path: Path) -> None:
+    chromedriver = require_program("chromedriver")
+    chromium_binary = require_program("chromium")
+    require_program("Orthanc")
+    models = tmp_path / "models"
+    make_tiny_model(models, name="tiny-ct", identity=False, seed=3)
+    ct = make_ct_series(tmp_path / "ct", n_slices=8, rows=64, cols=64, series_description="BROWSER TEST")
+    study_uid = str(dcmread(ct[0]).StudyInstanceUID)
+    dicom_port, http_port, web_port = free_port(), free_port(), free_port()
+    orthanc_cfg = orthanc_config(tmp_path / "orthanc", dicom_port, http_port)
+    password_hash = hash_password("browser-pass-1", iterations=1000)
+    config = write_config(
+        tmp_path / "node.toml", models,
+        [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": dicom_port, "timeout_seconds": 5.0}],
+        [{**CT_RULE, "forward_original": False}],
+        extra=f'[web]\nusers = [{{ name = "admin", role = "admin", password_hash = "{password_hash}" }}]\n')
+    config.write_text(config.read_text().replace("max_attempts = 100", "max_attempts = 1"))
+    with dicom_node(tmp_path / "node", config=config, extra_env={"DICOM_NODE_WEB__PORT": str(web_port)}) as node:
+        wait_for_port(web_port, process=node.process)
+        from tests.peers import storescu
+
+        assert storescu(node.port, "DENOISE", ct).returncode == 0
+        wait_until(lambda: (e := db_rows(node.storage, Export)) and e[0].state.value == "failed", 120,
+                   "the export to the stopped PACS failing")
+        (job,) = db_rows(node.storage, Job)
+        (export,) = db_rows(node.storage, Export)
+        assert job.state.value == "succeeded"
+        preview = node.storage / "outbox" / f"job-{job.id}" / "preview.png"
+        width, height = struct.unpack(">II", preview.read_bytes()[16:24])
+        assert (width, height) == (3 * 64 + 8, 64)  # before | after | difference with two 4-pixel gaps
+        pacs = start_orthanc(orthanc_cfg)
+        try:
+            with chromium(chromedriver, chromium_binary) as browser:
+                base = f"http://127.0.0.1:{web_port}"
+                browser.get(base + "/")
+                assert "/login" in browser.url
+                browser.type("#username", "admin")
+                browser.type("#password", "browser-pass-1")
+                browser.click("#login")
+                browser.wait_for("#series")
+                assert "BROWSER TEST" in browser.text("#series")
+                assert f"job {job.id} succeeded" in browser.text(f"#job-state-{job.id}")
+                browser.wait_for(f"#preview-{job.id}")
+                deadline = time.monotonic() + 30
+                while not browser.script(f"const i = document.getElementById('preview-{job.id}');"
+                                         "return i.complete && i.naturalWidth;"):
+                    assert time.monotonic() < deadline, "the preview image did not load"
+                    time.sleep(0.2)
+                assert browser.script(f"return document.getElementById('preview-{job.id}').naturalWidth;") == width
+                assert "failed" in browser.text(f"#export-{export.id}")
+                assert "ORTHANC@127.0.0.1" in browser.text(f"#failure-export-{export.id}")
+                browser.screenshot(tmp_path / "dashboard-before-retry.png")
+                browser.click(f"#retry-export-{export.id}")
+                browser.wait_for("#message")
+                assert "queued again" in browser.text("#message")
+                deadline = time.monotonic() + 90
+                while "succeeded" not in browser.text(f"#export-{export.id}"):
+                    assert time.monotonic() < deadline, browser.text(f"#export-{export.id}")
+                    time.sleep(1.0)
+                    browser.get(base + "/")
+                assert browser.find_all("#no-failures")
+                browser.screenshot(tmp_path / "dashboard-delivered.png")
+                browser.get(base + "/audit")
+                assert "export.retry" in browser.text("#audit") and "user:admin" in browser.text("#audit")
+            series = orthanc_series(pacs, study_uid)
+            assert len(series) == 1 and [len(v["instances"]) for v in series.values()] == [8]
+            assert json.dumps(series).count("BROWSER TEST DN") == 1
+        finally:
+            stop_process(pacs.process)
