@@ -1,4 +1,5 @@
-"""Operator commands: ``db migrate-to``, ``db upgrade``, ``audit``, ``web hash-password`` and ``web new-token``."""
+"""Operator commands: ``db migrate-to``, ``db upgrade``, ``audit``, ``health``, ``web hash-password`` and
+``web new-token``."""
 
 from __future__ import annotations
 
@@ -77,6 +78,32 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = args.url
+    if not url:
+        cfg = config_from_args(args)
+        host = cfg.web.bind_address if cfg.web.bind_address not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        url = f"http://{host}:{cfg.web.port}/{'readyz' if args.ready else 'healthz'}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as rsp:
+            body, ok = rsp.read(), True
+    except urllib.error.HTTPError as exc:
+        body, ok = exc.read(), False
+    except OSError as exc:
+        print(f"dicom-node: {url}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        checks = json.loads(body).get("checks", {})
+        for name, check in checks.items():
+            print(f"{name:9} {'ok' if check['ok'] else 'PROBLEM':8} {check['detail']}")
+    except (ValueError, AttributeError, KeyError):
+        print(body.decode(errors="replace")[:500])
+    return 0 if ok else 1
+
+
 def _cmd_hash_password(args: argparse.Namespace) -> int:
     from dicom_node.web.auth import hash_password
 
@@ -126,6 +153,13 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--json", action="store_true")
     add_config_argument(p)
     p.set_defaults(handler=_cmd_audit)
+
+    p = subparsers.add_parser("health", help="ask a running node's /healthz (or /readyz); exit 0 when healthy")
+    p.add_argument("--ready", action="store_true", help="ask /readyz: also disk and models")
+    p.add_argument("--url", help="the endpoint (default: from web.port and web.bind_address)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    add_config_argument(p)
+    p.set_defaults(handler=_cmd_health)
 
     p = subparsers.add_parser("web", help="dashboard credentials")
     sub = p.add_subparsers(dest="web_command", metavar="ACTION")
