@@ -143,6 +143,7 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
     LOGGER.info("job %d: series %s denoised with %s in %.1f s (%d frames) -> %s, exports to %s", job.id,
                 series.series_uid, job.model, result.seconds, result.frames, result.series_instance_uid,
                 ", ".join(destinations))
+    LOGGER.info("job %d stages: %s", job.id, result.describe_stages())
     return result.series_instance_uid
 
 

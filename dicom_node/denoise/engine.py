@@ -20,7 +20,7 @@ import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -315,6 +315,9 @@ class DenoiseResult:
         Frames denoised and wall time.
     preview
         ``(before, after, format)`` of the middle frame (stored values) when requested.
+    stages
+        Seconds on the critical path: ``scan`` (headers, sorting), ``model`` (the network), ``wait_decode`` and
+        ``wait_write`` (decoding and writing that the overlap did not hide).
     """
 
     paths: list[Path]
@@ -323,6 +326,11 @@ class DenoiseResult:
     frames: int
     seconds: float
     preview: tuple[np.ndarray, np.ndarray, PixelFormat] | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def describe_stages(self) -> str:
+        """``scan 0.4 s, wait_decode 1.2 s, model 80.1 s, wait_write 0.3 s``."""
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stages.items())
 
 
 def series_unit(series: Series) -> str | None:
@@ -424,6 +432,7 @@ def denoise_series(
         When the series cannot be denoised (colour, unsupported format, undecodable, model does not fit).
     """
     started = time.perf_counter()
+    stages = {"scan": 0.0, "wait_decode": 0.0, "model": 0.0, "wait_write": 0.0}
     if not isinstance(series, Series):
         found = scan(series)
         if len(found.series) != 1:
@@ -443,6 +452,7 @@ def denoise_series(
         series_number_offset=settings.series_number_offset, description_suffix=settings.description_suffix,
         transfer_syntax=settings.transfer_syntax,
     )
+    stages["scan"] = time.perf_counter() - started
     rows, cols = series.instances[0].shape
     batch = engine.batch_for(rows, cols)
     middle = series.frame_count // 2
@@ -460,8 +470,11 @@ def denoise_series(
             pending: Future | None = decoder.submit(_decode, chunks[0]) if chunks else None
             writing: Future | None = None
             for index in range(len(chunks)):
+                mark = time.perf_counter()
                 decoded = pending.result() if pending is not None else []
+                stages["wait_decode"] += time.perf_counter() - mark
                 pending = decoder.submit(_decode, chunks[index + 1]) if index + 1 < len(chunks) else None
+                mark = time.perf_counter()
                 if len(decoded) == 1 and decoded[0][0].frames > 1:
                     inst, ds, stored = decoded[0]
                     new = engine.denoise_frames(stored, inst.formats, strength)
@@ -472,18 +485,23 @@ def denoise_series(
                     new_stack = engine.denoise_frames(stack, formats, strength)
                     del stack
                     items = [(d[0], d[1], d[2], new_stack[i:i + 1]) for i, d in enumerate(decoded)]
+                stages["model"] += time.perf_counter() - mark
                 for inst, ds, stored, new in items:
                     if keep_preview and preview is None and frames_done <= middle < frames_done + inst.frames:
                         k = middle - frames_done
                         preview = (stored[k].copy(), new[k].copy(), inst.formats[k])
                     frames_done += inst.frames
+                mark = time.perf_counter()
                 if writing is not None:
                     written.extend(writing.result())
+                stages["wait_write"] += time.perf_counter() - mark
                 writing = writer.submit(_write_chunk, [(ds, new, inst.formats[0]) for inst, ds, _s, new in items],
                                         info, output_dir, progress)
                 del decoded, items
+            mark = time.perf_counter()
             if writing is not None:
                 written.extend(writing.result())
+            stages["wait_write"] += time.perf_counter() - mark
     except BaseException:
         _remove_partial(series, info, output_dir)
         raise
@@ -491,5 +509,5 @@ def denoise_series(
     LOGGER.info("wrote %d derived instances (%d frames) in %.1f s", len(written), frames_done, seconds)
     return DenoiseResult(paths=written, series_instance_uid=info.series_instance_uid,
                          source_series_instance_uid=series.series_instance_uid, frames=frames_done,
-                         seconds=seconds, preview=preview)
+                         seconds=seconds, preview=preview, stages=stages)
 
