@@ -241,6 +241,8 @@ class DashboardApp:
         session_id, principal = result
         cookie = (f"{SESSION_COOKIE}={session_id}; Path=/; HttpOnly; SameSite=Strict; "
                   f"Max-Age={int(self.cfg.web.session_hours * 3600)}")
+        if request.environ.get("wsgi.url_scheme") == "https" or request.header("X-Forwarded-Proto") == "https":
+            cookie += "; Secure"  # behind a TLS reverse proxy the cookie never travels in clear
         if request.wants_json:
             status, headers, body = _json({"user": principal.name, "role": principal.role,
                                            "csrf_token": principal.csrf})

@@ -124,6 +124,11 @@ def test_nothing_without_login(running: dict[str, Any]) -> None:
     assert anonymous.login("admin", "wrong-password").status == 401
     assert anonymous.login("nobody", "admin-pass-1").status == 401
     assert anonymous.request("GET", "/api/status", headers={"Authorization": "Bearer wrong"}).status == 401
+    plain = Client(running["client"].base)
+    assert plain.login("viewer", "viewer-pass-1").status == 200
+    proxied = plain.request("POST", "/login", {"username": "viewer", "password": "viewer-pass-1"},
+                            headers={"X-Forwarded-Proto": "https"})
+    assert "Secure" in proxied.headers["Set-Cookie"] and "HttpOnly" in proxied.headers["Set-Cookie"]
 
 
 def _failed_export(client: Client) -> dict[str, Any] | None:
@@ -215,3 +220,16 @@ def test_rules_tester(running: dict[str, Any]) -> None:
         result = json.loads(rsp.read())
     text = "\n".join(result["explanation"])
     assert "mr" in text and "Modality" in text, text
+
+
+def test_echo_button_and_rules_tester_pick(running: dict[str, Any]) -> None:
+    admin = Client(running["client"].base)
+    assert admin.login("admin", "admin-pass-1").status == 200
+    echo = admin.request("POST", "/actions/echo", {"destination": "dead", "csrf_token": admin.csrf})
+    assert echo.status == 409 and "dead" in echo.json()["message"] and "cannot connect" in echo.json()["message"]
+    assert admin.request("POST", "/actions/echo", {"destination": "nope", "csrf_token": admin.csrf}).status == 404
+    events = admin.request("GET", "/audit?action=destination.echo").json()
+    assert events and events[0]["actor"] == "user:admin"
+    picked = admin.request("POST", "/rules", {"series": "1", "csrf_token": admin.csrf})
+    assert picked.status == 200, picked.text
+    assert "ct" in "\n".join(picked.json()["explanation"])
