@@ -37,6 +37,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dose", type=float, default=0.25, help="simulated dose fraction (default 0.25)")
     p.add_argument("--window", type=float, nargs=2, default=[-160.0, 240.0], metavar=("LOW", "HIGH"),
                    help="HU window for PSNR/SSIM (default -160 240: W400 L40)")
+    p.add_argument("--fbp-cutoff", type=float, default=None,
+                   help="CT: FBP Hann window cutoff (fraction of Nyquist) of the simulated noise; default the "
+                        "model card's; 0.3 matches the noise power spectrum of the Philips head phantom scans")
     p.add_argument("--baseline", choices=["bm3d", "nlm", "none"], default="bm3d")
     p.add_argument("--slices", type=int, default=6, help="slices per series, evenly spread (default 6)")
     p.add_argument("--seed", type=int, default=1234)
@@ -79,7 +82,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(args.model, args.data, out, real_low_dose=args.real_low_dose,
                        nps_reference=args.nps_reference, dose=args.dose, window=args.window,
                        baseline=args.baseline, max_slices=args.slices, seed=args.seed, cache_dir=args.cache,
-                       write_card=args.write_card)
+                       write_card=args.write_card, fbp_cutoff=args.fbp_cutoff)
     print((Path(out) / "table.md").read_text())
     print(f"report in {out}")
     return 0

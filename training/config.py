@@ -98,6 +98,9 @@ class GanSection:
     gp_weight: float = 10.0
     critic_steps: int = 2
     critic_lr: float = 1e-4
+    critic_input_scale: float = 1.0  # the critic sees normalised images times this (HU/1000 noise is tiny)
+    critic_highpass: float = 0.0  # > 0: the critic sees clamp(x - box5(x), +-this) (texture only), times the scale
+    critic_warmup: int = 0  # first steps train the critic only (the generator starts from the trained CNN)
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
 
 

@@ -21,6 +21,7 @@ modality's :class:`Normalisation`, with random flips and 90-degree rotations app
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -288,6 +289,7 @@ class NoiseSettings:
     n_views: int = 360
     window: str = "hann"
     cutoff: float = 1.0
+    cutoff_range: tuple[float, float] | None = None  # draw the FBP window cutoff per realisation (noise texture)
     realisations: int = 2
     sigma_range: tuple[float, float] = (0.02, 0.08)
     gain_range: tuple[float, float] = (0.002, 0.01)
@@ -400,7 +402,14 @@ class NoisyCache:
                 if settings.kind == "ct":
                     d = float(rng.uniform(*settings.dose_range))
                     j = math.exp(rng.uniform(math.log(settings.flux_jitter[0]), math.log(settings.flux_jitter[1])))
-                    noise = simulator.added_noise(clean, s.pixel_mm, self.flux[s.name] * j, d, gen, p=p)
+                    sim_k, flux_k = simulator, self.flux[s.name] * j
+                    if settings.cutoff_range:
+                        # Another kernel: noise SD scales about as cutoff^1.5 at a given flux, so scale the flux
+                        # by (c / c_nominal)^3 to keep the calibrated noise level while the texture changes.
+                        c = float(rng.uniform(*settings.cutoff_range))
+                        sim_k = ct_simulator(dataclasses.replace(settings, cutoff=c))
+                        flux_k *= (c / settings.cutoff) ** 3
+                    noise = sim_k.added_noise(clean, s.pixel_mm, flux_k, d, gen, p=p)
                     versions.append((clean + noise).numpy().astype(np.float32))
                 elif settings.kind == "rician":
                     from training.noise import rician

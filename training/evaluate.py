@@ -211,7 +211,8 @@ def pick_slices(series: Series, max_slices: int) -> list[int]:
     return [ok[i] for i in idx]
 
 
-def _simulate_input(series: Series, slices: list[int], card_noise: dict, dose: float, seed: int):
+def _simulate_input(series: Series, slices: list[int], card_noise: dict, dose: float, seed: int,
+                    fbp_cutoff: float | None = None):
     """Noisy inputs for ``slices`` and a description of the noise."""
     from training.data import NoiseSettings, calibrate_series_flux, ct_simulator
 
@@ -221,11 +222,14 @@ def _simulate_input(series: Series, slices: list[int], card_noise: dict, dose: f
         for k in ("electronic_sd", "n_views", "window", "cutoff"):
             if k in card_noise:
                 setattr(settings, k, card_noise[k])
+        if fbp_cutoff is not None:
+            settings.cutoff = float(fbp_cutoff)
         flux, measured, simulated = calibrate_series_flux(series, settings)
         sim = ct_simulator(settings)
         noisy = [sim.simulate(torch.from_numpy(series.volume[k]), series.pixel_mm, flux, dose, gen).numpy()
                  for k in slices]
-        return noisy, {"noise": "ct-projection", "dose_fraction": dose, "flux": float(f"{flux:.4g}"),
+        return noisy, {"noise": "ct-projection", "dose_fraction": dose, "fbp_window": settings.window,
+                       "fbp_cutoff": settings.cutoff, "flux": float(f"{flux:.4g}"),
                        "series_noise_sd_hu": round(measured, 3), "simulated_full_dose_sd_hu": round(simulated, 3)}
     from training.noise import poisson_gaussian, rician
 
@@ -246,7 +250,7 @@ def _simulate_input(series: Series, slices: list[int], card_noise: dict, dose: f
 
 def evaluate_series(network, card, series: Series, dose: float, window, baseline: str, max_slices: int,
                     seed: int, cache_dir: Path | None, reference: Series | None = None,
-                    real: bool = False) -> tuple[SeriesResult, dict[str, np.ndarray]]:
+                    real: bool = False, fbp_cutoff: float | None = None) -> tuple[SeriesResult, dict[str, np.ndarray]]:
     """Score one series. ``real``: the series itself is the (real) noisy input and has no reference."""
     from training.noise import flat_mask, noise_sd
 
@@ -258,7 +262,7 @@ def evaluate_series(network, card, series: Series, dose: float, window, baseline
         refs = None
         info = {"input": "real series"}
     else:
-        inputs, info = _simulate_input(series, slices, card.noise, dose, seed)
+        inputs, info = _simulate_input(series, slices, card.noise, dose, seed, fbp_cutoff)
         refs = [series.volume[k] for k in slices]
     outputs = [denoise_image(network, x, card.normalization) for x in inputs]
     methods = {"input": inputs, "model": outputs}
@@ -271,7 +275,7 @@ def evaluate_series(network, card, series: Series, dose: float, window, baseline
             else:
                 m = flat_mask(x) if is_ct else torch.zeros(x.shape, dtype=torch.bool)
                 sigma = noise_sd(x, m) if bool(m.any()) else float(np.std(x - _smooth(x, 2.0)))
-            key = f"{series.source}:{series.uid}:{k}:{'real' if real else dose}:{seed}"
+            key = f"{series.source}:{series.uid}:{k}:{'real' if real else dose}:{seed}:{fbp_cutoff}"
             base.append(baseline_denoise(baseline, x, sigma, cache_dir, key))
         methods[baseline] = base
     result = SeriesResult(series.name, "real-low-dose" if real else "simulated", slices, extra=info)
@@ -405,7 +409,7 @@ def evaluate(model: str | os.PathLike, data: Sequence[str], out_dir: str | os.Pa
              real_low_dose: Sequence[str] = (), nps_reference: str | None = None, dose: float = 0.25,
              window: Sequence[float] | None = (-160.0, 240.0), baseline: str = "bm3d", max_slices: int = 8,
              seed: int = 1234, cache_dir: str | os.PathLike | None = None, write_card: bool = False,
-             figures: bool = True) -> dict[str, Any]:
+             figures: bool = True, fbp_cutoff: float | None = None) -> dict[str, Any]:
     """Score the model folder ``model`` on ``data`` (simulated dose) and ``real_low_dose`` series.
 
     Writes ``metrics.json``, ``table.md``, ``table.csv`` and one figure per series into ``out_dir`` (plus
@@ -429,7 +433,7 @@ def evaluate(model: str | os.PathLike, data: Sequence[str], out_dir: str | os.Pa
             for series in read_series(resolve_data_path(p)):
                 LOGGER.info("evaluating %s on %s (%s)", card.name, series.name, "real" if real else "simulated")
                 res, images = evaluate_series(network, card, series, dose, window, baseline, max_slices, seed,
-                                              cache, reference=reference, real=real)
+                                              cache, reference=reference, real=real, fbp_cutoff=fbp_cutoff)
                 results.append(res)
                 if figures:
                     save_figure(out / f"{series.name}-{res.kind}.png", f"{card.name}: {series.name} ({res.kind})",
@@ -444,7 +448,7 @@ def evaluate(model: str | os.PathLike, data: Sequence[str], out_dir: str | os.Pa
                 w.writerow([r.name, r.kind, m, *[row.get(c, "") for c in _COLUMNS]])
     metrics = {
         "model": card.name, "dose_fraction": dose, "window_hu": list(window) if window else None,
-        "baseline": baseline, "seed": seed, "max_slices": max_slices,
+        "baseline": baseline, "seed": seed, "max_slices": max_slices, "fbp_cutoff": fbp_cutoff,
         "series": [{"name": r.name, "kind": r.kind, "slices": r.slices, "extra": r.extra, "rows": r.rows}
                    for r in results],
     }
@@ -462,6 +466,8 @@ def card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"dose_fraction": metrics["dose_fraction"], "baseline": metrics["baseline"]}
     if metrics.get("window_hu"):
         out["window_hu"] = metrics["window_hu"]
+    if metrics.get("fbp_cutoff") is not None:
+        out["fbp_cutoff"] = metrics["fbp_cutoff"]
     for s in metrics["series"]:
         entry = {}
         for method, row in s["rows"].items():

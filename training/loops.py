@@ -314,30 +314,44 @@ class Trainer:
         self._backward(loss)
         return {"loss": float(rec), "regulariser": float(reg)}
 
+    def _critic_view(self, images: torch.Tensor) -> torch.Tensor:
+        """What the critic sees: the image, or its clamped high-pass (noise texture), times the input scale."""
+        g = self.cfg.gan
+        if g.critic_highpass > 0:
+            images = images - F.avg_pool2d(images, 5, stride=1, padding=2, count_include_pad=False)
+            images = images.clamp(-g.critic_highpass, g.critic_highpass)
+        return images * float(g.critic_input_scale)
+
     def _gan_step(self, x, y) -> dict[str, float]:
         g = self.cfg.gan
+        view = self._critic_view
         # Critic: n_critic updates on the same batch, generator frozen.
         with torch.no_grad():
             fake = self.network(x).float()
         for _ in range(g.critic_steps):
             self.critic_opt.zero_grad(set_to_none=True)
-            w_dist = self.critic(y).mean() - self.critic(fake).mean()
-            gp = gradient_penalty(self.critic, y, fake)
+            real_v, fake_v = view(y), view(fake)
+            w_dist = self.critic(real_v).mean() - self.critic(fake_v).mean()
+            gp = gradient_penalty(self.critic, real_v, fake_v)
             critic_loss = -w_dist + g.gp_weight * gp
             critic_loss.backward()
             self.critic_opt.step()
+        numbers = {"wasserstein": float(w_dist.detach()), "gp": float(gp.detach())}
+        if self.step < g.critic_warmup:  # critic warm-up: the generator waits
+            numbers["loss"] = float(pixel_loss(self.cfg.train.loss, fake, y))
+            self.scheduler.step()
+            return numbers
         # Generator: pixel loss + small adversarial term.
         for p in self.critic.parameters():
             p.requires_grad_(False)
         out = self.network(x).float()
         pix = pixel_loss(self.cfg.train.loss, out, y)
-        adv = -self.critic(out).mean()
+        adv = -self.critic(view(out)).mean()
         loss = pix + g.adversarial_weight * adv
         self._backward(loss)
         for p in self.critic.parameters():
             p.requires_grad_(True)
-        return {"loss": float(pix.detach()), "adversarial": float(adv.detach()), "wasserstein": float(w_dist.detach()),
-                "gp": float(gp.detach())}
+        return {**numbers, "loss": float(pix.detach()), "adversarial": float(adv.detach())}
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -441,16 +455,23 @@ class Trainer:
         card = ModelCard(
             name=cfg.name, version=cfg.version, architecture=cfg.model.architecture,
             arguments=dict(cfg.model.arguments), modalities=[cfg.modality] if cfg.modality != "XR" else
-            ["CR", "DX", "DR"], body_parts=list(cfg.body_parts), normalization=normalization_for(cfg),
+            ["CR", "DX"], body_parts=list(cfg.body_parts), normalization=normalization_for(cfg),
             noise=noise, description=cfg.description,
             training={"mode": cfg.mode, "steps": self.step, "patch": cfg.data.patch, "batch": cfg.data.batch,
                       "loss": cfg.train.loss, **{k: v for k, v in self.data_summary.items() if v is not None},
-                      "command": f"python -m training {Path(cfg.source).name if cfg.source else 'CONFIG'}"},
+                      "command": f"python -m training {_relative(cfg.source) if cfg.source else 'CONFIG'}"},
             metrics=metrics or {},
         )
         save_model_folder(self.final_network(), card, path)
         self.network.to(self.device)
         return Path(path)
+
+
+def _relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def train(cfg: TrainingConfig, run_dir: str | os.PathLike | None = None, resume: bool = False,
