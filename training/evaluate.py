@@ -9,9 +9,10 @@ Metrics (CT in HU; every mask is computed on the reference, or on the smoothed i
 applied to every image compared):
 
 ``psnr``, ``ssim``
-    in the display window ``window`` (default W400/L40 = [-160, 240] HU): both images clipped to the window,
+    CT: in the display window ``window`` (default W400/L40 = [-160, 240] HU): both images clipped to the window,
     data range = window width, over the body (the filled region above -500 HU); SSIM is skimage's (Gaussian
-    weights, sigma 1.5) averaged over the body.
+    weights, sigma 1.5) averaged over the body. MR and X-ray: no clipping, data range = the reference's 0.5-99.5
+    percentile range, over the brighter half of the image (the object).
 ``rmse_hu``
     root mean square error in HU over the body (no clipping).
 ``bias_hu``, ``bias_max_region_hu``
@@ -130,8 +131,8 @@ def psnr_ssim(image: np.ndarray, reference: np.ndarray, body: np.ndarray, window
 
     if window is not None:
         lo, hi = window
-    else:
-        lo, hi = np.percentile(reference[body], [0.5, 99.5])
+    else:  # no window (MR, X-ray): the reference's 0.5-99.5 percentile range over the whole image
+        lo, hi = np.percentile(reference, [0.5, 99.5])
     rng = float(hi - lo)
     a, b = np.clip(image, lo, hi), np.clip(reference, lo, hi)
     mse = float(np.mean((a[body] - b[body]) ** 2))
