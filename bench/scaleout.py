@@ -6,7 +6,9 @@ squared) denoised by the same small random-weight CNN (a stand-in for a real mod
 exported to the local output folder. The series are first received by a receive-only process, so every job is
 queued before any worker starts; the jobs are held back (``not_before`` in the future) until every worker has
 started and run one warm-up job (torch import and model load), then released at once. The time is from the release
-to the last export finished, read from the job table. Each worker process runs torch with one thread
+to the last export finished, read from the job table; the CPU the worker processes used meanwhile is printed
+beside it (cores busy on average), with the time their threads were runnable but waiting for a CPU: together they
+show when the machine, not the node, is the limit. Each worker process runs torch with one thread
 (``OMP_NUM_THREADS=1``), so N workers use N cores: on a machine with fewer free cores than workers the ratio
 says so. PostgreSQL is a private server started for the run (``fsync=off``).
 
@@ -95,6 +97,30 @@ class Run:
             time.sleep(0.1)
 
 
+def cpu_seconds(procs: list[subprocess.Popen]) -> float:
+    """User + system CPU seconds used so far by ``procs`` (from /proc; 0 where unavailable)."""
+    total = 0.0
+    for proc in procs:
+        try:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def runqueue_wait_seconds(procs: list[subprocess.Popen]) -> float:
+    """Seconds the threads of ``procs`` were runnable but waited for a CPU (/proc/PID/task/*/schedstat)."""
+    total = 0.0
+    for proc in procs:
+        for stat in Path(f"/proc/{proc.pid}/task").glob("*/schedstat"):
+            try:
+                total += int(stat.read_text().split()[1]) / 1e9
+            except (OSError, IndexError, ValueError):
+                pass
+    return total
+
+
 def measure(label: str, base: Path, config: Path, database_url: str, workers: int, warmup: list[list[Path]],
             series: list[list[Path]]) -> float:
     """Run one configuration; return series per minute."""
@@ -115,18 +141,20 @@ def measure(label: str, base: Path, config: Path, database_url: str, workers: in
         warm_ids, measured_ids = ids[:len(warmup)], ids[len(warmup):]
         if database_url:
             run.start("export", "exporter")
-            for i in range(workers):
-                run.start("worker", f"worker{i}")
+            worker_procs = [run.start("worker", f"worker{i}") for i in range(workers)]
         else:
             run.stop(receiver)
-            run.start("all", "node")  # one process: receive, worker, export
+            worker_procs = [run.start("all", "node")]  # one process: receive, worker, export
         with run.engine.begin() as conn:
             conn.execute(update(Job).where(Job.id.in_(warm_ids)).values(not_before=utcnow()))
         run.wait("warm-up jobs", lambda: run.count(Job, "succeeded") == len(warm_ids))
         with run.engine.begin() as conn:
             released = utcnow()
             conn.execute(update(Job).where(Job.id.in_(measured_ids)).values(not_before=released))
+        cpu_start, wait_start = cpu_seconds(worker_procs), runqueue_wait_seconds(worker_procs)
         run.wait("every export", lambda: run.count(Export, "succeeded") == total)
+        cpu_used = cpu_seconds(worker_procs) - cpu_start
+        waited = runqueue_wait_seconds(worker_procs) - wait_start
         with run.engine.connect() as conn:
             last = conn.execute(select(func.max(Export.finished_at))).scalar()
             per_worker = conn.execute(select(Job.worker_id, func.count()).where(Job.id.in_(measured_ids))
@@ -135,8 +163,9 @@ def measure(label: str, base: Path, config: Path, database_url: str, workers: in
         seconds = (last - released).total_seconds()
         rate = len(series) / seconds * 60
         spread = ", ".join(str(n) for _w, n in sorted(per_worker, key=lambda r: -r[1]))
-        print(f"{label:34} {seconds:7.1f} s  {rate:6.1f} series/min  (jobs per worker: {spread}; retried {failed})",
-              flush=True)
+        print(f"{label:34} {seconds:7.1f} s  {rate:6.1f} series/min  (jobs per worker: {spread}; retried {failed}; "
+              f"worker CPU {cpu_used:.0f} s = {cpu_used / seconds:.2f} cores busy, {waited:.0f} s runnable but "
+              f"waiting for a CPU)", flush=True)
         return rate
     finally:
         run.stop()
