@@ -12,7 +12,6 @@ import struct
 import time
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 
 from dicom_node.denoise.testing import make_tiny_model
