@@ -38,8 +38,8 @@ JOBS_FINISHED = Counter("dicom_node_jobs_finished", "Denoising jobs finished by 
                         ["outcome"], registry=REGISTRY)
 STAGE_SECONDS = Histogram(
     "dicom_node_stage_duration_seconds",
-    "Seconds per series and stage: receive (first to last instance), queue (job queued to started), "
-    "denoise (job run), export (one attempt to one destination)",
+    "Seconds per series and stage: receive (first to last instance), denoise (job run), "
+    "export (one attempt to one destination)",
     ["stage"], registry=REGISTRY,
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
 )
