@@ -30,6 +30,7 @@ import socket
 from dicom_node.assemble import Assembler
 from dicom_node.config import Config
 from dicom_node.export import Exporter, StalledExportSweeper, destinations_to_serve
+from dicom_node.retention import RetentionSweeper
 from dicom_node.receive import Receiver, reindex_spool, start_scp
 from dicom_node.store.database import make_engine, migrate, utcnow
 from dicom_node.store.queue import requeue_orphans
@@ -108,6 +109,7 @@ class Node:
         if "receive" in self.roles:
             threads.append(Assembler(engine, self.cfg, self.stop_event))
             threads.append(audit.AuditPurger(self.cfg, engine, self.stop_event))
+            threads.append(RetentionSweeper(self.cfg, engine, self.stop_event))
         if "worker" in self.roles and self.cfg.worker.enabled:
             from dicom_node.worker import ModelCache, Worker
 

@@ -36,10 +36,13 @@ class SeriesState(str, enum.Enum):
 
     ``receiving`` until no instance arrived for the quiet time, then ``complete``. A late instance puts a complete
     series back to ``receiving``; its next completion gets a higher ``completion_count`` (a new job version).
+    ``purged`` once retention removed its files (see :mod:`dicom_node.retention`).
     """
 
     receiving = "receiving"
     complete = "complete"
+    #: Complete, and its files were removed when its retention period ran out.
+    purged = "purged"
 
 
 class JobState(str, enum.Enum):

@@ -178,7 +178,7 @@ def test_quiet_series_completes_and_late_instance_makes_a_new_version(receiver: 
     assert again[0].version == 2 and again[0].instance_count == 4 and again[0].job_pk != done[0].job_pk
     with receiver.engine.connect() as conn:
         counts = status_counts(conn)
-    assert counts.series == {"receiving": 0, "complete": 1} and counts.instances == 4
+    assert counts.series == {"receiving": 0, "complete": 1, "purged": 0} and counts.instances == 4
     assert counts.jobs["queued"] == 2
 
 
