@@ -53,10 +53,10 @@ def test_denoise_folder_with_two_series_and_previews(setup: tuple[Path, Path, Pa
 
 def test_denoise_refuses_series_without_fitting_model(setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     tmp_path, _models, config = setup
-    write_series(tmp_path / "mr", np.zeros((1, 8, 8), np.uint16), modality="MR", slope=None)
-    rc = main(["denoise", str(tmp_path / "mr"), str(tmp_path / "out"), "-c", str(config), "--no-progress"])
+    write_series(tmp_path / "pt", np.zeros((1, 8, 8), np.uint16), modality="PT", slope=None)
+    rc = main(["denoise", str(tmp_path / "pt"), str(tmp_path / "out"), "-c", str(config), "--no-progress"])
     assert rc == 1
-    assert "no installed model fits MR series" in capsys.readouterr().err
+    assert "no installed model fits PT series" in capsys.readouterr().err
 
 
 def test_models_list_and_show(setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
