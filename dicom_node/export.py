@@ -28,6 +28,7 @@ from sqlalchemy import Engine
 
 from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config, Destination
+from dicom_node.receive import set_no_delay
 from dicom_node.store.database import utcnow
 from dicom_node.store.queue import (
     ClaimedExport,
@@ -109,6 +110,7 @@ def send_series(cfg: Config, dest: Destination, files: list[tuple[int, str, Path
     assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         return association_failure(assoc, dest)
+    set_no_delay(assoc)
     try:
         accepted: dict[str, set[str]] = {}
         for cx in assoc.accepted_contexts:

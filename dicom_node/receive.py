@@ -385,6 +385,22 @@ class AllowListACSE(ACSE):
         super()._negotiate_as_acceptor()
 
 
+def set_no_delay(assoc: Any) -> None:
+    """Turn off Nagle's algorithm on an association's socket (pynetdicom leaves it on).
+
+    With Nagle on, a write made while the previous one is unacknowledged waits for the peer's delayed ACK. A series
+    sent to a PACS goes out as many PDUs of the destination's maximum length (16 KiB for Orthanc and dcmtk by
+    default), each its own ``send``: measured on loopback, pynetdicom sent 26 instances/s to Orthanc with Nagle
+    on and about 60/s with it off.
+    """
+    import socket
+
+    try:
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError) as exc:
+        LOGGER.debug("cannot set TCP_NODELAY: %s", exc)
+
+
 def _log_association(event: evt.Event) -> None:
     assoc = event.assoc
     LOGGER.info("assoc %s %s: calling %s at %s", assoc.native_id, event.event.name.removeprefix("EVT_").lower(),
@@ -445,13 +461,14 @@ def start_scp(cfg: Config, receiver: Receiver) -> tuple[AE, Any]:
         (evt.EVT_ABORTED, _log_association_end, [receiver]),
         (evt.EVT_REJECTED, _log_rejected),
     ]
-    if cfg.security.allowed_hosts:
-        networks = [ipaddress.ip_network(h, strict=False) for h in cfg.security.allowed_hosts]
+    networks = [ipaddress.ip_network(h, strict=False) for h in cfg.security.allowed_hosts]
 
-        def _install_acse(event: evt.Event) -> None:
+    def _on_connection(event: evt.Event) -> None:
+        set_no_delay(event.assoc)
+        if networks:
             event.assoc.acse = AllowListACSE(event.assoc, networks)
 
-        handlers.append((evt.EVT_CONN_OPEN, _install_acse))
+    handlers.append((evt.EVT_CONN_OPEN, _on_connection))
     ssl_context = make_ssl_context(cfg) if cfg.security.tls else None
     server = ae.start_server(
         (cfg.node.bind_address, cfg.node.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
