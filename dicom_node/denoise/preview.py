@@ -33,6 +33,10 @@ def write_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     return out
 
 
+#: (low, high) HU of the soft-tissue window W400/L40.
+SOFT_TISSUE_WINDOW_HU = (-160.0, 240.0)
+
+
 def _window(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     if hi <= lo:
         hi = lo + 1.0
@@ -42,13 +46,17 @@ def _window(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def preview_image(before: np.ndarray, after: np.ndarray, fmt: PixelFormat) -> np.ndarray:
     """Side-by-side before | after | difference, 8-bit.
 
-    Before and after share one window (CT: the brain-to-bone window -160..240 HU is too narrow for body, so the
-    1st-99th percentile of the source is used for every modality); the difference is centred on grey with
-    +-3 standard deviations of the difference as full scale. MONOCHROME1 images are shown inverted, as viewers do.
+    Before and after share one window: for images in HU the soft-tissue window (W400/L40, -160..240 HU), where
+    noise and low-contrast edges are what a reader judges (a percentile window spans air to bone and hides both);
+    otherwise the 1st-99th percentile of the source. The difference is centred on grey with +-3 standard
+    deviations of the difference as full scale. MONOCHROME1 images are shown inverted, as viewers do.
     """
     b = stored_to_physical(before, fmt)
     a = stored_to_physical(after, fmt)
-    lo, hi = np.percentile(b, [1, 99])
+    if (fmt.rescale_type or "").upper() == "HU":
+        lo, hi = SOFT_TISSUE_WINDOW_HU
+    else:
+        lo, hi = np.percentile(b, [1, 99])
     left, middle = _window(b, lo, hi), _window(a, lo, hi)
     if fmt.photometric == "MONOCHROME1":
         left, middle = 255 - left, 255 - middle
