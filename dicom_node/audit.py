@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, insert, select
 
 from dicom_node.config import Config
+from dicom_node.periodic import PeriodicTask
 from dicom_node.store.schema import AuditEvent
 
 LOGGER = logging.getLogger(__name__)
@@ -100,24 +101,18 @@ def purge(conn: Connection, now: dt.datetime, retention_days: float) -> int:
     return int(conn.execute(delete(AuditEvent).where(AuditEvent.at < cutoff)).rowcount or 0)
 
 
-class AuditPurger(threading.Thread):
+class AuditPurger(PeriodicTask):
     """Applies ``audit.retention_days`` at start and then every ``interval`` seconds until ``stop`` is set."""
 
     def __init__(self, cfg: Config, engine: Engine, stop: threading.Event, interval: float = 3600.0) -> None:
-        super().__init__(name="audit-purger", daemon=True)
-        self.cfg, self.engine, self.stop_event, self.interval = cfg, engine, stop, interval
+        super().__init__("audit-purger", self.purge_once, stop, interval)
+        self.cfg, self.engine = cfg, engine
 
-    def run(self) -> None:
+    def purge_once(self) -> int:
         from dicom_node.store.database import utcnow
 
-        while True:
-            try:
-                with self.engine.begin() as conn:
-                    removed = purge(conn, utcnow(), self.cfg.audit.retention_days)
-                if removed:
-                    LOGGER.info("audit log: removed %d event(s) older than %g days", removed,
-                                self.cfg.audit.retention_days)
-            except Exception:
-                LOGGER.exception("audit purge failed; retrying later")
-            if self.stop_event.wait(self.interval):
-                return
+        with self.engine.begin() as conn:
+            removed = purge(conn, utcnow(), self.cfg.audit.retention_days)
+        if removed:
+            LOGGER.info("audit log: removed %d event(s) older than %g days", removed, self.cfg.audit.retention_days)
+        return removed

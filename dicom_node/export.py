@@ -28,6 +28,7 @@ from sqlalchemy import Engine
 
 from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config, Destination
+from dicom_node.periodic import PeriodicTask
 from dicom_node.receive import set_no_delay
 from dicom_node.store.database import utcnow
 from dicom_node.store.queue import (
@@ -246,24 +247,19 @@ class Exporter(threading.Thread):
                 self.stop_event.wait(self.cfg.export.poll_seconds)
 
 
-class StalledExportSweeper(threading.Thread):
+class StalledExportSweeper(PeriodicTask):
     """Requeues exports whose exporter died (another process, or a crash) every ``poll`` seconds."""
 
     def __init__(self, cfg: Config, engine: Engine, stop: threading.Event, poll: float = 30.0) -> None:
-        super().__init__(name="export-sweeper", daemon=True)
-        self.cfg, self.engine, self.stop_event, self.poll = cfg, engine, stop, poll
+        super().__init__("export-sweeper", self.sweep_once, stop, poll)
+        self.cfg, self.engine = cfg, engine
 
-    def run(self) -> None:
-        while True:
-            try:
-                with self.engine.begin() as conn:
-                    ids = requeue_stalled_exports(conn, utcnow(), self.cfg.export.stall_timeout_seconds)
-                if ids:
-                    LOGGER.warning("exports %s made no progress; queued again", ids)
-            except Exception:
-                LOGGER.exception("export sweeper error")
-            if self.stop_event.wait(self.poll):
-                return
+    def sweep_once(self) -> list[int]:
+        with self.engine.begin() as conn:
+            ids = requeue_stalled_exports(conn, utcnow(), self.cfg.export.stall_timeout_seconds)
+        if ids:
+            LOGGER.warning("exports %s made no progress; queued again", ids)
+        return ids
 
 
 def destinations_to_serve(cfg: Config) -> list[str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, delete, select, update
 
 from dicom_node.config import Config
+from dicom_node.periodic import PeriodicTask
 from dicom_node.store.database import utcnow
 from dicom_node.store.schema import Export, Instance, Job, Series, SeriesState
 
@@ -86,18 +87,8 @@ def _remove_files(cfg: Config, paths: list[str], job_ids: list[int]) -> None:
         shutil.rmtree(cfg.outbox_path / f"job-{job_id}", ignore_errors=True)
 
 
-class RetentionSweeper(threading.Thread):
+class RetentionSweeper(PeriodicTask):
     """Runs :func:`purge_once` at start and then every ``interval`` seconds until ``stop`` is set."""
 
     def __init__(self, cfg: Config, engine: Engine, stop: threading.Event, interval: float = 600.0) -> None:
-        super().__init__(name="retention", daemon=True)
-        self.cfg, self.engine, self.stop_event, self.interval = cfg, engine, stop, interval
-
-    def run(self) -> None:
-        while True:
-            try:
-                purge_once(self.engine, self.cfg)
-            except Exception:
-                LOGGER.exception("retention sweep failed; retrying later")
-            if self.stop_event.wait(self.interval):
-                return
+        super().__init__("retention", lambda: purge_once(engine, cfg), stop, interval)

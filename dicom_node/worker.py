@@ -9,6 +9,7 @@ in one transaction. A series the model refuses fails at once with the reason; ot
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import shutil
@@ -206,7 +207,7 @@ class Worker(threading.Thread):
             metrics.JOBS_FINISHED.labels("failed").inc()
         except Exception as exc:
             retry = not self.policy.gives_up(job.attempts)
-            when = utcnow() + _seconds(self.policy.delay(job.attempts)) if retry else None
+            when = utcnow() + dt.timedelta(seconds=self.policy.delay(job.attempts)) if retry else None
             LOGGER.exception("job %d: attempt %d failed%s", job.id, job.attempts,
                              "; will retry" if retry else "; giving up")
             with self.engine.begin() as conn:
@@ -226,13 +227,3 @@ class Worker(threading.Thread):
                 ran = False
             if not ran:
                 self.stop_event.wait(self.cfg.worker.poll_seconds)
-
-
-def _seconds(value: float):  # type: ignore[no-untyped-def]
-    import datetime as dt
-
-    return dt.timedelta(seconds=value)
-
-
-def outbox_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
