@@ -80,7 +80,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     from dicom_node.store.repository import status_counts
 
-    engine = _open_existing_database(cfg)
+    engine = open_existing_database(cfg)
     if engine is None:
         return 1
     with engine.connect() as conn:
@@ -109,7 +109,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_existing_database(cfg: Config):  # type: ignore[no-untyped-def]
+def open_existing_database(cfg: Config):  # type: ignore[no-untyped-def]
+    """The engine of an existing job table, or ``None`` after telling the user why there is none."""
     from dicom_node.store.database import make_engine, schema_version
 
     if not cfg.node.database_url and not cfg.data_path.is_dir():
@@ -139,7 +140,7 @@ def _cmd_jobs_list(args: argparse.Namespace) -> int:
     from dicom_node.store.schema import Export, Job, Series
 
     cfg = config_from_args(args)
-    engine = _open_existing_database(cfg)
+    engine = open_existing_database(cfg)
     if engine is None:
         return 1
     now = utcnow()
@@ -176,7 +177,7 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
     from dicom_node.store.schema import Export, ExportInstance, Job, Series
 
     cfg = config_from_args(args)
-    engine = _open_existing_database(cfg)
+    engine = open_existing_database(cfg)
     if engine is None:
         return 1
     with engine.connect() as conn:
@@ -219,7 +220,7 @@ def _cmd_jobs_action(args: argparse.Namespace) -> int:
     from dicom_node.store.queue import cancel, retry
 
     cfg = config_from_args(args)
-    engine = _open_existing_database(cfg)
+    engine = open_existing_database(cfg)
     if engine is None:
         return 1
     action = retry if args.action == "retry" else cancel

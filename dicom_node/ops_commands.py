@@ -56,11 +56,11 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     from dicom_node import audit
-    from dicom_node.commands import _open_existing_database
+    from dicom_node.commands import open_existing_database
     from dicom_node.store.database import utcnow
 
     cfg = config_from_args(args)
-    engine = _open_existing_database(cfg)
+    engine = open_existing_database(cfg)
     if engine is None:
         return 1
     since = utcnow() - dt.timedelta(hours=args.hours) if args.hours else None
