@@ -21,6 +21,7 @@ import logging
 import ssl
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -54,8 +55,9 @@ from sqlalchemy import Engine
 from dicom_node import __version__
 from dicom_node.config import Config
 from dicom_node.dataset_check import MalformedDataset, check_dataset_structure, inflate
+from dicom_node.scp_reactor import EventDrivenServer
 from dicom_node.store.database import utcnow
-from dicom_node.store.repository import InstanceFacts, record_instance
+from dicom_node.store.repository import InstanceFacts, forget_instance, record_instance
 from dicom_node.store.spool import Spool, is_valid_uid
 
 LOGGER = logging.getLogger(__name__)
@@ -210,6 +212,8 @@ class Receiver:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
+        #: Threads that fsync received files while the handler records their rows.
+        self.sync_pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="spool-fsync")
         #: Per open association: [instances stored, instances refused].
         self.per_association: dict[int, list[int]] = {}
 
@@ -304,22 +308,48 @@ def store_instance(receiver: Receiver, request_stream: BytesIO, transfer_syntax:
 
     relative = receiver.spool.relative_path(facts.study_uid, facts.series_uid, facts.sop_instance_uid)
     meta = encode_file_meta(sop_class_uid, facts.sop_instance_uid, ts, calling_ae)
-    replaced = receiver.spool.absolute(relative).exists()
+    target = receiver.spool.absolute(relative)
+    replaced = target.exists()
     try:
-        size = receiver.spool.write(relative, (meta, encoded))
+        pending = receiver.spool.begin_write(relative, (meta, encoded))
+        pending.place()
     except OSError as exc:
         raise StoreRefused(STATUS_OUT_OF_RESOURCES, f"cannot write the file: {exc.strerror or exc}") from exc
+    # The fsyncs (GIL released) run in a helper thread while this one records the row; the answer waits for both.
+    synced = receiver.sync_pool.submit(pending.sync)
+    instance_pk: int | None = None
+    database_error: Exception | None = None
     try:
         with receiver.engine.begin() as conn:
-            record_instance(conn, facts, relative, size, utcnow())
+            instance_pk = record_instance(conn, facts, relative, pending.size, utcnow())
     except Exception as exc:
+        database_error = exc
+    try:
+        synced.result()
+    except OSError as exc:
+        LOGGER.error("cannot fsync %s: %s", relative, exc)
+        if not replaced:
+            _forget_unacknowledged(receiver, target, instance_pk)
+        raise StoreRefused(STATUS_OUT_OF_RESOURCES, f"cannot write the file: {exc.strerror or exc}") from exc
+    if database_error is not None:
         # The file is whole and fsynced, but unacknowledged: remove it so nothing unrecorded stays behind.
         # (A re-send overwrote an earlier, recorded copy: keep that one, its row still points at it.)
-        LOGGER.error("database error while recording an instance: %s", exc)
+        LOGGER.error("database error while recording an instance: %s", database_error)
         if not replaced:
-            receiver.spool.absolute(relative).unlink(missing_ok=True)
-        raise StoreRefused(STATUS_OUT_OF_RESOURCES, "database error while recording the instance") from exc
+            target.unlink(missing_ok=True)
+        raise StoreRefused(STATUS_OUT_OF_RESOURCES, "database error while recording the instance") from database_error
     return relative
+
+
+def _forget_unacknowledged(receiver: Receiver, target: Any, instance_pk: int | None) -> None:
+    """Remove the file and the row of a new instance whose write failed (best effort: both are reported)."""
+    try:
+        target.unlink(missing_ok=True)
+        if instance_pk is not None:
+            with receiver.engine.begin() as conn:
+                forget_instance(conn, instance_pk)
+    except Exception as exc:
+        LOGGER.error("cannot remove the unacknowledged instance %s: %s", target.name, exc)
 
 
 def handle_store(event: evt.Event, receiver: Receiver) -> int | Dataset:
@@ -470,9 +500,12 @@ def start_scp(cfg: Config, receiver: Receiver) -> tuple[AE, Any]:
 
     handlers.append((evt.EVT_CONN_OPEN, _on_connection))
     ssl_context = make_ssl_context(cfg) if cfg.security.tls else None
-    server = ae.start_server(
-        (cfg.node.bind_address, cfg.node.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
-    )
+    # ae.start_server(block=False) with pynetdicom's polling reactors replaced by event-driven ones
+    server = ae.make_server((cfg.node.bind_address, cfg.node.port), evt_handlers=handlers,
+                            ssl_context=ssl_context, server_class=EventDrivenServer)
+    thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # so ae.shutdown() stops it, as for start_server
     LOGGER.info("listening as %s on %s:%d%s", cfg.node.ae_title, cfg.node.bind_address, cfg.node.port,
                 " (TLS)" if ssl_context else "")
     return ae, server
@@ -482,10 +515,11 @@ def start_scp(cfg: Config, receiver: Receiver) -> tuple[AE, Any]:
 def reindex_spool(receiver: Receiver) -> int:
     """Record every spool file that has no row (after a power loss cut the last commits); return how many.
 
-    Also removes partial files of writes that a crash interrupted (they were never acknowledged).
+    Also removes partial files of writes that a crash interrupted (they were never acknowledged). A file in place
+    without a row was either acknowledged (then it was fsynced and is whole) or its write was interrupted before
+    the answer; the latter can be cut short by a power loss, so each such file is walked like a received dataset
+    and, when broken, moved to ``<data_dir>/quarantine/`` instead of being recorded.
     """
-    from pydicom import dcmread
-
     receiver.spool.remove_incoming_leftovers()
     with receiver.engine.connect() as conn:
         from dicom_node.store.repository import known_instance_paths
@@ -497,13 +531,46 @@ def reindex_spool(receiver: Receiver) -> int:
         if relative in known:
             continue
         try:
-            ds = dcmread(path, stop_before_pixels=True)
-            facts = extract_facts(ds, ds.file_meta.TransferSyntaxUID, str(ds.file_meta.get("SourceApplicationEntityTitle", "")), "")
+            facts, size = _facts_of_spool_file(path)
+        except (MalformedDataset, StoreRefused, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            quarantined = _quarantine(receiver, path)
+            LOGGER.error("spool file %s has no row and is broken (%s): moved to %s", relative, reason, quarantined)
+            continue
+        try:
             with receiver.engine.begin() as conn:
-                record_instance(conn, facts, relative, path.stat().st_size, utcnow())
+                record_instance(conn, facts, relative, size, utcnow())
             added += 1
         except Exception as exc:
             LOGGER.error("cannot re-index spool file %s: %s", relative, exc)
     if added:
         LOGGER.warning("re-indexed %d spool file(s) that had no database row", added)
     return added
+
+
+def _facts_of_spool_file(path: Any) -> tuple[InstanceFacts, int]:
+    """Check a spool file like a received dataset and return its facts and size."""
+    from pydicom.filereader import read_dataset, read_preamble, _read_file_meta_info
+
+    data = path.read_bytes()
+    stream = BytesIO(data)
+    read_preamble(stream, False)
+    file_meta = _read_file_meta_info(stream)
+    ts = UID(str(file_meta.get("TransferSyntaxUID", "")))
+    if not ts.is_transfer_syntax:
+        raise ValueError("no valid transfer syntax in the file meta")
+    encoded = memoryview(data)[stream.tell():]
+    plain = inflate(encoded) if ts == DeflatedExplicitVRLittleEndian else encoded
+    check_dataset_structure(plain, ts.is_implicit_VR, ts.is_little_endian)
+    ds = read_dataset(BytesIO(plain), ts.is_implicit_VR, ts.is_little_endian)
+    facts = extract_facts(ds, ts, str(file_meta.get("SourceApplicationEntityTitle", "")), "")
+    return facts, len(data)
+
+
+def _quarantine(receiver: Receiver, path: Any) -> str:
+    """Move a broken spool file out of the spool, keeping it for inspection; return where it went."""
+    folder = receiver.spool.root.parent / "quarantine"
+    folder.mkdir(parents=True, exist_ok=True)
+    destination = folder / f"{path.parent.name}-{path.name}"
+    path.replace(destination)
+    return str(destination)

@@ -65,33 +65,31 @@ class Spool:
         The target is replaced atomically if it exists (a re-sent instance). On any error nothing is left behind
         and the error propagates.
         """
-        target = self.absolute(relative)
+        pending = self.begin_write(relative, chunks)
+        pending.commit()
+        return pending.size
+
+    def begin_write(self, relative: str, chunks: Iterable[bytes | memoryview]) -> PendingWrite:
+        """Write ``chunks`` to a temporary file and return it, not yet durable nor in place.
+
+        The caller finishes with :meth:`PendingWrite.commit` (possibly in another thread, so the fsync overlaps
+        other work) or :meth:`PendingWrite.discard`. On error nothing is left behind and the error propagates.
+        """
         temp = self.incoming / f"{uuid.uuid4().hex}.part"
         size = 0
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                        size += written
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            new_dir = not target.parent.is_dir()
-            if new_dir:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, target)
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                    size += written
         except BaseException:
+            os.close(fd)
             temp.unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
-        if new_dir:
-            _fsync_dir(target.parent.parent)
-            _fsync_dir(target.parent.parent.parent)
-        return size
+        return PendingWrite(fd, temp, self.absolute(relative), size)
 
     def remove_incoming_leftovers(self) -> int:
         """Delete partial files of writes a crash interrupted; return how many there were."""
@@ -115,6 +113,71 @@ class Spool:
     def free_bytes(self) -> int:
         """Free space on the spool's filesystem, for an unprivileged writer."""
         return shutil.disk_usage(self.root).free
+
+
+class PendingWrite:
+    """A spool file written to ``.incoming`` whose fsync and rename into place are still to come.
+
+    :meth:`commit` does it all in the safe order (fsync, rename, fsync of the directory). The C-STORE handler
+    uses the parts instead: :meth:`place` first, then :meth:`sync` in a helper thread while it records the row,
+    and answers only after both. A crash of the process in between leaves a whole file in place (the kernel has
+    its data) that was never acknowledged; the start-up re-index checks such files before recording them.
+    """
+
+    def __init__(self, fd: int, temp: Path, target: Path, size: int) -> None:
+        self.fd: int | None = fd
+        self.temp = temp
+        self.target = target
+        self.size = size
+        self._new_dir = False
+
+    def commit(self) -> None:
+        """fsync the file, rename it into place and fsync the directories whose entries changed."""
+        try:
+            os.fsync(self._fd())
+        except BaseException:
+            self.discard()
+            raise
+        self.place()
+        self.sync()
+
+    def place(self) -> None:
+        """Rename the file into place (atomically replacing an earlier copy). On error nothing stays behind."""
+        try:
+            self._new_dir = not self.target.parent.is_dir()
+            if self._new_dir:
+                self.target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.temp, self.target)
+        except BaseException:
+            self.discard()
+            raise
+
+    def sync(self) -> None:
+        """fsync the file (if not done yet), close it, and fsync the directories whose entries changed."""
+        try:
+            if self.fd is not None:
+                os.fsync(self.fd)
+        finally:
+            self._close()
+        _fsync_dir(self.target.parent)
+        if self._new_dir:
+            _fsync_dir(self.target.parent.parent)
+            _fsync_dir(self.target.parent.parent.parent)
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (the target is not touched)."""
+        self._close()
+        self.temp.unlink(missing_ok=True)
+
+    def _fd(self) -> int:
+        if self.fd is None:
+            raise ValueError("the pending write is already closed")
+        return self.fd
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -148,6 +148,8 @@ def test_write_failure_refuses_with_a700(receiver: Receiver, series_files: list[
         send(receiver, series_files[0])
     assert info.value.status == STATUS_OUT_OF_RESOURCES and "No space left" in info.value.reason
     assert spool_files(receiver) == []
+    with receiver.engine.connect() as conn:  # the row recorded while the fsync ran is gone again
+        assert conn.execute(select(Instance.id)).all() == []
 
 
 def test_database_failure_refuses_and_removes_the_file(receiver: Receiver, series_files: list[Path],
@@ -213,3 +215,19 @@ def test_reindex_spool_recovers_rows_and_removes_partials(receiver: Receiver, se
         assert conn.execute(select(Instance.path)).scalar_one() == relative
     assert not list(receiver.spool.incoming.iterdir())
     assert reindex_spool(receiver) == 0
+
+
+def test_reindex_spool_quarantines_a_cut_short_file_without_row(receiver: Receiver,
+                                                                 series_files: list[Path]) -> None:
+    """A write interrupted by a power loss after its rename can leave a short file in place and no row."""
+    relative = send(receiver, series_files[0])
+    whole = receiver.spool.absolute(relative)
+    with receiver.engine.begin() as conn:
+        conn.execute(Instance.__table__.delete())
+    whole.write_bytes(whole.read_bytes()[:3000])  # cut inside the pixel data
+    assert reindex_spool(receiver) == 0
+    assert not whole.exists()
+    assert [p.name for p in (receiver.spool.root.parent / "quarantine").iterdir()] == [
+        f"{whole.parent.name}-{whole.name}"]
+    with receiver.engine.connect() as conn:
+        assert conn.execute(select(Instance.id)).all() == []
