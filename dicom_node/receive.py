@@ -292,31 +292,30 @@ def store_instance(receiver: Receiver, request_stream: BytesIO, transfer_syntax:
         raise StoreRefused(STATUS_OUT_OF_RESOURCES, "free disk space is below the configured watermark")
     ts = UID(transfer_syntax)
     encoded = request_stream.getbuffer()
+    # The file (file meta from the request's UIDs + the bytes as received) is written and fsynced in a helper
+    # thread while this one checks and parses the dataset; the fsync releases the GIL.
+    meta = encode_file_meta(sop_class_uid, affected_sop_uid, ts, calling_ae) if is_valid_uid(affected_sop_uid) \
+        else None
+    written = receiver.sync_pool.submit(receiver.spool.begin_write, (meta, encoded)) if meta else None
     try:
-        plain = inflate(encoded) if ts == DeflatedExplicitVRLittleEndian else encoded
-        check_dataset_structure(plain, ts.is_implicit_VR, ts.is_little_endian)
-        from pydicom.filereader import read_dataset
-
-        ds = read_dataset(BytesIO(plain), ts.is_implicit_VR, ts.is_little_endian)
-    except MalformedDataset as exc:
-        raise StoreRefused(STATUS_CANNOT_UNDERSTAND, str(exc)) from exc
-    except Exception as exc:
-        raise StoreRefused(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}") from exc
-    facts = extract_facts(ds, ts, calling_ae, called_ae)
-    if facts.sop_instance_uid != affected_sop_uid:
-        raise StoreRefused(STATUS_UID_MISMATCH, "SOPInstanceUID differs from the request's Affected SOP UID")
-
+        facts = _parse_received(encoded, ts, calling_ae, called_ae)
+        if facts.sop_instance_uid != affected_sop_uid:
+            raise StoreRefused(STATUS_UID_MISMATCH, "SOPInstanceUID differs from the request's Affected SOP UID")
+    except BaseException:
+        if written is not None:
+            _discard(written)
+        raise
+    assert written is not None  # a valid SOPInstanceUID equal to the affected one
     relative = receiver.spool.relative_path(facts.study_uid, facts.series_uid, facts.sop_instance_uid)
-    meta = encode_file_meta(sop_class_uid, facts.sop_instance_uid, ts, calling_ae)
     target = receiver.spool.absolute(relative)
     replaced = target.exists()
     try:
-        pending = receiver.spool.begin_write(relative, (meta, encoded))
-        pending.place()
+        pending = written.result()
+        pending.place(target)
     except OSError as exc:
         raise StoreRefused(STATUS_OUT_OF_RESOURCES, f"cannot write the file: {exc.strerror or exc}") from exc
-    # The fsyncs (GIL released) run in a helper thread while this one records the row; the answer waits for both.
-    synced = receiver.sync_pool.submit(pending.sync)
+    # The directory fsync runs beside the row's transaction; the answer waits for both.
+    synced = receiver.sync_pool.submit(pending.sync_directories)
     instance_pk: int | None = None
     database_error: Exception | None = None
     try:
@@ -327,7 +326,7 @@ def store_instance(receiver: Receiver, request_stream: BytesIO, transfer_syntax:
     try:
         synced.result()
     except OSError as exc:
-        LOGGER.error("cannot fsync %s: %s", relative, exc)
+        LOGGER.error("cannot fsync the folder of %s: %s", relative, exc)
         if not replaced:
             _forget_unacknowledged(receiver, target, instance_pk)
         raise StoreRefused(STATUS_OUT_OF_RESOURCES, f"cannot write the file: {exc.strerror or exc}") from exc
@@ -339,6 +338,29 @@ def store_instance(receiver: Receiver, request_stream: BytesIO, transfer_syntax:
             target.unlink(missing_ok=True)
         raise StoreRefused(STATUS_OUT_OF_RESOURCES, "database error while recording the instance") from database_error
     return relative
+
+
+def _parse_received(encoded: memoryview, ts: UID, calling_ae: str, called_ae: str) -> InstanceFacts:
+    """Walk the received dataset's structure and read its facts; raise :class:`StoreRefused` when it is broken."""
+    try:
+        plain = inflate(encoded) if ts == DeflatedExplicitVRLittleEndian else encoded
+        check_dataset_structure(plain, ts.is_implicit_VR, ts.is_little_endian)
+        from pydicom.filereader import read_dataset
+
+        ds = read_dataset(BytesIO(plain), ts.is_implicit_VR, ts.is_little_endian)
+    except MalformedDataset as exc:
+        raise StoreRefused(STATUS_CANNOT_UNDERSTAND, str(exc)) from exc
+    except Exception as exc:
+        raise StoreRefused(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}") from exc
+    return extract_facts(ds, ts, calling_ae, called_ae)
+
+
+def _discard(written: Any) -> None:
+    """Wait for a background write that is not wanted any more and remove its file."""
+    try:
+        written.result().discard()
+    except OSError:
+        pass  # the write failed: it left nothing behind
 
 
 def _forget_unacknowledged(receiver: Receiver, target: Any, instance_pk: int | None) -> None:

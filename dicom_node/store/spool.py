@@ -65,31 +65,36 @@ class Spool:
         The target is replaced atomically if it exists (a re-sent instance). On any error nothing is left behind
         and the error propagates.
         """
-        pending = self.begin_write(relative, chunks)
-        pending.commit()
+        pending = self.begin_write(chunks)
+        pending.place(self.absolute(relative))
+        pending.sync_directories()
         return pending.size
 
-    def begin_write(self, relative: str, chunks: Iterable[bytes | memoryview]) -> PendingWrite:
-        """Write ``chunks`` to a temporary file and return it, not yet durable nor in place.
+    def begin_write(self, chunks: Iterable[bytes | memoryview]) -> PendingWrite:
+        """Write ``chunks`` to a new file in ``.incoming``, fsync and close it; return it, not yet in place.
 
-        The caller finishes with :meth:`PendingWrite.commit` (possibly in another thread, so the fsync overlaps
-        other work) or :meth:`PendingWrite.discard`. On error nothing is left behind and the error propagates.
+        The caller finishes with :meth:`PendingWrite.place` and :meth:`PendingWrite.sync_directories`, or
+        :meth:`PendingWrite.discard`. The C-STORE handler runs this in a helper thread while it checks and parses
+        the dataset. On error nothing is left behind and the error propagates.
         """
         temp = self.incoming / f"{uuid.uuid4().hex}.part"
         size = 0
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                    size += written
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                        size += written
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except BaseException:
-            os.close(fd)
             temp.unlink(missing_ok=True)
             raise
-        return PendingWrite(fd, temp, self.absolute(relative), size)
+        return PendingWrite(temp, size)
 
     def remove_incoming_leftovers(self) -> int:
         """Delete partial files of writes a crash interrupted; return how many there were."""
@@ -116,68 +121,42 @@ class Spool:
 
 
 class PendingWrite:
-    """A spool file written to ``.incoming`` whose fsync and rename into place are still to come.
+    """A whole, fsynced spool file in ``.incoming``, to be renamed into place and its directory fsynced.
 
-    :meth:`commit` does it all in the safe order (fsync, rename, fsync of the directory). The C-STORE handler
-    uses the parts instead: :meth:`place` first, then :meth:`sync` in a helper thread while it records the row,
-    and answers only after both. A crash of the process in between leaves a whole file in place (the kernel has
-    its data) that was never acknowledged; the start-up re-index checks such files before recording them.
+    A file in its final place is therefore always whole, even after a power loss; only its directory entry may
+    be lost until :meth:`sync_directories` returns.
     """
 
-    def __init__(self, fd: int, temp: Path, target: Path, size: int) -> None:
-        self.fd: int | None = fd
+    def __init__(self, temp: Path, size: int) -> None:
         self.temp = temp
-        self.target = target
         self.size = size
-        self._new_dir = False
+        self.target: Path | None = None
+        self._new_dirs: list[Path] = []
 
-    def commit(self) -> None:
-        """fsync the file, rename it into place and fsync the directories whose entries changed."""
+    def place(self, target: Path) -> None:
+        """Rename the file to ``target`` (atomically replacing an earlier copy). On error it is removed."""
         try:
-            os.fsync(self._fd())
-        except BaseException:
-            self.discard()
-            raise
-        self.place()
-        self.sync()
-
-    def place(self) -> None:
-        """Rename the file into place (atomically replacing an earlier copy). On error nothing stays behind."""
-        try:
-            self._new_dir = not self.target.parent.is_dir()
-            if self._new_dir:
-                self.target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.temp, self.target)
+            missing = [d for d in (target.parent.parent, target.parent) if not d.is_dir()]
+            if missing:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                # the parents of the new folders get new entries: fsync them too
+                self._new_dirs = [d.parent for d in missing]
+            os.replace(self.temp, target)
+            self.target = target
         except BaseException:
             self.discard()
             raise
 
-    def sync(self) -> None:
-        """fsync the file (if not done yet), close it, and fsync the directories whose entries changed."""
-        try:
-            if self.fd is not None:
-                os.fsync(self.fd)
-        finally:
-            self._close()
-        _fsync_dir(self.target.parent)
-        if self._new_dir:
-            _fsync_dir(self.target.parent.parent)
-            _fsync_dir(self.target.parent.parent.parent)
+    def sync_directories(self) -> None:
+        """fsync the directories whose entries :meth:`place` changed, so the rename survives a power loss."""
+        if self.target is None:
+            raise ValueError("the file is not in place yet")
+        for directory in [self.target.parent, *self._new_dirs]:
+            _fsync_dir(directory)
 
     def discard(self) -> None:
-        """Close and remove the temporary file (the target is not touched)."""
-        self._close()
+        """Remove the temporary file (a placed target is not touched)."""
         self.temp.unlink(missing_ok=True)
-
-    def _fd(self) -> int:
-        if self.fd is None:
-            raise ValueError("the pending write is already closed")
-        return self.fd
-
-    def _close(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
