@@ -27,6 +27,9 @@ applied to every image compared):
     noise power spectrum of 32x32 flat-region ROIs (ROI mean removed): its mean spatial frequency (cycles/mm)
     and the L1 distance between its normalised shape and the reference's (the reference's own noise, or for a
     real low-dose series the noise of ``nps_reference``, e.g. the high-dose scan of the same phantom).
+
+Figures show CT in a narrow window (100 HU wide around the flat regions' median HU, see :func:`display_window`)
+so the noise is visible; the scoring window above is unchanged.
 """
 
 from __future__ import annotations
@@ -349,6 +352,23 @@ def table_markdown(results: Sequence[SeriesResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def display_window(images: dict[str, np.ndarray], width: float = 100.0) -> tuple[float, float]:
+    """A narrow CT display window in which the noise is visible: ``width`` HU around the median HU of the flat
+    soft-tissue-like regions of the reference (or of the smoothed input), rounded to 10 HU; W80/L40 when there
+    are none. The scoring window (W400/L40) shows the phantom's plastic inserts and brain tissue almost flat.
+    """
+    from training.noise import flat_mask
+
+    basis = images.get("reference")
+    if basis is None:
+        basis = _smooth(images["input"], 2.0).astype(np.float32)
+    flat = flat_mask(basis).numpy()
+    if int(flat.sum()) < 200:
+        return (0.0, 80.0)
+    level = round(float(np.median(basis[flat])) / 10.0) * 10.0
+    return (level - width / 2, level + width / 2)
+
+
 def save_figure(path: Path, name: str, images: dict[str, np.ndarray], window) -> None:
     import matplotlib
 
@@ -369,7 +389,8 @@ def save_figure(path: Path, name: str, images: dict[str, np.ndarray], window) ->
             ax.imshow(img, cmap="gray", vmin=-span, vmax=span)
         else:
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title if "-" in title or not window else f"{title} (W{hi - lo:.0f}/L{(lo + hi) / 2:.0f})",
+                     fontsize=9)
         ax.axis("off")
     fig.suptitle(name, fontsize=10)
     fig.tight_layout()
@@ -437,8 +458,9 @@ def evaluate(model: str | os.PathLike, data: Sequence[str], out_dir: str | os.Pa
                                               cache, reference=reference, real=real, fbp_cutoff=fbp_cutoff)
                 results.append(res)
                 if figures:
+                    shown = display_window(images) if series.modality == "CT" else None
                     save_figure(out / f"{series.name}-{res.kind}.png", f"{card.name}: {series.name} ({res.kind})",
-                                images, window if series.modality == "CT" else None)
+                                images, shown)
     table = table_markdown(results)
     (out / "table.md").write_text(table)
     with open(out / "table.csv", "w", newline="") as fh:
