@@ -85,6 +85,21 @@ def _headers(paths: list[tuple[int, str, Path]]) -> list[tuple[int, str, Path, s
     return out
 
 
+def _configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings for sending (idempotent).
+
+    - Files are sent as stored: ``send_c_store(path)`` streams the dataset's bytes after the file meta instead of
+      decoding and re-encoding every element (transcoding passes a decoded dataset and is not affected).
+    - Requestor associations use the event-driven reactor (see :mod:`dicom_node.scp_reactor`).
+    """
+    from pynetdicom import _config
+
+    from dicom_node.scp_reactor import use_event_driven_requestors
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    use_event_driven_requestors()
+
+
 def send_series(cfg: Config, dest: Destination, files: list[tuple[int, str, Path]],
                 on_status: Any) -> str:
     """Send ``files`` (key, SOP UID, path) over one association; call ``on_status(key, status, error)`` each.
@@ -94,6 +109,7 @@ def send_series(cfg: Config, dest: Destination, files: list[tuple[int, str, Path
     """
     from pynetdicom import AE, build_context
 
+    _configure_pynetdicom()
     headers = _headers(files)
     ae = AE(ae_title=dest.calling_ae_title or cfg.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds

@@ -66,11 +66,15 @@ class EventDrivenDUL(DULServiceProvider):
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
+        self._waiting = False
         self.to_provider_queue = WakingQueue(self.wake)
         self.to_user_queue = WakingQueue(wake_association)
 
     def wake(self) -> None:
-        """Make the reactor look at its queues now."""
+        """Make the reactor look at its queues now (a no-op unless it is waiting, which saves a system call per
+        PDU while it is busy)."""
+        if not self._waiting:
+            return
         try:
             self._wake_writer.send(b"\x00")
         except (BlockingIOError, OSError):
@@ -97,11 +101,18 @@ class EventDrivenDUL(DULServiceProvider):
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted bytes are buffered where select cannot see them
+        # Announce the wait before the last look at the queue: a primitive queued after that look finds
+        # ``_waiting`` set and writes a wake-up byte, so it is never missed.
+        self._waiting = True
         try:
+            if not self.to_provider_queue.empty() or self._kill_thread:
+                return
             readable, _, _ = select.select([sock, self._wake_reader], [], [], MAX_WAIT_SECONDS)
         except (OSError, ValueError):
             time.sleep(self._run_loop_delay)  # the transport is closing; its own checks report it
             return
+        finally:
+            self._waiting = False
         if self._wake_reader in readable:
             try:
                 while self._wake_reader.recv(4096):
@@ -170,10 +181,12 @@ class EventDrivenAssociation(Association):
         """pynetdicom 3.0's ``Association._run_reactor`` with the 1 ms sleep replaced by a wait."""
         self._is_paused = False
         while not self._kill:
+            # Waiting counts as paused (it touches neither DIMSE nor ACSE), so a requestor's send_c_store(), which
+            # clears the checkpoint and then waits for ``_is_paused``, goes ahead at once instead of after the wait.
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
             self._wake.wait(MAX_WAIT_SECONDS)
             self._wake.clear()  # anything put from now on sets it again; the checks below see what came before
-
-            self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False
 
@@ -267,3 +280,15 @@ class EventDrivenServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = EventDrivenRequestHandler
         super().__init__(*args, **kwargs)
+
+
+def use_event_driven_requestors() -> None:
+    """Make pynetdicom's ``AE.associate`` build :class:`EventDrivenAssociation` objects (for the exporters).
+
+    As a requestor, ``send_c_store`` pauses the reactor and waits for the response on the DIMSE queue itself;
+    the polling DUL still added up to 1 ms on each side of every C-STORE. ``AE.associate`` has no hook for the
+    association class, so the name it uses is replaced, once, for the whole process.
+    """
+    import pynetdicom.ae
+
+    pynetdicom.ae.Association = EventDrivenAssociation  # type: ignore[misc]

@@ -286,6 +286,10 @@ def _set_frame_derivation(ds: Dataset, source: Dataset, info: DerivationInfo) ->
         group.DerivationImageSequence = DicomSequence([deriv])
 
 
+#: (7FE0,0010) Pixel Data, (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data.
+_PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
 def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat, info: DerivationInfo) -> Dataset:
     """Make the derived instance of ``source`` with the new stored values ``pixels``.
 
@@ -328,9 +332,15 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
     date, time, _ = _dt_strings(when)
 
     ds = Dataset()
-    for elem in source:  # deep-copy every element except the old pixels
-        if elem.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            ds.add(copy.deepcopy(elem))
+    # Every element except the old pixels. Elements not decoded yet (raw) are immutable tuples and are shared; the
+    # decoded ones are deep-copied. Decoding and deep-copying all of them cost 4-5 ms of CPU per CT slice, taken
+    # from the network running beside it.
+    for elem in source.elements():
+        if elem.tag not in _PIXEL_DATA_TAGS:
+            ds[elem.tag] = elem if elem.is_raw else copy.deepcopy(elem)
+    if tuple(source.original_encoding) == (False, True):
+        # Same encoding as the derived file (explicit VR little endian): raw values are written as they are.
+        ds.set_original_encoding(False, True, source.original_character_set)
     _strip_private(ds)
     for keyword in _REMOVE:
         if keyword in ds:
