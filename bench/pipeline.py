@@ -43,10 +43,12 @@ def model_alone(files: list[Path], model: str, models_dir: list[str], device: st
     import numpy as np
     import torch
 
+    from dicom_node.cpu_memory import keep_freed_memory
     from dicom_node.denoise.engine import Engine
     from dicom_node.denoise.series import read_frames, scan
     from models.folder import load_model
 
+    keep_freed_memory()  # as the node does (models.keep_freed_cpu_memory), so the peer is not handicapped
     series = scan(files).series[0]
     decoded = [read_frames(inst) for inst in series.instances]
     stack = np.concatenate([d[1] for d in decoded], axis=0)

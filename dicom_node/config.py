@@ -121,6 +121,9 @@ class ModelSettings:
     directories: list[str] = field(default_factory=list)
     #: ``auto`` uses CUDA when torch sees a GPU, the CPU otherwise.
     device: str = "auto"
+    #: Keep freed CPU memory for reuse (glibc allocator tuning, see ``dicom_node.cpu_memory``): CPU inference
+    #: about a third faster, at the cost of keeping the peak heap.
+    keep_freed_cpu_memory: bool = True
 
 
 @dataclass

@@ -45,6 +45,9 @@ from dicom_node.store.queue import (
 LOGGER = logging.getLogger(__name__)
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+#: Destination answers are written to the database at least every this many instances or seconds.
+STATUS_BATCH = 32
+STATUS_BATCH_SECONDS = 1.0
 
 
 class ExportAborted(Exception):
@@ -194,10 +197,26 @@ def run_export(cfg: Config, engine: Engine, claimed: ClaimedExport, policy: Retr
         pending = pending_export_instances(conn, claimed.id)
     files = [(key, sop, cfg.data_path / rel) for key, sop, rel in pending]
 
+    # Answers are recorded in small batches: one transaction per instance cost about as much as sending it. If
+    # the node dies before a batch is written, those instances are sent again on the retry; their SOP Instance
+    # UIDs are the same, so the destination still holds each once.
+    unrecorded: list[tuple[int, int | None, str, dt.datetime]] = []
+    last_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal last_flush
+        if unrecorded:
+            with engine.begin() as conn:
+                for key, status, error, when in unrecorded:
+                    record_instance_status(conn, key, status, error, when)
+                heartbeat_export(conn, claimed.id, utcnow())
+            unrecorded.clear()
+        last_flush = time.monotonic()
+
     def on_status(key: int, status: int | None, error: str) -> None:
-        with engine.begin() as conn:
-            record_instance_status(conn, key, status, error, utcnow())
-            heartbeat_export(conn, claimed.id, utcnow())
+        unrecorded.append((key, status, error, utcnow()))
+        if len(unrecorded) >= STATUS_BATCH or time.monotonic() - last_flush >= STATUS_BATCH_SECONDS:
+            flush()
 
     error = ""
     if files:
@@ -214,6 +233,7 @@ def run_export(cfg: Config, engine: Engine, claimed: ClaimedExport, policy: Retr
                 except Exception as exc:
                     LOGGER.exception("export %d: unexpected error", claimed.id)
                     error = f"{type(exc).__name__}: {exc}"
+        flush()
     give_up = policy.gives_up(claimed.attempts)
     retry_at = None if give_up else utcnow() + dt.timedelta(seconds=policy.delay(claimed.attempts))
     with engine.begin() as conn:

@@ -29,6 +29,7 @@ import socket
 
 from dicom_node.assemble import Assembler
 from dicom_node.config import Config
+from dicom_node.cpu_memory import keep_freed_memory
 from dicom_node.export import Exporter, StalledExportSweeper, destinations_to_serve
 from dicom_node.retention import RetentionSweeper
 from dicom_node.receive import Receiver, reindex_spool, start_scp
@@ -91,6 +92,9 @@ class Node:
 
     def start(self) -> None:
         """Open storage, re-index the spool, take up orphaned work, start the stages of this process's roles."""
+        runs_models = "worker" in self.roles and self.cfg.worker.enabled
+        if runs_models and self.cfg.models.keep_freed_cpu_memory:
+            keep_freed_memory()  # before any thread starts: a thread keeps the malloc arena it first used
         engine, spool = open_storage(self.cfg)
         self.engine = engine
         from dicom_node import audit
@@ -110,7 +114,7 @@ class Node:
             threads.append(Assembler(engine, self.cfg, self.stop_event))
             threads.append(audit.AuditPurger(self.cfg, engine, self.stop_event))
             threads.append(RetentionSweeper(self.cfg, engine, self.stop_event))
-        if "worker" in self.roles and self.cfg.worker.enabled:
+        if runs_models:
             from dicom_node.worker import ModelCache, Worker
 
             self.models = ModelCache(self.cfg)

@@ -16,7 +16,7 @@ import shutil
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from sqlalchemy import Engine
 
@@ -67,6 +67,17 @@ class ModelCache:
                 self._engines[name] = Engine(loaded, device=device)
                 LOGGER.info("model %s %s loaded on %s", loaded.card.name, loaded.card.version, device)
             return self._engines[name]
+
+    def preload(self, names: Iterable[str]) -> None:
+        """Load models now (at start-up), so the first series does not wait for torch and the weights.
+
+        A model that cannot be loaded is logged and skipped: its jobs fail later with the reason, the others run.
+        """
+        for name in dict.fromkeys(n for n in names if n):
+            try:
+                self.engine(name)
+            except Exception as exc:  # noqa: BLE001 - reported, and again per job
+                LOGGER.error("model %s cannot be loaded: %s", name, exc)
 
     def loaded_names(self) -> list[str]:
         with self.lock:
@@ -122,12 +133,8 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
         stop_beat.set()
         beater.join()
     write_preview(out_dir, result)
-    from pydicom import dcmread
-
-    instances = []
-    for path in result.paths:
-        sop = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID
-        instances.append((str(sop), path.relative_to(cfg.data_path).as_posix()))
+    # Derived files are named <SOPInstanceUID>.dcm (denoise_series), so the UIDs need no second read.
+    instances = [(path.stem, path.relative_to(cfg.data_path).as_posix()) for path in result.paths]
     destinations = _rule_destinations(cfg, job.rule)
     with engine.begin() as conn:
         if not finish_job(conn, job.id, worker_id, result.series_instance_uid, utcnow()):
@@ -219,6 +226,8 @@ class Worker(threading.Thread):
         return True
 
     def run(self) -> None:
+        # Loaded in this thread, which runs every job (its OpenMP team and allocator arena stay warm).
+        self.models.preload(rule.model for rule in self.cfg.rules)
         while not self.stop_event.is_set():
             try:
                 ran = self.run_once()
