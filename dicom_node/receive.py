@@ -533,14 +533,13 @@ def start_scp(cfg: Config, receiver: Receiver) -> tuple[AE, Any]:
     return ae, server
 
 
-
 def reindex_spool(receiver: Receiver) -> int:
     """Record every spool file that has no row (after a power loss cut the last commits); return how many.
 
-    Also removes partial files of writes that a crash interrupted (they were never acknowledged). A file in place
-    without a row was either acknowledged (then it was fsynced and is whole) or its write was interrupted before
-    the answer; the latter can be cut short by a power loss, so each such file is walked like a received dataset
-    and, when broken, moved to ``<data_dir>/quarantine/`` instead of being recorded.
+    Also removes partial files of writes that a crash interrupted (they were never acknowledged). Files are
+    renamed into place only after their fsync, so a file in place is whole as written; each one without a row
+    is still walked like a received dataset (a failing disk or a restore can damage it) and, when broken, moved
+    to ``<data_dir>/quarantine/`` instead of being recorded.
     """
     receiver.spool.remove_incoming_leftovers()
     with receiver.engine.connect() as conn:
