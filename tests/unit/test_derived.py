@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from dicom_node import __version__
 from dicom_node.denoise.derived import (
@@ -148,3 +148,19 @@ def test_rle_multiframe_round_trip(tmp_path: Path) -> None:
     back = pydicom.dcmread(write_instance(ds, tmp_path))
     assert back.file_meta.TransferSyntaxUID == RLELossless and back.NumberOfFrames == 3
     np.testing.assert_array_equal(back.pixel_array, volume)
+
+
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_private_elements_go_at_every_level_of_a_file_read_raw(source: pydicom.Dataset, tmp_path: Path,
+                                                               implicit_vr: bool) -> None:
+    item = pydicom.Dataset()
+    item.CodeValue = "X1"
+    item.add_new(0x00431001, "LO", "vendor secret")
+    source.ProcedureCodeSequence = pydicom.Sequence([item])
+    path = tmp_path / "source.dcm"
+    source.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit_vr else ExplicitVRLittleEndian
+    source.save_as(path, enforce_file_format=True)
+    raw = pydicom.dcmread(path)  # elements stay raw until touched, as in the worker
+    ds = build_derived_instance(raw, np.full((8, 8), 5, dtype=np.int16), pixel_format_from_dataset(raw), _info())
+    assert not [elem.tag for elem in ds.iterall() if elem.tag.is_private]
+    assert ds.ProcedureCodeSequence[0].CodeValue == "X1"
