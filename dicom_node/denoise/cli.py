@@ -86,6 +86,10 @@ def run_denoise(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if cfg.models.keep_freed_cpu_memory:
+        from dicom_node.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()  # as `serve` does: the denoise threads start below
     if not args.input.exists():
         print(f"dicom-node denoise: {args.input} does not exist", file=sys.stderr)
         return 2
