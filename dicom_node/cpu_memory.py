@@ -9,10 +9,11 @@ thread that runs the model.
 
 :func:`keep_freed_memory` therefore (1) puts every thread on glibc's main arena (one arena, grown with
 ``brk`` without a size cap), (2) serves blocks up to 1 GiB from that heap instead of ``mmap``, and (3) stops
-glibc from trimming the heap. Measured with ``bench/pipeline.py`` (300 slices, ``ct-cnn-small``, 2-core VM):
-the network alone went from 53.8 s to 34.4 s and the whole pipeline from 60.2 s to 45.0 s. The price is that
-the process keeps its peak heap (about 0.65 GB instead of 0.53 GB for that batch), which is why it is a setting
-(``models.keep_freed_cpu_memory``). GPU inference does not need it (CUDA has its own caching allocator), but
+glibc from trimming the heap. Measured with ``bench/pipeline.py`` (300 slices, ``ct-cnn-small``, 2-core VM,
+the same settings given as ``MALLOC_ARENA_MAX``/``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` before this
+module existed): the network alone went from 53.8 s to 34.4 s and the whole pipeline from 60.2 s to 45.0 s.
+The price is that the process keeps its peak heap (about 0.65 GB instead of 0.53 GB for that batch), which is
+why it is a setting (``models.keep_freed_cpu_memory``). GPU inference does not need it (CUDA has its own caching allocator), but
 it costs little there either.
 """
 

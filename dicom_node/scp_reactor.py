@@ -178,10 +178,13 @@ class EventDrivenDUL(DULServiceProvider):
 def encode_p_data(pdata: Any) -> bytes:
     """Encode a P-DATA primitive as a P-DATA-TF PDU (PS3.8 9.3.5): type 04H, length, then one item per PDV
     (item length, presentation context ID, message control header + fragment)."""
-    items = [struct.pack(">IB", len(value) + 1, context_id) + bytes(value)
-             for context_id, value in pdata.presentation_data_value_list]
-    body = b"".join(items)
-    return struct.pack(">BBI", 0x04, 0x00, len(body)) + body
+    return _p_data_tf(b"".join(struct.pack(">IB", len(value) + 1, context_id) + bytes(value)
+                               for context_id, value in pdata.presentation_data_value_list))
+
+
+def _p_data_tf(items: bytes) -> bytes:
+    """The P-DATA-TF PDU header (type 04H, reserved, length) in front of encoded PDV items."""
+    return struct.pack(">BBI", 0x04, 0x00, len(items)) + items
 
 
 def _element(element: int, value: bytes) -> bytes:
@@ -221,8 +224,7 @@ def encode_c_store_rsp(primitive: Any) -> bytes | None:
 
 def command_p_data_tf(context_id: int, command: bytes) -> bytes:
     """A P-DATA-TF PDU holding a whole command set in one PDV (message control header 03H: command, last)."""
-    item = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
-    return struct.pack(">BBI", 0x04, 0x00, len(item)) + item
+    return _p_data_tf(struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command)
 
 
 class DirectSendDIMSE(DIMSEServiceProvider):
