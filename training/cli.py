@@ -20,6 +20,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("--threads", type=int, default=None, help="override train.threads (CPU)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="override train.time_limit_minutes: fit the run (and its schedule) into this time")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="also copy the finished model folder here (e.g. models/bundled/<name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,6 +61,8 @@ def run_train(args: argparse.Namespace) -> int:
         cfg.train.steps = args.steps
     if args.threads:
         cfg.train.threads = args.threads
+    if args.time_limit is not None:
+        cfg.train.time_limit_minutes = args.time_limit
     result = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
     print(f"{cfg.name}: {result.steps} steps in {result.seconds:.0f} s, loss {result.first_loss:.4g} -> "
           f"{result.final_loss:.4g}; run folder {result.run_dir}")

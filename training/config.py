@@ -69,6 +69,7 @@ class DataSection:
     max_slices: int = 0  # per series, evenly spread; 0 = all
     validation_patches: int = 64
     noise_cache: str = ""  # folder to keep simulated noisy slices in (shared by runs with the same noise)
+    workers: int = -1  # processes that cut patches; -1 = none on the CPU, up to 8 beside a GPU
 
 
 @dataclass
@@ -88,6 +89,9 @@ class TrainSection:
     validate_every: int = 200
     checkpoint_every: int = 200
     n2n_gamma: float = 2.0  # Neighbor2Neighbor regulariser weight
+    # > 0: stop after about this many minutes of training, with the learning-rate schedule fitted to the steps
+    # the measured speed allows (train.steps stays the upper bound).
+    time_limit_minutes: float = 0.0
 
 
 @dataclass
@@ -200,6 +204,8 @@ def validate(cfg: TrainingConfig) -> None:
         problems.append(f"train.loss: {cfg.train.loss!r} is not l1 or mse")
     if cfg.train.steps < 1 or cfg.data.batch < 1 or cfg.data.patch < 8:
         problems.append("train.steps and data.batch must be >= 1, data.patch >= 8")
+    if cfg.train.time_limit_minutes < 0:
+        problems.append("train.time_limit_minutes must be >= 0 (0 = no limit)")
     if not 0 <= cfg.train.ema < 1:
         problems.append("train.ema must be in [0, 1)")
     lo, hi = cfg.noise.dose_range

@@ -350,7 +350,7 @@ class NoisyCache:
 
     def __init__(self, series: Sequence[Series], settings: NoiseSettings,
                  slices: dict[str, list[int]] | None = None, progress: bool = True,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+                 cache_dir: str | os.PathLike | None = None, device: str | torch.device | None = None) -> None:
         from tqdm import tqdm
 
         disk = Path(cache_dir) if cache_dir else None
@@ -392,9 +392,12 @@ class NoisyCache:
                     LOGGER.info("flux for %s: I0=%.3g (flat-region SD measured %.2f HU, simulated %.2f HU)",
                                 s.name, flux, measured, simulated)
                     self.flux[s.name] = flux
+        # Projection and FBP of 512x512 slices dominate; a GPU does them in milliseconds. The counts are still
+        # drawn from the CPU generator, so a seed gives the same noise on either device.
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() and simulator is not None else "cpu"))
         for si, k in tqdm(jobs, desc="simulating noise", disable=not progress, leave=False):
             s = series[si]
-            clean = torch.from_numpy(s.volume[k])
+            clean = torch.from_numpy(s.volume[k]).to(device)
             scale = float(max(np.percentile(s.volume[k], 99.5), 1e-6))
             versions = []
             p = simulator.line_integrals(clean, s.pixel_mm) if simulator is not None else None
@@ -410,7 +413,7 @@ class NoisyCache:
                         sim_k = ct_simulator(dataclasses.replace(settings, cutoff=c))
                         flux_k *= (c / settings.cutoff) ** 3
                     noise = sim_k.added_noise(clean, s.pixel_mm, flux_k, d, gen, p=p)
-                    versions.append((clean + noise).numpy().astype(np.float32))
+                    versions.append((clean + noise).cpu().numpy().astype(np.float32))
                 elif settings.kind == "rician":
                     from training.noise import rician
 

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -119,6 +119,42 @@ def get_batch(dataset, step: int, batch: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
 
+class _IndicesFrom(torch.utils.data.Sampler):
+    """Dataset indices ``start, start + 1, ...`` modulo its length, without end: the order :func:`get_batch` uses."""
+
+    def __init__(self, start: int, length: int) -> None:
+        self.start, self.length = start, length
+
+    def __iter__(self) -> Iterator[int]:
+        i = self.start
+        while True:
+            yield i % self.length
+            i += 1
+
+
+def loader_workers(requested: int, device: torch.device) -> int:
+    """Processes that cut patches: ``requested``, or with -1 none on the CPU (the network needs the cores) and up
+    to 8 beside a GPU (one Python thread cuts about 2,000 128 px patches a second: too few to keep a GPU busy)."""
+    if requested >= 0:
+        return requested
+    return 0 if device.type != "cuda" else max(0, min(8, (os.cpu_count() or 1) - 2))
+
+
+def batches(dataset, start_step: int, batch: int, workers: int = 0,
+            pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches from ``start_step`` on, without end; the same batches as :func:`get_batch` at each step,
+    whether cut in this process or by ``workers`` worker processes (each item is a function of its index)."""
+    if workers <= 0:
+        step = start_step
+        while True:
+            yield get_batch(dataset, step, batch)
+            step += 1
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=_IndicesFrom(start_step * batch,
+                                         len(dataset)), num_workers=workers, pin_memory=pin_memory,
+                                         prefetch_factor=4, persistent_workers=False)
+    yield from loader
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pieces
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,11 +179,15 @@ class EMA:
                 s.copy_(p)
 
 
-def cosine_schedule(optimizer, steps: int, warmup: int, lr: float, lr_min: float):
+def cosine_schedule(optimizer, steps: int | Callable[[], int], warmup: int, lr: float, lr_min: float):
+    """Linear warm-up, then cosine decay to ``lr_min`` at ``steps`` (a number, or a callable read at every step:
+    a time-limited run sets its number of steps once it has measured its speed)."""
+    total = steps if callable(steps) else (lambda: steps)
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
-        t = (step - warmup) / max(1, steps - warmup)
+        t = (step - warmup) / max(1, total() - warmup)
         return (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(1.0, t)))) / lr
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -212,6 +252,8 @@ class Trainer:
         if cfg.train.threads > 0 and not torch.cuda.is_available():
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest convolutions
         seed_everything(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.run_dir / CHECKPOINT
@@ -233,7 +275,9 @@ class Trainer:
         t = cfg.train
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=t.lr, weight_decay=t.weight_decay,
                                           betas=tuple(cfg.gan.betas) if cfg.mode == "gan" else (0.9, 0.999))
-        self.scheduler = cosine_schedule(self.optimizer, t.steps, t.warmup, t.lr, t.lr_min)
+        # The run's length: train.steps, or fewer once a time limit has measured the speed (see _plan_steps).
+        self.planned_steps = t.steps
+        self.scheduler = cosine_schedule(self.optimizer, lambda: self.planned_steps, t.warmup, t.lr, t.lr_min)
         self.ema = EMA(self.network, t.ema) if t.ema > 0 else None
         self.critic = self.critic_opt = None
         if cfg.mode == "gan":
@@ -251,6 +295,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "planned_steps": self.planned_steps,
             "network": self.network.state_dict(),
             "ema": self.ema.shadow.state_dict() if self.ema else None,
             "optimizer": self.optimizer.state_dict(),
@@ -271,6 +316,7 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.step = int(state["step"])
+        self.planned_steps = min(self.cfg.train.steps, int(state.get("planned_steps", self.cfg.train.steps)))
         self.network.load_state_dict(state["network"])
         if self.ema and state["ema"] is not None:
             self.ema.shadow.load_state_dict(state["ema"])
@@ -398,12 +444,15 @@ class Trainer:
         started = time.monotonic()
         first_loss = last_loss = float("nan")
         running: list[float] = []
-        bar = tqdm(total=t.steps, initial=self.step, desc=cfg.name, disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=self.planned_steps, initial=self.step, desc=cfg.name, disable=not self.progress,
+                   dynamic_ncols=True)
         steps_this_call = 0
-        while self.step < t.steps:
+        workers = loader_workers(cfg.data.workers, self.device)
+        source = batches(self.train_set, self.step, cfg.data.batch, workers, pin_memory=self.device.type == "cuda")
+        while self.step < self.planned_steps:
             if self.stop_after is not None and steps_this_call >= self.stop_after:
                 break
-            x, y = get_batch(self.train_set, self.step, cfg.data.batch)
+            x, y = next(source)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if cfg.mode == "gan":
                 numbers = self._gan_step(x, y)
@@ -413,6 +462,9 @@ class Trainer:
                 numbers = self._supervised_step(x, y)
             self.step += 1
             steps_this_call += 1
+            if t.time_limit_minutes > 0 and (steps_this_call == 100 or self.step % max(1, t.validate_every) == 0):
+                self._plan_steps(steps_this_call, time.monotonic() - started, t.time_limit_minutes * 60)
+                bar.total = self.planned_steps
             last_loss = numbers["loss"]
             if math.isnan(first_loss):
                 first_loss = last_loss
@@ -420,9 +472,9 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(running[-50:]):.4g}", lr=f"{self.scheduler.get_last_lr()[0]:.2g}")
             row: dict[str, Any] = {}
-            if self.step % t.log_every == 0 or self.step == t.steps:
+            if self.step % t.log_every == 0 or self.step == self.planned_steps:
                 row = {**numbers, "loss": float(np.mean(running[-t.log_every:]))}
-            if t.validate_every and (self.step % t.validate_every == 0 or self.step == t.steps):
+            if t.validate_every and (self.step % t.validate_every == 0 or self.step == self.planned_steps):
                 row.update(self.validate())
                 if "val_gain_db" in row:
                     bar.write(f"step {self.step}: validation gain {row['val_gain_db']:.2f} dB")
@@ -434,11 +486,24 @@ class Trainer:
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
+        source.close()  # stops the loader's worker processes
+        seconds = time.monotonic() - started
         self.save_checkpoint()
         model_dir = None
-        if self.step >= t.steps:
+        if self.step >= self.planned_steps:
             model_dir = self.export(self.run_dir / MODEL_DIR)
-        return RunResult(self.run_dir, self.step, last_loss, first_loss, time.monotonic() - started, model_dir)
+        return RunResult(self.run_dir, self.step, last_loss, first_loss, seconds, model_dir)
+
+    def _plan_steps(self, steps_done: int, seconds: float, limit_seconds: float) -> None:
+        """Fit the run into ``limit_seconds``: the steps the measured speed allows (never more than train.steps,
+        never fewer than done); the learning-rate schedule follows, so a time-limited run still anneals."""
+        left = max(0.0, limit_seconds - seconds)
+        fits = self.step + int(0.97 * left * steps_done / max(seconds, 1e-9))
+        planned = max(self.step, min(self.cfg.train.steps, fits))
+        if planned != self.planned_steps:
+            LOGGER.info("time limit %.1f min: %d steps in %.0f s, planning %d steps in all", limit_seconds / 60,
+                        steps_done, seconds, planned)
+        self.planned_steps = planned
 
     # -- export ----------------------------------------------------------------------------------------------
     def final_network(self) -> nn.Module:
@@ -458,6 +523,9 @@ class Trainer:
             ["CR", "DX"], body_parts=list(cfg.body_parts), normalization=normalization_for(cfg),
             noise=noise, description=cfg.description,
             training={"mode": cfg.mode, "steps": self.step, "patch": cfg.data.patch, "batch": cfg.data.batch,
+                      "device": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"),
+                      **({"time_limit_minutes": cfg.train.time_limit_minutes} if cfg.train.time_limit_minutes
+                         else {}),
                       "loss": cfg.train.loss, **{k: v for k, v in self.data_summary.items() if v is not None},
                       "command": f"python -m training {_relative(cfg.source) if cfg.source else 'CONFIG'}"},
             metrics=metrics or {},

@@ -110,10 +110,11 @@ class ParallelBeam:
         n_det_c = int(math.ceil(n_det / k)) | 1
         n_ray = n_det_c
         # Coordinates in mm, centred on the image centre.
-        s = (torch.arange(n_det_c, dtype=torch.float32) - (n_det_c - 1) / 2) * step
-        t = (torch.arange(n_ray, dtype=torch.float32) - (n_ray - 1) / 2) * step
-        theta = self.angles()
-        out = torch.empty(self.n_views, n_det_c)
+        dev = mu.device  # follows its input: the same code projects on the CPU or on a GPU
+        s = (torch.arange(n_det_c, dtype=torch.float32, device=dev) - (n_det_c - 1) / 2) * step
+        t = (torch.arange(n_ray, dtype=torch.float32, device=dev) - (n_ray - 1) / 2) * step
+        theta = self.angles(dev)
+        out = torch.empty(self.n_views, n_det_c, device=dev)
         half_w = (ws - 1) * step / 2  # align_corners=True: -1 and +1 are the outer pixel centres
         half_h = (hs - 1) * step / 2
         chunk = 30
@@ -144,12 +145,13 @@ class ParallelBeam:
         """``(n_views, n_det) -> (H, W)``: ``(pi / n_views) * sum_k q_k(x cos t_k + y sin t_k)``."""
         h, w = shape
         n_views, n_det = q.shape
-        x = (torch.arange(w, dtype=torch.float32) - (w - 1) / 2) * pixel_mm
-        y = (torch.arange(h, dtype=torch.float32) - (h - 1) / 2) * pixel_mm
+        dev = q.device
+        x = (torch.arange(w, dtype=torch.float32, device=dev) - (w - 1) / 2) * pixel_mm
+        y = (torch.arange(h, dtype=torch.float32, device=dev) - (h - 1) / 2) * pixel_mm
         yy, xx = torch.meshgrid(y, x, indexing="ij")
-        theta = self.angles()
+        theta = self.angles(dev)
         half = (n_det - 1) / 2 * pixel_mm
-        image = torch.zeros(h * w)
+        image = torch.zeros(h * w, device=dev)
         chunk = 24
         for start in range(0, n_views, chunk):
             th = theta[start:start + chunk]
@@ -197,13 +199,20 @@ class CTNoiseSimulator:
     def projection_noise(
         self, p: torch.Tensor, flux: float, dose_fraction: float, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """Noise on the post-log line integrals for counts at ``dose_fraction * flux`` (not yet scaled)."""
+        """Noise on the post-log line integrals for counts at ``dose_fraction * flux`` (not yet scaled).
+
+        The counts are drawn on the generator's device and the result is returned on ``p``'s: a seed gives the
+        same noise whether the projections and the FBP run on the CPU or on a GPU.
+        """
+        where = p.device
+        if generator is not None:
+            p = p.to(generator.device)
         expected = (dose_fraction * flux) * torch.exp(-p)
         counts = torch.poisson(expected, generator=generator)
         if self.electronic_sd > 0:
-            counts = counts + self.electronic_sd * torch.randn(counts.shape, generator=generator)
+            counts = counts + self.electronic_sd * torch.randn(counts.shape, generator=generator, device=p.device)
         counts = counts.clamp(min=1.0)  # photon starvation: the scanner's pre-log floor
-        return torch.log(expected.clamp(min=1e-6)) - torch.log(counts)
+        return (torch.log(expected.clamp(min=1e-6)) - torch.log(counts)).to(where)
 
     def full_dose_noise(
         self, hu: torch.Tensor, pixel_mm: float, flux: float, generator: torch.Generator | None = None,

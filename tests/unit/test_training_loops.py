@@ -149,3 +149,33 @@ def test_config_errors_are_reported(data_root):
         config_from_dict({"name": "x", "mode": "gan"})
     for path in Path("training/configs").glob("*.toml"):
         load_config(path)  # every shipped config is valid
+
+
+def test_worker_processes_cut_the_same_batches_as_the_training_process(data_root, tmp_path):
+    from training.loops import batches, build_datasets, get_batch
+
+    cfg = make_config(data_root, steps=10)
+    train_set, _, _ = build_datasets(cfg, progress=False)
+    source = batches(train_set, 3, 4, workers=2)
+    for step in range(3, 9):
+        x, y = next(source)
+        expected_x, expected_y = get_batch(train_set, step, 4)
+        assert torch.equal(x, expected_x) and torch.equal(y, expected_y)
+    source.close()
+
+
+def test_time_limit_plans_the_steps_that_fit_and_still_anneals(data_root, tmp_path):
+    cfg = make_config(data_root, steps=100_000, train={"time_limit_minutes": 0.25, "validate_every": 50,
+                                                       "lr_min": 1e-6})
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    result = trainer.run()
+    # It stopped by itself, well short of train.steps, after about the limit (15 s), and exported the model.
+    assert 100 < result.steps < 100_000 and result.model_dir is not None
+    assert 5 < result.seconds < 30
+    assert trainer.planned_steps == result.steps
+    # The schedule was fitted to the planned steps: the last learning rate is near lr_min, not near lr.
+    assert trainer.scheduler.get_last_lr()[0] < 0.05 * cfg.train.lr
+    from models.folder import load_model_folder
+
+    card = load_model_folder(result.model_dir, "cpu").card
+    assert card.training["steps"] == result.steps and card.training["time_limit_minutes"] == 0.25
