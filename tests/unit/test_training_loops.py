@@ -169,9 +169,10 @@ def test_time_limit_plans_the_steps_that_fit_and_still_anneals(data_root, tmp_pa
                                                        "lr_min": 1e-6})
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     result = trainer.run()
-    # It stopped by itself, well short of train.steps, after about the limit (15 s), and exported the model.
+    # It stopped by itself, well short of train.steps, near the limit (15 s; generous bounds for a loaded
+    # machine: the feature under test is a time limit), and exported the model.
     assert 100 < result.steps < 100_000 and result.model_dir is not None
-    assert 5 < result.seconds < 30
+    assert 10 < result.seconds < 60
     assert trainer.planned_steps == result.steps
     # The schedule was fitted to the planned steps: the last learning rate is near lr_min, not near lr.
     assert trainer.scheduler.get_last_lr()[0] < 0.05 * cfg.train.lr
