@@ -39,3 +39,62 @@ def test_responses_it_does_not_handle_fall_back() -> None:
     assert encode_c_store_rsp(primitive) is None
     request = C_STORE()  # a request, not a response
     assert encode_c_store_rsp(request) is None
+
+
+def _stored_request(tmp_path, sop_instance_uid: str, priority: int, message_id: int, data_bytes: int):
+    """A C-STORE request for a file sent as stored, as ``send_c_store(path)`` makes it."""
+    from pynetdicom.dsutils import split_dataset
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    import pydicom
+
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.PatientName = "Fast^Path"
+    ds.add_new(0x00091010, "OB", bytes(range(256)) * (data_bytes // 256))  # bulk, so the data set fragments
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / f"{sop_instance_uid}-{data_bytes}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    request = C_STORE()
+    request.MessageID = message_id
+    request.Priority = priority
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = sop_instance_uid
+    request._dataset_path = (path, split_dataset(path)[1])
+    return request
+
+
+@pytest.mark.parametrize("maximum_pdu", [0, 16384, 4096, 1000])
+@pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4.55", "1.2.3.4.5"])
+@pytest.mark.parametrize("priority,message_id", [(2, 1), (0, 65535), (1, 300)])
+@pytest.mark.parametrize("data_bytes", [0, 40960])
+def test_c_store_request_of_a_stored_file_matches_pynetdicom(tmp_path, maximum_pdu: int, sop_instance_uid: str,
+                                                             priority: int, message_id: int,
+                                                             data_bytes: int) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    from dicom_node.scp_reactor import encode_c_store_rq, file_data_set_p_data_tfs
+
+    request = _stored_request(tmp_path, sop_instance_uid, priority, message_id, data_bytes)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    expected = [encode_p_data(p) for p in message.encode_msg(5, maximum_pdu)]
+    command = encode_c_store_rq(request)
+    assert command is not None
+    path, offset = request._dataset_path
+    ours = [command_p_data_tf(5, command), *file_data_set_p_data_tfs(5, path, offset, maximum_pdu)]
+    assert ours == expected
+
+
+def test_requests_it_does_not_handle_fall_back(tmp_path) -> None:
+    from dicom_node.scp_reactor import encode_c_store_rq
+
+    request = _stored_request(tmp_path, "1.2.3", 2, 1, 0)
+    request.MoveOriginatorApplicationEntityTitle = "MOVER"
+    request.MoveOriginatorMessageID = 3
+    assert encode_c_store_rq(request) is None
+    assert encode_c_store_rq(_response(0, None, "1.2.3")) is None  # a response, not a request
