@@ -164,3 +164,55 @@ def test_private_elements_go_at_every_level_of_a_file_read_raw(source: pydicom.D
     ds = build_derived_instance(raw, np.full((8, 8), 5, dtype=np.int16), pixel_format_from_dataset(raw), _info())
     assert not [elem.tag for elem in ds.iterall() if elem.tag.is_private]
     assert ds.ProcedureCodeSequence[0].CodeValue == "X1"
+
+
+def _save_as_bytes(ds: pydicom.Dataset) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _derived_from_file(path: Path, transfer_syntax: str = "explicit-vr-little-endian") -> pydicom.Dataset:
+    raw = pydicom.dcmread(path)  # elements stay raw until touched, as in the worker
+    fmt = pixel_format_from_dataset(raw)
+    frames = int(raw.get("NumberOfFrames", 1) or 1)
+    shape = (frames, int(raw.Rows), int(raw.Columns)) if frames > 1 else (int(raw.Rows), int(raw.Columns))
+    pixels = np.full(shape, fmt.stored_range[0] + 5, dtype=fmt.dtype)
+    return build_derived_instance(raw, pixels, fmt, _info(transfer_syntax=transfer_syntax))
+
+
+@pytest.mark.parametrize("source_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize("derived_syntax", ["explicit-vr-little-endian", "rle-lossless"])
+def test_encode_file_writes_what_pydicom_writes(source: pydicom.Dataset, tmp_path: Path, source_syntax: str,
+                                                derived_syntax: str) -> None:
+    from dicom_node.denoise.derived import encode_file
+
+    item = pydicom.Dataset()
+    item.CodeValue = "X1"
+    item.CodeMeaning = "odd"  # odd length: padded by the writer, stored padded
+    source.ProcedureCodeSequence = pydicom.Sequence([item])
+    source.add_new(0x00181030, "LO", "PROTOCOL ÄÖ")  # a non-ASCII value under the default character set
+    path = tmp_path / "source.dcm"
+    source.file_meta.TransferSyntaxUID = source_syntax
+    source.save_as(path, enforce_file_format=True)
+    ds = _derived_from_file(path, derived_syntax)
+    ours = encode_file(ds)
+    assert ours == _save_as_bytes(ds)
+    written = write_instance(ds, tmp_path / "out")
+    assert written.read_bytes() == ours and pydicom.dcmread(written).ProcedureCodeSequence[0].CodeValue == "X1"
+
+
+def test_encode_file_writes_what_pydicom_writes_for_real_scanner_files(shared_data: Path, tmp_path: Path) -> None:
+    from dicom_node.denoise.derived import encode_file
+
+    folders = ["ct/ge-head-7mm", "ct/philips-head-phantom-lowdose-1mm", "mr/siemens-acr-phantom-t1",
+               "mr/siemens-xa30-t1-enhanced"]
+    checked = 0
+    for folder in folders:
+        for path in sorted((shared_data / folder).iterdir())[:2]:
+            ds = _derived_from_file(path)
+            assert encode_file(ds) == _save_as_bytes(ds), path
+            checked += 1
+    assert checked == 7
