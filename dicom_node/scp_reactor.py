@@ -192,6 +192,20 @@ def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
 
 
+def _ushort(element: int, value: int) -> bytes:
+    return _element(element, struct.pack("<H", value))
+
+
+def _uid(element: int, value: Any) -> bytes:
+    return _element(element, _text(str(value), b"\x00"))
+
+
+def _command_set(*elements: bytes) -> bytes:
+    """A command set: its elements, in tag order, after the Command Group Length (0000,0000) they add up to."""
+    body = b"".join(elements)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
 def _text(value: str, pad: bytes) -> bytes:
     raw = value.encode("ascii")
     return raw + pad if len(raw) % 2 else raw
@@ -208,18 +222,17 @@ def encode_c_store_rsp(primitive: Any) -> bytes | None:
             or not primitive.AffectedSOPClassUID or not primitive.AffectedSOPInstanceUID):
         return None
     try:
-        body = b"".join([
-            _element(0x0002, _text(str(primitive.AffectedSOPClassUID), b"\x00")),
-            _element(0x0100, struct.pack("<H", 0x8001)),  # Command Field: C-STORE-RSP
-            _element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
-            _element(0x0800, struct.pack("<H", 0x0101)),  # Command Data Set Type: no data set
-            _element(0x0900, struct.pack("<H", int(status))),
+        return _command_set(
+            _uid(0x0002, primitive.AffectedSOPClassUID),
+            _ushort(0x0100, 0x8001),  # Command Field: C-STORE-RSP
+            _ushort(0x0120, primitive.MessageIDBeingRespondedTo),
+            _ushort(0x0800, 0x0101),  # Command Data Set Type: no data set
+            _ushort(0x0900, int(status)),
             _element(0x0902, _text(str(primitive.ErrorComment)[:64], b" ")) if primitive.ErrorComment else b"",
-            _element(0x1000, _text(str(primitive.AffectedSOPInstanceUID), b"\x00")),
-        ])
+            _uid(0x1000, primitive.AffectedSOPInstanceUID),
+        )
     except (UnicodeEncodeError, struct.error):
         return None
-    return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
 def encode_c_store_rq(primitive: Any) -> bytes | None:
@@ -234,17 +247,16 @@ def encode_c_store_rq(primitive: Any) -> bytes | None:
             or primitive.MoveOriginatorApplicationEntityTitle or primitive.MoveOriginatorMessageID is not None):
         return None
     try:
-        body = b"".join([
-            _element(0x0002, _text(str(primitive.AffectedSOPClassUID), b"\x00")),
-            _element(0x0100, struct.pack("<H", 0x0001)),  # Command Field: C-STORE-RQ
-            _element(0x0110, struct.pack("<H", primitive.MessageID)),
-            _element(0x0700, struct.pack("<H", int(primitive.Priority))),
-            _element(0x0800, struct.pack("<H", 0x0001)),  # Command Data Set Type: a data set follows
-            _element(0x1000, _text(str(primitive.AffectedSOPInstanceUID), b"\x00")),
-        ])
+        return _command_set(
+            _uid(0x0002, primitive.AffectedSOPClassUID),
+            _ushort(0x0100, 0x0001),  # Command Field: C-STORE-RQ
+            _ushort(0x0110, primitive.MessageID),
+            _ushort(0x0700, int(primitive.Priority)),
+            _ushort(0x0800, 0x0001),  # Command Data Set Type: a data set follows
+            _uid(0x1000, primitive.AffectedSOPInstanceUID),
+        )
     except (UnicodeEncodeError, struct.error, TypeError, ValueError):
         return None
-    return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
 def file_data_set_p_data_tfs(context_id: int, path: Any, offset: int, maximum_pdu_size: int) -> Iterator[bytes]:
