@@ -17,6 +17,7 @@ from sqlalchemy import Engine, select, update
 
 from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config
+from dicom_node.doorbell import Doorbell
 from dicom_node.routing import SeriesAttributes, min_quiet_seconds, route
 from dicom_node.store.database import utcnow
 from dicom_node.store.queue import enqueue_export, enqueue_job
@@ -99,19 +100,60 @@ def assemble_once(engine: Engine, cfg: Config, now: dt.datetime | None = None) -
     return done
 
 
-class Assembler(threading.Thread):
-    """Background thread running :func:`assemble_once` every ``poll_seconds`` until ``stop`` is set."""
+def seconds_until_next_due(engine: Engine, cfg: Config, now: dt.datetime | None = None) -> float | None:
+    """Seconds until the next receiving series has been quiet for its rule's quiet time (``None``: none waits).
 
-    def __init__(self, engine: Engine, cfg: Config, stop: threading.Event, poll_seconds: float = 1.0) -> None:
+    Lets the assembler wake when a series falls due rather than up to a whole poll interval later.
+    """
+    now = now or utcnow()
+    with engine.connect() as conn:
+        receiving = conn.execute(select(Series.__table__).where(Series.state == SeriesState.receiving)).all()
+    due = None
+    for series in receiving:
+        decision = route(cfg.rules, SeriesAttributes.from_row(series))
+        quiet = cfg.node.quiet_seconds
+        if decision.rule is not None and decision.rule.quiet_seconds is not None:
+            quiet = decision.rule.quiet_seconds
+        left = (series.last_received_at + dt.timedelta(seconds=quiet) - now).total_seconds()
+        due = left if due is None else min(due, left)
+    return due
+
+
+class Assembler(threading.Thread):
+    """Background thread running :func:`assemble_once` until ``stop`` is set.
+
+    It runs every ``poll_seconds``, or sooner when a series falls due before that. When it queues a job it rings
+    ``jobs_bell`` (the worker's), and ``exports_bell`` when it queues exports of an original series.
+    """
+
+    def __init__(self, engine: Engine, cfg: Config, stop: threading.Event, poll_seconds: float = 1.0,
+                 jobs_bell: Doorbell | None = None, exports_bell: Doorbell | None = None) -> None:
         super().__init__(name="assembler", daemon=True)
         self.engine = engine
         self.cfg = cfg
         self.stop_event = stop
         self.poll_seconds = poll_seconds
+        self.jobs_bell = jobs_bell
+        self.exports_bell = exports_bell
+
+    def next_wait(self) -> float:
+        """Seconds to sleep before the next pass: the poll interval, or less when a series falls due sooner."""
+        due = seconds_until_next_due(self.engine, self.cfg)
+        if due is None:
+            return self.poll_seconds
+        # A few milliseconds late, so the series is past its quiet time by the database's clock too.
+        return min(self.poll_seconds, max(0.01, due + 0.005))
 
     def run(self) -> None:
-        while not self.stop_event.wait(self.poll_seconds):
+        wait = self.poll_seconds
+        while not self.stop_event.wait(wait):
+            wait = self.poll_seconds
             try:
-                assemble_once(self.engine, self.cfg)
+                done = assemble_once(self.engine, self.cfg)
+                if self.jobs_bell is not None and any(c.job_pk is not None for c in done):
+                    self.jobs_bell.ring()
+                if self.exports_bell is not None and done:
+                    self.exports_bell.ring()
+                wait = self.next_wait()
             except Exception:  # the database may be briefly unavailable; try again next round
                 LOGGER.exception("assembling failed; retrying")

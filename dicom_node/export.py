@@ -28,6 +28,7 @@ from sqlalchemy import Engine
 
 from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config, Destination
+from dicom_node.doorbell import Doorbell
 from dicom_node.periodic import PeriodicTask
 from dicom_node.receive import set_no_delay
 from dicom_node.store.database import utcnow
@@ -254,8 +255,9 @@ class Exporter(threading.Thread):
     """Sends the exports of one destination until ``stop`` is set."""
 
     def __init__(self, cfg: Config, engine: Engine, destination: str, stop: threading.Event,
-                 worker_id: str) -> None:
+                 worker_id: str, bell: Doorbell | None = None) -> None:
         super().__init__(name=f"export-{destination}", daemon=True)
+        self.bell = bell or Doorbell()  # rung when exports are queued in this process
         self.cfg = cfg
         self.engine = engine
         self.destination = destination
@@ -274,13 +276,14 @@ class Exporter(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
+            seen = self.bell.rings
             try:
                 ran = self.run_once()
             except Exception:
                 LOGGER.exception("exporter %s loop error; retrying", self.destination)
                 ran = False
             if not ran:
-                self.stop_event.wait(self.cfg.export.poll_seconds)
+                self.bell.wait(seen, self.cfg.export.poll_seconds)
 
 
 class StalledExportSweeper(PeriodicTask):

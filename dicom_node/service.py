@@ -30,6 +30,7 @@ import socket
 from dicom_node.assemble import Assembler
 from dicom_node.config import Config
 from dicom_node.cpu_memory import keep_freed_memory
+from dicom_node.doorbell import Doorbell
 from dicom_node.export import Exporter, StalledExportSweeper, destinations_to_serve
 from dicom_node.retention import RetentionSweeper
 from dicom_node.receive import Receiver, reindex_spool, start_scp
@@ -89,6 +90,9 @@ class Node:
     web: Any = None
     models: Any = None
     threads: list[threading.Thread] = field(default_factory=list)
+    #: Rung by the assembler when it queues a job, and by the worker when it queues exports (see doorbell.py).
+    jobs_bell: Doorbell = field(default_factory=Doorbell)
+    exports_bell: Doorbell = field(default_factory=Doorbell)
 
     def start(self) -> None:
         """Open storage, re-index the spool, take up orphaned work, start the stages of this process's roles."""
@@ -111,17 +115,20 @@ class Node:
         worker_id = f"{socket.gethostname()}:{os.getpid()}"
         threads: list[threading.Thread] = []
         if "receive" in self.roles:
-            threads.append(Assembler(engine, self.cfg, self.stop_event))
+            threads.append(Assembler(engine, self.cfg, self.stop_event, jobs_bell=self.jobs_bell,
+                                     exports_bell=self.exports_bell))
             threads.append(audit.AuditPurger(self.cfg, engine, self.stop_event))
             threads.append(RetentionSweeper(self.cfg, engine, self.stop_event))
         if runs_models:
             from dicom_node.worker import ModelCache, Worker
 
             self.models = ModelCache(self.cfg)
-            threads.append(Worker(self.cfg, engine, self.stop_event, f"{worker_id}:worker", models=self.models))
+            threads.append(Worker(self.cfg, engine, self.stop_event, f"{worker_id}:worker", models=self.models,
+                                  jobs_bell=self.jobs_bell, exports_bell=self.exports_bell))
         if "export" in self.roles:
             for destination in destinations_to_serve(self.cfg):
-                threads.append(Exporter(self.cfg, engine, destination, self.stop_event, f"{worker_id}:export"))
+                threads.append(Exporter(self.cfg, engine, destination, self.stop_event, f"{worker_id}:export",
+                                        bell=self.exports_bell))
             threads.append(StalledExportSweeper(self.cfg, engine, self.stop_event))
         for thread in threads:
             thread.start()
@@ -147,6 +154,8 @@ class Node:
     def stop(self) -> None:
         """Stop accepting associations, finish the current ones and stop the stages."""
         self.stop_event.set()
+        self.jobs_bell.ring()  # waiting stages notice the stop now, not at their next poll
+        self.exports_bell.ring()
         if self.server is not None:
             self.server.shutdown()
         if self.web is not None:

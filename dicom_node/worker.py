@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 
 from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config
+from dicom_node.doorbell import Doorbell
 from dicom_node.store.database import utcnow
 from dicom_node.store.queue import (
     ClaimedJob,
@@ -181,8 +182,11 @@ class Worker(threading.Thread):
     """Claims and runs jobs until ``stop`` is set."""
 
     def __init__(self, cfg: Config, engine: Engine, stop: threading.Event, worker_id: str | None = None,
-                 models: ModelCache | None = None) -> None:
+                 models: ModelCache | None = None, jobs_bell: Doorbell | None = None,
+                 exports_bell: Doorbell | None = None) -> None:
         super().__init__(name="worker", daemon=True)
+        self.jobs_bell = jobs_bell or Doorbell()  # rung by the assembler when it queues a job
+        self.exports_bell = exports_bell  # rung here when a finished job has queued its exports
         self.cfg = cfg
         self.engine = engine
         self.stop_event = stop
@@ -229,10 +233,13 @@ class Worker(threading.Thread):
         # Loaded in this thread, which runs every job (its OpenMP team and allocator arena stay warm).
         self.models.preload(rule.model for rule in self.cfg.rules)
         while not self.stop_event.is_set():
+            seen = self.jobs_bell.rings
             try:
                 ran = self.run_once()
             except Exception:
                 LOGGER.exception("worker loop error; retrying")
                 ran = False
+            if ran and self.exports_bell is not None:
+                self.exports_bell.ring()
             if not ran:
-                self.stop_event.wait(self.cfg.worker.poll_seconds)
+                self.jobs_bell.wait(seen, self.cfg.worker.poll_seconds)

@@ -231,3 +231,46 @@ def test_reindex_spool_quarantines_a_cut_short_file_without_row(receiver: Receiv
         f"{whole.parent.name}-{whole.name}"]
     with receiver.engine.connect() as conn:
         assert conn.execute(select(Instance.id)).all() == []
+
+
+def test_next_due_follows_each_series_rule_quiet_time(receiver: Receiver, series_files: list[Path]) -> None:
+    from dicom_node.assemble import seconds_until_next_due
+
+    cfg = config_from_mapping({"node": {"quiet_seconds": 60},
+                               "rules": [{"name": "ct", "match": {"Modality": "CT"}, "model": "m",
+                                          "quiet_seconds": 20}]}, environ={})
+    now = utcnow()
+    assert seconds_until_next_due(receiver.engine, cfg, now) is None  # nothing is receiving
+    send(receiver, series_files[0])
+    left = seconds_until_next_due(receiver.engine, cfg, now)
+    assert left is not None and 19.0 < left <= 20.5  # the rule's 20 s, not the node's 60 s
+    assert seconds_until_next_due(receiver.engine, cfg, now + dt.timedelta(seconds=25)) < 0  # overdue
+    assemble_once(receiver.engine, cfg, now + dt.timedelta(seconds=25))
+    assert seconds_until_next_due(receiver.engine, cfg, now) is None  # complete: nothing waits
+
+
+def test_doorbell_wakes_a_waiter_and_never_misses_an_earlier_ring() -> None:
+    import threading
+    import time
+
+    from dicom_node.doorbell import Doorbell
+
+    bell = Doorbell()
+    seen = bell.rings
+    bell.ring()  # rung while the waiter was looking for work: the wait must end at once
+    assert bell.wait(seen, timeout=5.0)
+    seen = bell.rings
+    assert not bell.wait(seen, timeout=0.05)  # no ring: times out
+    woke = threading.Event()
+    seen = bell.rings
+
+    def waiter() -> None:
+        if bell.wait(seen, timeout=10.0):
+            woke.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.1)
+    bell.ring()
+    thread.join(timeout=5.0)
+    assert woke.is_set()
