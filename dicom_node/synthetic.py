@@ -103,8 +103,8 @@ def make_ct_series(out_dir: str | Path, n_slices: int = 300, rows: int = 512, co
         ds.Columns = cols
         ds.PixelSpacing = ["0.5", "0.5"]
         ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
+        ds.BitsStored = 16  # stored values run to 4095 (HU + 1024): 12 signed bits would wrap the bone insert
+        ds.HighBit = 15
         ds.PixelRepresentation = 1
         ds.RescaleIntercept = "-1024"
         ds.RescaleSlope = "1"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -22,6 +23,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.denoise.errors import SeriesRefused
 from dicom_node.denoise.pixels import PixelFormat, clean_stored, pixel_format_from_dataset
@@ -289,8 +291,53 @@ def check_series(series: Series) -> None:
                                     str(inst.path))
 
 
+#: Uncompressed little-endian transfer syntaxes, whose pixel data :func:`read_frames` reads straight from the file;
+#: the value says whether the VR is implicit.
+_NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian: False, ImplicitVRLittleEndian: True}
+
+
+def _read_native(instance: Instance) -> tuple[Dataset, np.ndarray] | None:
+    """The dataset (without its pixel data) and stored values of an uncompressed little-endian instance.
+
+    One header parse and one read of the pixel bytes, instead of pydicom's full read and pixel handlers (about
+    1 ms less per CT slice, on the cores the network needs). ``None`` when the file is anything else (another
+    transfer syntax, pixel data of another length, elements after the pixel data): pydicom then decodes it.
+    """
+    fmt = instance.formats[0]  # frames differ in rescale at most, never in bit layout
+    rows, cols = instance.shape
+    expected = instance.frames * rows * cols * (fmt.bits_allocated // 8)
+    with open(instance.path, "rb") as fh:
+        ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        implicit = _NATIVE_LITTLE_ENDIAN.get(getattr(ds.file_meta, "TransferSyntaxUID", None))
+        if implicit is None or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            return None
+        # dcmread stopped at the start of (7FE0,0010): its header is 8 bytes (implicit) or 12 (explicit OB/OW).
+        head = fh.read(8 if implicit else 12)
+        if implicit and len(head) == 8:
+            group, element, length = struct.unpack("<HHI", head)
+        elif not implicit and len(head) == 12 and head[4:6] in (b"OB", b"OW"):
+            group, element, _vr, _reserved, length = struct.unpack("<HH2sHI", head)
+        else:
+            return None
+        if (group, element) != (0x7FE0, 0x0010) or length not in (expected, expected + 1):
+            return None
+        buffer = bytearray(expected)
+        if fh.readinto(buffer) != expected or len(fh.read(2)) != length - expected:
+            return None  # short, or elements after the pixel data: pydicom reads the whole file
+    arr = np.frombuffer(buffer, dtype=fmt.dtype.newbyteorder("<")).reshape(instance.frames, rows, cols)
+    lo, hi = fmt.stored_range
+    if fmt.bits_stored < fmt.bits_allocated and arr.size and (arr.min() < lo or arr.max() > hi):
+        # Bits above BitsStored are not part of the value (PS3.5 8.1.1): drop them as pydicom's decoder does,
+        # sign-extending two's complement values.
+        shift = fmt.bits_allocated - fmt.bits_stored
+        arr = np.right_shift(np.left_shift(arr, shift), shift)
+    return ds, arr
+
+
 def read_frames(instance: Instance) -> tuple[Dataset, np.ndarray]:
-    """Decode an instance: its full dataset and stored values as ``(frames, rows, columns)`` in its dtype.
+    """Decode an instance: its dataset and stored values as ``(frames, rows, columns)`` in its dtype.
+
+    The dataset may lack the pixel data element (uncompressed files are read without it).
 
     Raises
     ------
@@ -299,6 +346,12 @@ def read_frames(instance: Instance) -> tuple[Dataset, np.ndarray]:
         says.
     """
     try:
+        try:
+            native = _read_native(instance)
+        except Exception:  # noqa: BLE001 - a file the fast path cannot read gets pydicom's error below
+            native = None
+        if native is not None:
+            return native[0], clean_stored(native[1], instance.formats[0])
         ds = pydicom.dcmread(instance.path)
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a clear refusal
