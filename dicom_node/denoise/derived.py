@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import functools
 import logging
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
@@ -192,19 +195,24 @@ def _dt_strings(when: _dt.datetime) -> tuple[str, str, str]:
     return when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f"), when.strftime("%Y%m%d%H%M%S.%f") + "+0000"
 
 
-def _add_contributing_equipment(ds: Dataset, info: DerivationInfo, when: _dt.datetime) -> None:
+def _contributing_equipment_item(info: DerivationInfo, contribution_datetime: str) -> Dataset:
     item = Dataset()
     item.PurposeOfReferenceCodeSequence = DicomSequence([_code(EQUIPMENT_PURPOSE_CODE)])
     item.Manufacturer = NODE_MANUFACTURER
     item.ManufacturerModelName = "denoiser"[:64]
     item.SoftwareVersions = [f"{NODE_MANUFACTURER} {info.node_version}"[:64],
                              f"{info.model_name} {info.model_version}"[:64]]
-    item.ContributionDateTime = _dt_strings(when)[2]
+    item.ContributionDateTime = contribution_datetime
     item.ContributionDescription = (
         f"Denoising with model {info.model_name} version {info.model_version}, sha256 {info.model_sha256}, "
         f"strength {info.strength:.2f}"
     )[:1024]
+    return item
+
+
+def _add_contributing_equipment(ds: Dataset, info: DerivationInfo, when: _dt.datetime) -> None:
     existing = list(ds.get("ContributingEquipmentSequence", []))
+    item = _contributing_equipment_item(info, _dt_strings(when)[2])
     ds.ContributingEquipmentSequence = DicomSequence(existing + [item])
 
 
@@ -359,19 +367,24 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
             delattr(ds, keyword)
 
     sop_uid = derived_sop_instance_uid(info.series_instance_uid, str(source.SOPInstanceUID))
-    ds.SOPInstanceUID = sop_uid
-    ds.SeriesInstanceUID = info.series_instance_uid
+    charset = _charset_key(ds.get("SpecificCharacterSet"))
     number = source.get("SeriesNumber")
     try:
         base_number = int(number) if number not in (None, "") else 0
     except (TypeError, ValueError):
         base_number = 0
-    ds.SeriesNumber = base_number + info.series_number_offset
-    ds.SeriesDescription = (str(source.get("SeriesDescription", "") or "") + info.description_suffix).strip()[:64]
+    description = (str(source.get("SeriesDescription", "") or "") + info.description_suffix).strip()[:64]
     enhanced = "PerFrameFunctionalGroupsSequence" in source
-    ds.ImageType = _derived_type(source.get("ImageType"), enhanced)
-    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    ds.ContentDate, ds.ContentTime = date, time
+    # The new elements go in already encoded (explicit VR little endian): most are the same for every instance of
+    # the series and are encoded once; building and encoding them through pydicom cost about 3 ms of CPU per slice.
+    ds[0x00080018] = _ui_element(0x00080018, sop_uid)
+    ds[0x0020000E] = _ui_element(0x0020000E, info.series_instance_uid)
+    ds[0x00200011] = _encoded_element(0x00200011, "IS", base_number + info.series_number_offset, charset)
+    ds[0x0008103E] = _encoded_element(0x0008103E, "LO", description, charset)
+    ds[0x00080008] = _encoded_element(0x00080008, "CS", tuple(_derived_type(source.get("ImageType"), enhanced)),
+                                      charset)
+    for tag, value in ((0x00080012, date), (0x00080013, time), (0x00080023, date), (0x00080033, time)):
+        ds[tag] = _encoded_element(tag, "DA" if tag in (0x00080012, 0x00080023) else "TM", value, charset)
     if enhanced:
         # Enhanced IODs have no General Image module: the derivation and its source live per frame in the
         # Derivation Image functional group, and the source is listed in SourceImageEvidenceSequence.
@@ -383,9 +396,9 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
         _drop_original_only(ds)
         ds.SourceImageEvidenceSequence = DicomSequence([_evidence_item(source)])
     else:
-        ds.DerivationDescription = info.description[:1024]
-        ds.DerivationCodeSequence = DicomSequence([_code(DERIVATION_CODE)])
-        ds.SourceImageSequence = DicomSequence([_source_item(source)])
+        ds[0x00082111] = _encoded_element(0x00082111, "ST", info.description[:1024], charset)
+        ds[0x00089215] = _code_sequence_element(0x00089215, DERIVATION_CODE)
+        ds[0x00082112] = _source_image_sequence(str(source.SOPClassUID), str(source.SOPInstanceUID))
     _repair_inherited(ds)
     if str(source.SOPClassUID) in _COMMON_INSTANCE_REFERENCE_IODS:
         ref = Dataset()
@@ -400,15 +413,19 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
     if src_ts in _LOSSY_METHODS and str(source.get("LossyImageCompression", "")) != "01":
         ds.LossyImageCompression = "01"
         ds.LossyImageCompressionMethod = _LOSSY_METHODS[src_ts]
-    _add_contributing_equipment(ds, info, when)
+    if "ContributingEquipmentSequence" in ds:  # the source's own list, kept, with this node appended
+        _add_contributing_equipment(ds, info, when)
+    else:
+        ds[0x0018A001] = _contributing_equipment_element(info, _dt_strings(when)[2], charset)
 
-    ds.BitsAllocated = fmt.bits_allocated
-    ds.BitsStored = fmt.bits_stored
-    ds.HighBit = fmt.bits_stored - 1
-    ds.PixelRepresentation = fmt.pixel_representation
-    ds.SamplesPerPixel = 1
-    ds.PixelData = arr.astype(fmt.dtype.newbyteorder("<"), copy=False).tobytes()
-    ds["PixelData"].VR = "OW" if fmt.bits_allocated > 8 else "OB"
+    for tag, value in ((0x00280002, 1), (0x00280100, fmt.bits_allocated), (0x00280101, fmt.bits_stored),
+                       (0x00280102, fmt.bits_stored - 1), (0x00280103, fmt.pixel_representation)):
+        ds[tag] = _encoded_element(tag, "US", value, charset)
+    pixel_bytes = arr.astype(fmt.dtype.newbyteorder("<"), copy=False).tobytes()
+    if len(pixel_bytes) % 2:
+        pixel_bytes += b"\x00"
+    ds[0x7FE00010] = RawDataElement(Tag(0x7FE00010), "OW" if fmt.bits_allocated > 8 else "OB", len(pixel_bytes),
+                                    pixel_bytes, 0, False, True)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = source.SOPClassUID
@@ -421,6 +438,76 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
     if info.transfer_syntax == "rle-lossless":
         ds.compress(RLELossless, arr if frames > 1 else arr[0])
     return ds
+
+
+# ------------------------------------------------------------------------------------------------- encoded elements
+# New elements of a derived instance are put into its dataset already encoded in explicit VR little endian, as
+# RawDataElements: pydicom decodes them when they are read and writes them as they are. Values shared by every
+# instance of a series are encoded once by pydicom (cached); the two per-instance ones, the SOP Instance UID and
+# the Source Image Sequence, are encoded here directly (UIDs and fixed structure only).
+
+
+def _explicit_header(tag: int, vr: str, length: int) -> bytes:
+    """An element header in explicit VR little endian (PS3.5 7.1.2)."""
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length)
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length)
+
+
+def _charset_key(value: Any) -> tuple[str, ...] | None:
+    """SpecificCharacterSet as a hashable cache key (``None``: the default repertoire)."""
+    if not value:
+        return None
+    return (str(value),) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def _raw_from(elem: DataElement, charset: tuple[str, ...] | None) -> RawDataElement:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, elem, list(charset) if charset else None)
+    data = fp.getvalue()
+    start = 12 if elem.VR in _LONG_VRS else 8
+    return RawDataElement(Tag(elem.tag), elem.VR, len(data) - start, data[start:], 0, False, True)
+
+
+@functools.lru_cache(maxsize=4096)
+def _encoded_element(tag: int, vr: str, value: Hashable, charset: tuple[str, ...] | None) -> RawDataElement:
+    """``value`` (a tuple for several values) encoded by pydicom as element ``tag``, once per distinct value."""
+    return _raw_from(DataElement(tag, vr, list(value) if isinstance(value, tuple) else value), charset)
+
+
+@functools.lru_cache(maxsize=16)
+def _code_sequence_element(tag: int, code: tuple[str, str, str]) -> RawDataElement:
+    """A code sequence of one item (CodeValue, CodingSchemeDesignator, CodeMeaning), encoded once."""
+    return _raw_from(DataElement(tag, "SQ", DicomSequence([_code(code)])), None)
+
+
+@functools.lru_cache(maxsize=64)
+def _contributing_equipment_element(info: DerivationInfo, contribution_datetime: str,
+                                    charset: tuple[str, ...] | None) -> RawDataElement:
+    item = _contributing_equipment_item(info, contribution_datetime)
+    return _raw_from(DataElement(0x0018A001, "SQ", DicomSequence([item])), charset)
+
+
+def _ui_element(tag: int, uid: str) -> RawDataElement:
+    """A UI element: the UID's ASCII characters, padded with NUL to an even length (PS3.5 6.2)."""
+    value = uid.encode("ascii")
+    if len(value) % 2:
+        value += b"\x00"
+    return RawDataElement(Tag(tag), "UI", len(value), value, 0, False, True)
+
+
+def _source_image_sequence(sop_class_uid: str, sop_instance_uid: str) -> RawDataElement:
+    """SourceImageSequence with one item: the source's SOP class and instance and the purpose of reference."""
+    item = b"".join(_explicit_header(e.tag, "UI", e.length) + e.value for e in (
+        _ui_element(0x00081150, sop_class_uid), _ui_element(0x00081155, sop_instance_uid)))
+    purpose = _code_sequence_element(0x0040A170, SOURCE_PURPOSE_CODE)
+    item += _explicit_header(0x0040A170, "SQ", purpose.length) + purpose.value  # type: ignore[operator]
+    value = struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item
+    return RawDataElement(Tag(0x00082112), "SQ", len(value), value, 0, False, True)
 
 
 #: The node's Implementation Class UID (PS3.7 D.3.3.2): a fixed, name-derived UID under pydicom's root (the root
@@ -464,13 +551,10 @@ def encode_file(ds: Dataset) -> bytes:
         if (elem.is_raw and elem.VR and elem.length != 0xFFFFFFFF and not elem.is_implicit_VR
                 and elem.is_little_endian and not elem.is_buffered):
             value = elem.value or b""
-            if elem.VR in _LONG_VRS:
-                fp.write(struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, elem.VR.encode(), 0, len(value)))
-            elif len(value) <= 0xFFFF:
-                fp.write(struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, elem.VR.encode(), len(value)))
-            else:
+            if elem.VR not in _LONG_VRS and len(value) > 0xFFFF:
                 write_data_element(fp, elem, encoding)
                 continue
+            fp.write(_explicit_header(tag, elem.VR, len(value)))
             fp.write(value)
         else:
             write_data_element(fp, elem, encoding)

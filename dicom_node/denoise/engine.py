@@ -15,6 +15,7 @@ wrote are removed, so a failed job leaves no partial derived series behind.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -451,6 +452,9 @@ def denoise_series(
         model_name=card.name, model_version=card.version, model_sha256=card.sha256, strength=float(strength),
         series_number_offset=settings.series_number_offset, description_suffix=settings.description_suffix,
         transfer_syntax=settings.transfer_syntax,
+        # One creation time for the whole derived series: it is one derivation, and the elements that carry the
+        # time are then encoded once per series rather than once per instance.
+        created=datetime.datetime.now(datetime.timezone.utc),
     )
     stages["scan"] = time.perf_counter() - started
     rows, cols = series.instances[0].shape
