@@ -38,6 +38,15 @@ def orthanc_instances(peer, study_uid: str) -> dict[str, int]:  # type: ignore[n
             for s in orthanc_get(peer, f"/studies/{found[0]['ID']}/series")}  # type: ignore[union-attr]
 
 
+def job_finished(engine) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the node's job table holds a finished job (the table may not exist yet)."""
+    try:
+        with engine.connect() as conn:
+            return conn.execute(select(Job.finished_at).where(Job.finished_at.is_not(None))).first() is not None
+    except Exception:  # noqa: BLE001 - the node is still creating its database
+        return False
+
+
 def model_alone(files: list[Path], model: str, models_dir: list[str], device: str) -> tuple[float, int]:
     """Seconds for the engine's network alone on the series' slices (decoded beforehand); and the batch size."""
     import numpy as np
@@ -83,7 +92,6 @@ def main() -> int:
             config.write_text("\n".join([
                 "[node]", f"quiet_seconds = {args.quiet}", "[models]",
                 f"directories = {json.dumps(args.models_dir)}", f"device = {json.dumps(args.device)}",
-                "[worker]", "poll_seconds = 0.2", "[export]", "poll_seconds = 0.2",
                 "[[destinations]]", 'name = "pacs"', f'ae_title = "{pacs.ae_title}"', 'host = "127.0.0.1"',
                 f"port = {pacs.port}",
                 "[[rules]]", 'name = "ct"', 'match = { Modality = "CT" }', f'model = "{args.model}"',
@@ -95,20 +103,29 @@ def main() -> int:
                     raise SystemExit(f"storescu failed: {sent.stderr[-2000:]}")
                 t_sent = time.time()
                 study_uid = str(__import__("pydicom").dcmread(files[0]).StudyInstanceUID)
+                engine = create_engine(f"sqlite:///{node.storage / 'dicom-node.sqlite3'}")
+                # The observer must not load the machine it measures: while the job runs, look at the node's job
+                # table twice a second (a small SQLite read); Orthanc's REST API (a lookup and a series listing,
+                # a few ms of CPU in Orthanc and here) is asked every 0.1 s only once the job has finished.
                 deadline = time.monotonic() + 3600
+                while time.monotonic() < deadline and not job_finished(engine):
+                    time.sleep(0.5)
                 while time.monotonic() < deadline:
                     counts = orthanc_instances(pacs, study_uid)
                     if any(n == len(files) for n in counts.values()):
                         break
-                    time.sleep(0.2)
+                    time.sleep(0.1)
                 else:
                     raise SystemExit("timed out waiting for the derived series in Orthanc")
                 t_done = time.time()
-                engine = create_engine(f"sqlite:///{node.storage / 'dicom-node.sqlite3'}")
-                with engine.connect() as conn:
-                    series = conn.execute(select(Series.__table__)).one()
-                    job = conn.execute(select(Job.__table__)).one()
-                    export = conn.execute(select(Export.__table__)).one()
+                while time.monotonic() < deadline:  # the exporter records its end just after Orthanc's last answer
+                    with engine.connect() as conn:
+                        series = conn.execute(select(Series.__table__)).one()
+                        job = conn.execute(select(Job.__table__)).one()
+                        export = conn.execute(select(Export.__table__)).one()
+                    if export.finished_at is not None:
+                        break
+                    time.sleep(0.05)
                 log = (node.storage / "node.log").read_text()
                 outbox = sorted((node.storage / "outbox").rglob("*.dcm"))
         total = t_done - t_sent - args.quiet

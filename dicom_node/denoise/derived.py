@@ -519,6 +519,34 @@ _IMPLEMENTATION_CLASS_UID = str(generate_uid(entropy_srcs=["dicom-node", "implem
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 
 
+#: The File Meta elements the builder writes (PS3.10 7.1), with their VRs; (0002,0000) and (0002,0001) are added.
+_FILE_META_ELEMENTS = {0x00020002: "UI", 0x00020003: "UI", 0x00020010: "UI", 0x00020012: "UI", 0x00020013: "SH"}
+
+
+def _file_meta_bytes(meta: Dataset) -> bytes | None:
+    """Group 2 as ``write_file_meta_info(enforce_standard=True)`` writes it, for the builder's file meta (its
+    elements given as text); ``None`` for anything else, which pydicom then writes."""
+    body = [_explicit_header(0x00020001, "OB", 2) + b"\x00\x01"]
+    for elem in meta:
+        tag = int(elem.tag)
+        if tag == 0x00020001 and elem.value == b"\x00\x01":
+            continue
+        vr = _FILE_META_ELEMENTS.get(tag)
+        if vr is None or elem.VR != vr or not isinstance(elem.value, str):
+            return None
+        try:
+            value = elem.value.encode("ascii")
+        except UnicodeEncodeError:
+            return None
+        if len(value) % 2:
+            value += b"\x00" if vr == "UI" else b" "
+        body.append(_explicit_header(tag, vr, len(value)) + value)
+    if not {0x00020002, 0x00020003, 0x00020010} <= {int(e.tag) for e in meta}:
+        return None  # pydicom raises the error that names what is missing
+    group = b"".join(body)
+    return _explicit_header(0x00020000, "UL", 4) + struct.pack("<I", len(group)) + group
+
+
 def encode_file(ds: Dataset) -> bytes:
     """The bytes ``ds.save_as(..., enforce_file_format=True)`` writes, for a dataset in explicit VR little endian.
 
@@ -535,7 +563,11 @@ def encode_file(ds: Dataset) -> bytes:
     fp.is_little_endian, fp.is_implicit_VR = True, False
     fp.write(ds.preamble or b"\x00" * 128)
     fp.write(b"DICM")
-    write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
+    meta = _file_meta_bytes(ds.file_meta)
+    if meta is None:
+        write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
+    else:
+        fp.write(meta)
     same_encoding = (tuple(ds.original_encoding) == (False, True)
                      and ds.original_character_set == ds._character_set)
     if not same_encoding:  # raw elements must be converted: leave it all to pydicom
