@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import create_engine, select  # noqa: E402
 
-from dicom_node.store.schema import Export, Job, Series  # noqa: E402
+from sqlalchemy import func  # noqa: E402
+
+from dicom_node.store.schema import Export, ExportInstance, Job, Series  # noqa: E402
 from dicom_node.synthetic import make_ct_series  # noqa: E402
 from tests.peers import dicom_node, orthanc, orthanc_get, require, storescu  # noqa: E402
 
@@ -126,6 +128,9 @@ def main() -> int:
                     if export.finished_at is not None:
                         break
                     time.sleep(0.05)
+                with engine.connect() as conn:
+                    first_answer, last_answer = conn.execute(
+                        select(func.min(ExportInstance.sent_at), func.max(ExportInstance.sent_at))).one()
                 log = (node.storage / "node.log").read_text()
                 outbox = sorted((node.storage / "outbox").rglob("*.dcm"))
         total = t_done - t_sent - args.quiet
@@ -142,6 +147,8 @@ def main() -> int:
             print(f"  {name:30s} {seconds:7.1f} s")
         if split:
             print(f"  job split: {split.group(1)}")
+        print(f"  export split: first answer {(first_answer - job.finished_at).total_seconds():.1f} s after the job, "
+              f"last {(last_answer - first_answer).total_seconds():.1f} s after the first")
         with orthanc(root / "orthanc-peer") as peer:
             start = time.perf_counter()
             result = storescu(peer.port, peer.ae_title, outbox)

@@ -141,7 +141,7 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
             model_engine = models.engine(job.model)
             result = denoise_series(paths, model_engine, out_dir, strength=job.strength,
                                     settings=DerivedSeriesSettings.from_config(cfg.derived),
-                                    series_instance_uid=derived_uid, keep_preview=True)
+                                    series_instance_uid=derived_uid, keep_preview=True, durable=True)
         except (SeriesRefused, ModelError) as exc:
             raise JobFailed(str(exc)) from exc
     finally:

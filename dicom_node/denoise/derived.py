@@ -591,18 +591,38 @@ def encode_file(ds: Dataset) -> bytes:
     return fp.getvalue()
 
 
-def write_instance(ds: Dataset, folder: str | os.PathLike[str]) -> Path:
-    """Write a derived instance as ``folder/<SOPInstanceUID>.dcm`` (atomically: temp file, then rename)."""
+def write_instance(ds: Dataset, folder: str | os.PathLike[str], durable: bool = False) -> Path:
+    """Write a derived instance as ``folder/<SOPInstanceUID>.dcm`` (atomically: temp file, then rename).
+
+    With ``durable`` the file's data is fsynced before the rename (the caller fsyncs the folder once all are
+    written; see :func:`dicom_node.denoise.engine.denoise_series`).
+    """
     out_dir = Path(folder)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{ds.SOPInstanceUID}.dcm"
     tmp = out_dir / f".{ds.SOPInstanceUID}.tmp"
     if ds.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, RLELossless):
-        tmp.write_bytes(encode_file(ds))
+        data = encode_file(ds)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
     else:
         ds.save_as(tmp, enforce_file_format=True)
+        if durable:
+            fsync_path(tmp)
     os.replace(tmp, path)
     return path
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file or a folder (a folder's fsync makes the renames into it durable)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass

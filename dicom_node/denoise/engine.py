@@ -33,6 +33,7 @@ from dicom_node.denoise.derived import (
     DerivationInfo,
     DerivedSeriesSettings,
     build_derived_instance,
+    fsync_path,
     new_series_uid,
     write_instance,
 )
@@ -370,10 +371,12 @@ def _decode(chunk: list[Instance]) -> list[tuple[Instance, object, np.ndarray]]:
 
 
 def _write_chunk(items: list[tuple[object, np.ndarray, PixelFormat]], info: DerivationInfo,
-                 output_dir: str | os.PathLike[str], progress: Callable[[int], None] | None) -> list[Path]:
+                 output_dir: str | os.PathLike[str], progress: Callable[[int], None] | None,
+                 durable: bool = False) -> list[Path]:
     paths = []
     for ds, new, fmt in items:
-        paths.append(write_instance(build_derived_instance(ds, new, fmt, info), output_dir))  # type: ignore[arg-type]
+        derived = build_derived_instance(ds, new, fmt, info)  # type: ignore[arg-type]
+        paths.append(write_instance(derived, output_dir, durable))
         if progress is not None:
             progress(int(new.shape[0]))
     return paths
@@ -403,6 +406,7 @@ def denoise_series(
     device: str | torch.device | None = None,
     progress: Callable[[int], None] | None = None,
     keep_preview: bool = False,
+    durable: bool = False,
 ) -> DenoiseResult:
     """Denoise one series and write its derived series into ``output_dir``.
 
@@ -426,6 +430,9 @@ def denoise_series(
         Called with the number of frames just written (from the write thread).
     keep_preview
         Keep the middle frame before and after, for a preview image.
+    durable
+        fsync every derived file (in the write thread, beside the network) and then the folder, so the series
+        survives a power loss once this returns (the node's worker sets it before it records the job done).
 
     Raises
     ------
@@ -500,11 +507,13 @@ def denoise_series(
                     written.extend(writing.result())
                 stages["wait_write"] += time.perf_counter() - mark
                 writing = writer.submit(_write_chunk, [(ds, new, inst.formats[0]) for inst, ds, _s, new in items],
-                                        info, output_dir, progress)
+                                        info, output_dir, progress, durable)
                 del decoded, items
             mark = time.perf_counter()
             if writing is not None:
                 written.extend(writing.result())
+            if durable and written:
+                fsync_path(output_dir)
             stages["wait_write"] += time.perf_counter() - mark
     except BaseException:
         _remove_partial(series, info, output_dir)

@@ -284,9 +284,9 @@ def test_long_series_is_streamed_in_bounded_memory(tmp_path: Path, models_dir: P
         in_flight.append(decoded[0] - written[0])
         return real_read(inst)
 
-    def counting_write(ds, folder):  # noqa: ANN001, ANN202
+    def counting_write(ds, folder, *args):  # noqa: ANN001, ANN002, ANN202
         written[0] += 1
-        return real_write(ds, folder)
+        return real_write(ds, folder, *args)
 
     monkeypatch.setattr(engine_module, "read_frames", counting_read)
     monkeypatch.setattr(engine_module, "write_instance", counting_write)
@@ -296,6 +296,29 @@ def test_long_series_is_streamed_in_bounded_memory(tmp_path: Path, models_dir: P
     assert max(in_flight) <= 4 * 2  # decoding ahead, computing, writing behind: a few batches, never the series
     z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in result.paths]
     assert z == sorted(z)  # result paths come back in slice order
+
+
+def test_durable_output_fsyncs_every_file_and_then_the_folder(tmp_path: Path, models_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import stat
+
+    write_series(tmp_path / "in", np.zeros((5, 16, 16), dtype=np.uint16), bits_stored=12)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        mode = os.fstat(fd).st_mode
+        synced.append("folder" if stat.S_ISDIR(mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    engine = Engine(load_model_folder(models_dir / "id-ct"), batch_size=2)
+    denoise_series(tmp_path / "in", engine, tmp_path / "plain")
+    assert synced == []  # the CLI's default: no fsync
+    result = denoise_series(tmp_path / "in", engine, tmp_path / "out", durable=True)
+    assert len(result.paths) == 5
+    assert synced == ["file"] * 5 + ["folder"]  # every file before its rename, the folder once after all
 
 
 def test_refusal_half_way_leaves_no_partial_series(tmp_path: Path, models_dir: Path) -> None:
