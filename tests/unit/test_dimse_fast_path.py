@@ -98,3 +98,13 @@ def test_requests_it_does_not_handle_fall_back(tmp_path) -> None:
     request.MoveOriginatorMessageID = 3
     assert encode_c_store_rq(request) is None
     assert encode_c_store_rq(_response(0, None, "1.2.3")) is None  # a response, not a request
+
+
+def test_pdus_are_joined_into_blocks_in_order() -> None:
+    from dicom_node.scp_reactor import joined
+
+    pdus = [bytes([i]) * 10 for i in range(7)]
+    blocks = list(joined(pdus, 25))
+    assert b"".join(blocks) == b"".join(pdus)  # the same bytes in the same order
+    assert [len(b) for b in blocks] == [30, 30, 10]  # each block reaches the limit, the last takes the rest
+    assert list(joined([], 25)) == []
