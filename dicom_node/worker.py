@@ -19,11 +19,13 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config
+from dicom_node.denoise.series import HeaderCache
 from dicom_node.doorbell import Doorbell
+from dicom_node.routing import SeriesAttributes, route
 from dicom_node.store.database import utcnow
 from dicom_node.store.queue import (
     ClaimedJob,
@@ -37,11 +39,17 @@ from dicom_node.store.queue import (
     series_by_pk,
     series_instance_paths,
 )
+from dicom_node.store.schema import Job, JobState, Series, SeriesState
 
 LOGGER = logging.getLogger(__name__)
 
 #: The before/after/difference image of a job's middle slice, in ``outbox/job-<id>/``.
 PREVIEW_NAME = "preview.png"
+#: An idle worker reads ahead the headers of a series that will be denoised once no instance of it has arrived for
+#: this long (its quiet time is running), so the job's scan finds them read (see ``HeaderCache``).
+PREFETCH_AFTER_SECONDS = 0.5
+#: Headers read ahead per pass; between passes the worker looks for a job again.
+PREFETCH_BATCH = 64
 
 
 def default_worker_id(role: str = "worker") -> str:
@@ -103,7 +111,8 @@ class JobFailed(Exception):
     """A job failed for a reason that will not change on retry (the series or the model is at fault)."""
 
 
-def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, worker_id: str) -> str:
+def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, worker_id: str,
+            headers: HeaderCache | None = None) -> str:
     """Denoise one claimed job into ``outbox/job-<id>`` and queue its exports; return the derived series UID.
 
     Raises
@@ -141,7 +150,8 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
             model_engine = models.engine(job.model)
             result = denoise_series(paths, model_engine, out_dir, strength=job.strength,
                                     settings=DerivedSeriesSettings.from_config(cfg.derived),
-                                    series_instance_uid=derived_uid, keep_preview=True, durable=True)
+                                    series_instance_uid=derived_uid, keep_preview=True, durable=True,
+                                    headers=headers)
         except (SeriesRefused, ModelError) as exc:
             raise JobFailed(str(exc)) from exc
     finally:
@@ -207,6 +217,31 @@ class Worker(threading.Thread):
         self.worker_id = worker_id or default_worker_id()
         self.models = models or ModelCache(cfg)
         self.policy = RetryPolicy(cfg.worker.max_attempts, 10.0, 300.0)
+        self.headers = HeaderCache()
+
+    def prefetch_headers(self) -> int:
+        """Read ahead the headers of quiet series that a rule will send to a model; return how many were read.
+
+        Headers of series that are neither receiving nor waiting for a job are forgotten.
+        """
+        now = utcnow()
+        to_read: list[Path] = []
+        keep: list[Path] = []
+        with self.engine.connect() as conn:
+            receiving = conn.execute(select(Series.__table__).where(Series.state == SeriesState.receiving)).all()
+            for row in receiving:
+                rule = route(self.cfg.rules, SeriesAttributes.from_row(row)).rule
+                if rule is None or not rule.model:
+                    continue
+                paths = [self.cfg.data_path / p for p in series_instance_paths(conn, row.id)]
+                keep.extend(paths)
+                if row.last_received_at <= now - dt.timedelta(seconds=PREFETCH_AFTER_SECONDS):
+                    to_read.extend(paths)
+            waiting = conn.execute(select(Job.series_pk).where(Job.state.in_([JobState.queued, JobState.running])))
+            for series_pk in set(waiting.scalars()):
+                keep.extend(self.cfg.data_path / p for p in series_instance_paths(conn, series_pk))
+        self.headers.forget(keep)
+        return self.headers.prefetch(to_read, limit=PREFETCH_BATCH) if to_read else 0
 
     def run_once(self) -> bool:
         """Requeue stalled jobs, then run at most one job; return whether one ran."""
@@ -222,7 +257,7 @@ class Worker(threading.Thread):
         LOGGER.info("job %d claimed (series %d version %d, model %s, attempt %d)", job.id, job.series_pk,
                     job.version, job.model, job.attempts)
         try:
-            run_job(self.cfg, self.engine, self.models, job, self.worker_id)
+            run_job(self.cfg, self.engine, self.models, job, self.worker_id, self.headers)
         except JobFailed as exc:
             LOGGER.error("job %d failed: %s", job.id, exc)
             with self.engine.begin() as conn:
@@ -256,4 +291,9 @@ class Worker(threading.Thread):
             if ran and self.exports_bell is not None:
                 self.exports_bell.ring()
             if not ran:
+                try:
+                    if self.prefetch_headers():
+                        continue  # more may be left: look for a job first, then read on
+                except Exception:  # a convenience: the job's scan reads whatever was not read ahead
+                    LOGGER.exception("reading headers ahead failed")
                 self.jobs_bell.wait(seen, self.cfg.worker.poll_seconds)

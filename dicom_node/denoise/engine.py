@@ -39,7 +39,7 @@ from dicom_node.denoise.derived import (
 )
 from dicom_node.denoise.errors import SeriesRefused
 from dicom_node.denoise.pixels import PixelFormat, Scaling, apply_residual, scaling_for, stored_to_physical
-from dicom_node.denoise.series import Instance, Series, check_series, read_frames, scan
+from dicom_node.denoise.series import HeaderCache, Instance, Series, check_series, read_frames, scan
 from models.folder import LoadedModel, ModelMismatch, resolve_device
 from models.networks import receptive_radius, size_multiple
 
@@ -407,6 +407,7 @@ def denoise_series(
     progress: Callable[[int], None] | None = None,
     keep_preview: bool = False,
     durable: bool = False,
+    headers: HeaderCache | None = None,
 ) -> DenoiseResult:
     """Denoise one series and write its derived series into ``output_dir``.
 
@@ -433,6 +434,9 @@ def denoise_series(
     durable
         fsync every derived file (in the write thread, beside the network) and then the folder, so the series
         survives a power loss once this returns (the node's worker sets it before it records the job done).
+    headers
+        Headers read ahead of time (the worker reads them while the series is quiet); used instead of reading
+        those files' headers again.
 
     Raises
     ------
@@ -442,7 +446,7 @@ def denoise_series(
     started = time.perf_counter()
     stages = {"scan": 0.0, "wait_decode": 0.0, "model": 0.0, "wait_write": 0.0}
     if not isinstance(series, Series):
-        found = scan(series)
+        found = scan(series, headers)
         if len(found.series) != 1:
             reasons = "; ".join(f"{p.name}: {why}" for p, why in found.skipped[:5])
             raise SeriesRefused(f"expected one image series, found {len(found.series)}" + (f" ({reasons})" if reasons else ""))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -263,13 +264,82 @@ def group_series(instances: Iterable[Instance]) -> list[Series]:
     return list(by_uid.values())
 
 
-def scan(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> ScanResult:
-    """Find the image series under ``paths``; files that are not DICOM images are skipped with a reason."""
+class HeaderCache:
+    """Instance headers read ahead of time, each taken (and forgotten) by the next :func:`scan` of its file.
+
+    The node's worker reads the headers of a series while the series is quiet (received, not yet complete), so
+    the job's scan, which is on the critical path before the first slice reaches the network, finds them read.
+    An entry is used only while the file's size and modification time are what they were when it was read.
+    """
+
+    def __init__(self, limit: int = 20000) -> None:
+        self.limit = limit
+        self._entries: dict[Path, tuple[tuple[int, int], Instance]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def prefetch(self, paths: Iterable[str | os.PathLike[str]], limit: int | None = None) -> int:
+        """Read the headers of ``paths`` not read yet, at most ``limit`` of them (unreadable files are left to the
+        scan, which reports why); return how many were read."""
+        read = 0
+        for raw in paths:
+            if limit is not None and read >= limit:
+                break
+            path = Path(raw)
+            with self._lock:
+                if path in self._entries or len(self._entries) >= self.limit:
+                    continue
+            stamp = self._stamp(path)
+            if stamp is None:
+                continue
+            try:
+                instance = read_instance_header(path)
+            except Exception:  # noqa: BLE001 - the scan reads it again and reports why
+                continue
+            with self._lock:
+                self._entries[path] = (stamp, instance)
+            read += 1
+        return read
+
+    def take(self, path: Path) -> Instance | None:
+        """The header read for ``path``, if the file has not changed since; the entry is removed either way."""
+        with self._lock:
+            entry = self._entries.pop(path, None)
+        if entry is None or self._stamp(path) != entry[0]:
+            return None
+        return entry[1]
+
+    def forget(self, keep: Iterable[Path]) -> None:
+        """Drop every entry whose path is not in ``keep`` (series completed or purged meanwhile)."""
+        keep_set = set(keep)
+        with self._lock:
+            for path in [p for p in self._entries if p not in keep_set]:
+                del self._entries[path]
+
+
+def scan(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+         headers: HeaderCache | None = None) -> ScanResult:
+    """Find the image series under ``paths``; files that are not DICOM images are skipped with a reason.
+
+    Headers already read into ``headers`` are taken from there instead of being read again.
+    """
     instances: list[Instance] = []
     skipped: list[tuple[Path, str]] = []
     for path in iter_files(paths):
         try:
-            instances.append(read_instance_header(path))
+            cached = headers.take(path) if headers is not None else None
+            instances.append(cached if cached is not None else read_instance_header(path))
         except InvalidDicomError:
             skipped.append((path, "not a DICOM file"))
         except SeriesRefused as exc:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import os
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, update
 
 from dicom_node.receive import (
     STATUS_CANNOT_UNDERSTAND,
@@ -24,7 +25,7 @@ from dicom_node.store.database import make_engine, migrate, schema_version, utcn
 from dicom_node.assemble import assemble_once
 from dicom_node.config import config_from_mapping
 from dicom_node.store.repository import status_counts
-from dicom_node.store.schema import Base, Instance, Series, SeriesState
+from dicom_node.store.schema import Base, Instance, Job, JobState, Series, SeriesState
 from dicom_node.store.spool import Spool, is_valid_uid
 from dicom_node.synthetic import make_ct_series
 from tests import malformed
@@ -274,3 +275,64 @@ def test_doorbell_wakes_a_waiter_and_never_misses_an_earlier_ring() -> None:
     bell.ring()
     thread.join(timeout=5.0)
     assert woke.is_set()
+
+
+def test_idle_worker_reads_quiet_routed_series_ahead_and_the_scan_uses_them(
+        receiver: Receiver, series_files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import dicom_node.denoise.series as series_module
+    from dicom_node.denoise.series import scan
+    from dicom_node.worker import PREFETCH_AFTER_SECONDS, Worker
+
+    cfg = config_from_mapping({"node": {"data_dir": str(tmp_path), "quiet_seconds": 60},
+                               "rules": [{"name": "ct", "match": {"Modality": "CT"}, "model": "m"}]}, environ={})
+    worker = Worker(cfg, receiver.engine, threading_event())
+    for path in series_files:
+        send(receiver, path)
+    assert worker.prefetch_headers() == 0  # instances still arriving: reading now would compete with them
+    time.sleep(PREFETCH_AFTER_SECONDS + 0.1)
+    assert worker.prefetch_headers() == len(series_files)
+    assert worker.prefetch_headers() == 0  # nothing is read twice
+    reads: list[Path] = []
+    real = series_module.read_instance_header
+    monkeypatch.setattr(series_module, "read_instance_header", lambda p: reads.append(p) or real(p))
+    stored = spool_files(receiver)
+    later = time.time_ns() + 10**9
+    os.utime(stored[0], ns=(later, later))  # changed since it was read: read again
+    found = scan(stored, worker.headers)
+    assert len(found.series) == 1 and len(found.series[0].instances) == len(series_files)
+    assert reads == [stored[0]]  # every other header came from the read-ahead
+    assert len(worker.headers) == 0  # taken by the scan
+
+
+def test_read_ahead_skips_unrouted_series_and_forgets_finished_ones(
+        receiver: Receiver, series_files: list[Path], tmp_path: Path) -> None:
+    import time
+
+    from dicom_node.worker import PREFETCH_AFTER_SECONDS, Worker
+
+    unrouted = config_from_mapping({"node": {"data_dir": str(tmp_path), "quiet_seconds": 60},
+                                    "rules": [{"name": "mr", "match": {"Modality": "MR"}, "model": "m"}]},
+                                   environ={})
+    for path in series_files:
+        send(receiver, path)
+    time.sleep(PREFETCH_AFTER_SECONDS + 0.1)
+    assert Worker(unrouted, receiver.engine, threading_event()).prefetch_headers() == 0
+    cfg = config_from_mapping({"node": {"data_dir": str(tmp_path), "quiet_seconds": 60},
+                               "rules": [{"name": "ct", "match": {"Modality": "CT"}, "model": "m"}]}, environ={})
+    worker = Worker(cfg, receiver.engine, threading_event())
+    assert worker.prefetch_headers() == len(series_files)
+    assemble_once(receiver.engine, cfg, utcnow() + dt.timedelta(seconds=61))  # complete: a job is queued
+    worker.prefetch_headers()
+    assert len(worker.headers) == len(series_files)  # kept for the queued job
+    with receiver.engine.begin() as conn:
+        conn.execute(update(Job).values(state=JobState.cancelled))
+    worker.prefetch_headers()
+    assert len(worker.headers) == 0  # nobody will scan them: forgotten
+
+
+def threading_event():  # noqa: ANN201
+    import threading
+
+    return threading.Event()
