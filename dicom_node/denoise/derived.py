@@ -45,6 +45,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from dicom_node import __version__
 from dicom_node.denoise.pixels import PixelFormat
+from dicom_node.fsync import fsync_path
 
 LOGGER = logging.getLogger(__name__)
 
@@ -614,15 +615,6 @@ def write_instance(ds: Dataset, folder: str | os.PathLike[str], durable: bool = 
             fsync_path(tmp)
     os.replace(tmp, path)
     return path
-
-
-def fsync_path(path: str | os.PathLike[str]) -> None:
-    """fsync a file or a folder (a folder's fsync makes the renames into it durable)."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass

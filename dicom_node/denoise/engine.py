@@ -33,13 +33,13 @@ from dicom_node.denoise.derived import (
     DerivationInfo,
     DerivedSeriesSettings,
     build_derived_instance,
-    fsync_path,
     new_series_uid,
     write_instance,
 )
 from dicom_node.denoise.errors import SeriesRefused
 from dicom_node.denoise.pixels import PixelFormat, Scaling, apply_residual, scaling_for, stored_to_physical
 from dicom_node.denoise.series import HeaderCache, Instance, Series, check_series, read_frames, scan
+from dicom_node.fsync import fsync_path
 from models.folder import LoadedModel, ModelMismatch, resolve_device
 from models.networks import receptive_radius, size_multiple
 

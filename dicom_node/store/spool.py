@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from dicom_node.fsync import fsync_path
+
 LOGGER = logging.getLogger(__name__)
 
 #: PS3.5 9.1: components of digits, no leading zero unless the component is "0", at most 64 characters.
@@ -152,16 +154,8 @@ class PendingWrite:
         if self.target is None:
             raise ValueError("the file is not in place yet")
         for directory in [self.target.parent, *self._new_dirs]:
-            _fsync_dir(directory)
+            fsync_path(directory)
 
     def discard(self) -> None:
         """Remove the temporary file (a placed target is not touched)."""
         self.temp.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
