@@ -175,6 +175,10 @@ class RetentionSettings:
     processed_days: float = 7.0
 
 
+#: Most associations one export opens to a destination at once.
+MAX_ASSOCIATIONS_PER_DESTINATION = 8
+
+
 @dataclass
 class Destination:
     """One ``[[destinations]]`` table: a DICOM peer that receives derived series by C-STORE."""
@@ -186,6 +190,8 @@ class Destination:
     tls: bool = False
     calling_ae_title: str = ""
     timeout_seconds: float = 30.0
+    #: Associations one series is sent over at once (instances are shared out as each association frees up).
+    associations: int = 2
 
 
 @dataclass
@@ -523,6 +529,9 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         if dest.calling_ae_title and (why := validate_ae_title(dest.calling_ae_title)) is not None:
             problems.append(f"{where}.calling_ae_title: {why}")
         _check_port(dest.port, f"{where}.port", problems)
+        if not 1 <= dest.associations <= MAX_ASSOCIATIONS_PER_DESTINATION:
+            problems.append(f"{where}.associations: must be 1 to {MAX_ASSOCIATIONS_PER_DESTINATION}, "
+                            f"not {dest.associations}")
         if not dest.host:
             problems.append(f"{where}.host: must not be empty")
     rule_names: set[str] = set()
