@@ -58,6 +58,9 @@ class Instance:
         Per-frame geometry.
     sort_key
         Position along the series' slice normal (``nan`` without geometry), then InstanceNumber.
+    raw_elements, pixel_offset
+        The header's elements as read, before any was decoded, and where the pixel data element starts in the
+        file (``None`` when not known): decoding an uncompressed file then reads only its pixel bytes.
     """
 
     path: Path
@@ -66,6 +69,8 @@ class Instance:
     formats: list[PixelFormat]
     geometry: list[FrameGeometry]
     sort_key: tuple[float, int, str] = (float("nan"), 0, "")
+    raw_elements: dict[Any, Any] | None = field(default=None, repr=False, compare=False)
+    pixel_offset: int | None = None
 
     @property
     def sop_instance_uid(self) -> str:
@@ -180,7 +185,12 @@ def read_instance_header(path: str | os.PathLike[str]) -> Instance:
         A DICOM object that is not a denoisable image (no pixel data, colour, unsupported format).
     """
     p = Path(path)
-    ds = pydicom.dcmread(p, stop_before_pixels=True)
+    with open(p, "rb") as fh:
+        ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        pixel_offset = fh.tell()  # dcmread stops at the start of (7FE0,0010)
+    # Kept as read: the checks below decode some elements in ``ds``, and a derived instance copies raw elements
+    # for free but decoded ones at a cost (see dicom_node.denoise.derived.build_derived_instance).
+    raw_elements = {elem.tag: elem for elem in ds.elements()}
     if "Rows" not in ds or "Columns" not in ds:
         raise SeriesRefused("not an image (no Rows/Columns)", str(p))
     for key in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID"):
@@ -190,7 +200,8 @@ def read_instance_header(path: str | os.PathLike[str]) -> Instance:
         formats, geometry = _frame_info(ds)
     except SeriesRefused as exc:
         raise SeriesRefused(exc.reason, str(p)) from None
-    return Instance(path=p, header=ds, frames=len(formats), formats=formats, geometry=geometry)
+    return Instance(path=p, header=ds, frames=len(formats), formats=formats, geometry=geometry,
+                    raw_elements=raw_elements, pixel_offset=pixel_offset)
 
 
 def iter_files(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> Iterator[Path]:
@@ -369,31 +380,55 @@ _NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian: False, ImplicitVRLittleEndian: 
 def _read_native(instance: Instance) -> tuple[Dataset, np.ndarray] | None:
     """The dataset (without its pixel data) and stored values of an uncompressed little-endian instance.
 
-    One header parse and one read of the pixel bytes, instead of pydicom's full read and pixel handlers (about
-    1 ms less per CT slice, on the cores the network needs). ``None`` when the file is anything else (another
-    transfer syntax, pixel data of another length, elements after the pixel data): pydicom then decodes it.
+    One read of the pixel bytes, instead of pydicom's full read and pixel handlers: at the offset the header scan
+    noted when it has one (the dataset is then rebuilt from the header's elements as read), else after one
+    header parse (about 1 ms more per CT slice, on the cores the network needs). ``None`` when the file is
+    anything else (another transfer syntax, pixel data of another length, elements after the pixel data):
+    pydicom then decodes it.
     """
-    fmt = instance.formats[0]  # frames differ in rescale at most, never in bit layout
-    rows, cols = instance.shape
-    expected = instance.frames * rows * cols * (fmt.bits_allocated // 8)
+    header = instance.header
+    if instance.raw_elements is not None and instance.pixel_offset is not None:
+        implicit = _NATIVE_LITTLE_ENDIAN.get(getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", None))
+        if implicit is None or int(header.get("SamplesPerPixel", 1) or 1) != 1:
+            return None
+        with open(instance.path, "rb") as fh:
+            fh.seek(instance.pixel_offset)
+            arr = _read_pixel_element(fh, instance, implicit)
+        if arr is None:
+            return None
+        ds = Dataset(dict(instance.raw_elements))
+        ds.file_meta = header.file_meta
+        implicit_vr, little_endian = header.original_encoding
+        ds.set_original_encoding(implicit_vr, little_endian, header.original_character_set)
+        return ds, arr
     with open(instance.path, "rb") as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
         implicit = _NATIVE_LITTLE_ENDIAN.get(getattr(ds.file_meta, "TransferSyntaxUID", None))
         if implicit is None or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             return None
-        # dcmread stopped at the start of (7FE0,0010): its header is 8 bytes (implicit) or 12 (explicit OB/OW).
-        head = fh.read(8 if implicit else 12)
-        if implicit and len(head) == 8:
-            group, element, length = struct.unpack("<HHI", head)
-        elif not implicit and len(head) == 12 and head[4:6] in (b"OB", b"OW"):
-            group, element, _vr, _reserved, length = struct.unpack("<HH2sHI", head)
-        else:
-            return None
-        if (group, element) != (0x7FE0, 0x0010) or length not in (expected, expected + 1):
-            return None
-        buffer = bytearray(expected)
-        if fh.readinto(buffer) != expected or len(fh.read(2)) != length - expected:
-            return None  # short, or elements after the pixel data: pydicom reads the whole file
+        arr = _read_pixel_element(fh, instance, implicit)
+    return None if arr is None else (ds, arr)
+
+
+def _read_pixel_element(fh: Any, instance: Instance, implicit: bool) -> np.ndarray | None:
+    """Stored values from a file positioned at its (7FE0,0010) element; ``None`` when it is not the expected one
+    (another tag or length, a short file, elements after it)."""
+    fmt = instance.formats[0]  # frames differ in rescale at most, never in bit layout
+    rows, cols = instance.shape
+    expected = instance.frames * rows * cols * (fmt.bits_allocated // 8)
+    # The element's header is 8 bytes (implicit VR) or 12 (explicit VR, OB/OW).
+    head = fh.read(8 if implicit else 12)
+    if implicit and len(head) == 8:
+        group, element, length = struct.unpack("<HHI", head)
+    elif not implicit and len(head) == 12 and head[4:6] in (b"OB", b"OW"):
+        group, element, _vr, _reserved, length = struct.unpack("<HH2sHI", head)
+    else:
+        return None
+    if (group, element) != (0x7FE0, 0x0010) or length not in (expected, expected + 1):
+        return None
+    buffer = bytearray(expected)
+    if fh.readinto(buffer) != expected or len(fh.read(2)) != length - expected:
+        return None  # short, or elements after the pixel data: pydicom reads the whole file
     arr = np.frombuffer(buffer, dtype=fmt.dtype.newbyteorder("<")).reshape(instance.frames, rows, cols)
     lo, hi = fmt.stored_range
     if fmt.bits_stored < fmt.bits_allocated and arr.size and (arr.min() < lo or arr.max() > hi):
@@ -401,7 +436,7 @@ def _read_native(instance: Instance) -> tuple[Dataset, np.ndarray] | None:
         # sign-extending two's complement values.
         shift = fmt.bits_allocated - fmt.bits_stored
         arr = np.right_shift(np.left_shift(arr, shift), shift)
-    return ds, arr
+    return arr
 
 
 def read_frames(instance: Instance) -> tuple[Dataset, np.ndarray]:

@@ -23,17 +23,26 @@ def _pydicom_frames(path: Path) -> np.ndarray:
 
 
 def _check_same_as_pydicom(path: Path, expect_fast: bool | None = True) -> None:
-    inst = read_instance_header(path)
-    fast = series_module._read_native(inst)
-    if expect_fast is not None:
-        assert (fast is not None) == expect_fast
-    ds, stored = read_frames(inst)
-    reference = _pydicom_frames(path)
-    assert stored.dtype == reference.dtype and np.array_equal(stored, reference)
-    full = pydicom.dcmread(path)
-    for elem in full:  # every element but the pixels, as pydicom reads them
-        if elem.tag != 0x7FE00010:
-            assert ds[elem.tag].value == elem.value, elem.keyword
+    # Both fast paths: from the offset and raw elements the scan kept, and from a fresh header parse.
+    for keep_scan in (True, False):
+        inst = read_instance_header(path)
+        assert inst.pixel_offset is not None and inst.raw_elements is not None
+        if not keep_scan:
+            inst.raw_elements = inst.pixel_offset = None
+        fast = series_module._read_native(inst)
+        if expect_fast is not None:
+            assert (fast is not None) == expect_fast
+        ds, stored = read_frames(inst)
+        reference = _pydicom_frames(path)
+        assert stored.dtype == reference.dtype and np.array_equal(stored, reference)
+        full = pydicom.dcmread(path)
+        for elem in full:  # every element but the pixels, as pydicom reads them
+            if elem.tag != 0x7FE00010:
+                assert ds[elem.tag].value == elem.value, elem.keyword
+        # What a derived instance is built from: the encoding it was read in, and the file meta.
+        assert tuple(ds.original_encoding) == tuple(full.original_encoding)
+        assert ds.original_character_set == full.original_character_set
+        assert ds.file_meta == full.file_meta
 
 
 @pytest.mark.parametrize(("dtype", "bits_stored", "shape"), [
@@ -101,3 +110,22 @@ def test_real_files_read_as_pydicom_decodes_them(shared_data: Path) -> None:
         _check_same_as_pydicom(path, expect_fast=None)  # some carry elements after the pixel data
         checked += 1
     assert checked >= 8
+
+
+def test_derived_file_is_the_same_whichever_way_the_source_was_read(tmp_path: Path) -> None:
+    import datetime
+
+    from dicom_node.denoise.derived import DerivationInfo, build_derived_instance, encode_file
+    from dicom_node.synthetic import make_ct_series
+
+    info = DerivationInfo(series_instance_uid="1.2.826.0.1.3680043.8.498.1", model_name="m", model_version="1",
+                          model_sha256="0" * 64, created=datetime.datetime(2026, 1, 2, 3, 4, 5))
+    for path in make_ct_series(tmp_path / "ct", n_slices=3, rows=32, cols=32):
+        encoded = []
+        for keep_scan in (True, False):
+            inst = read_instance_header(path)
+            if not keep_scan:
+                inst.raw_elements = inst.pixel_offset = None
+            ds, stored = read_frames(inst)
+            encoded.append(encode_file(build_derived_instance(ds, stored[0], inst.formats[0], info)))
+        assert encoded[0] == encoded[1]
