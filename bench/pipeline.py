@@ -5,6 +5,7 @@ with two peers: the model alone on the same slices (the engine's network, no I/O
 derived files to the same Orthanc.
 
     .venv/bin/python bench/pipeline.py [--slices 300] [--model ct-cnn-small] [--models-dir DIR] [--device cpu]
+                                       [--runs 5]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -77,15 +79,9 @@ def model_alone(files: list[Path], model: str, models_dir: list[str], device: st
     return time.perf_counter() - start, batch
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--model", default="ct-cnn-small")
-    parser.add_argument("--models-dir", action="append", default=[])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quiet", type=float, default=2.0, help="the rule's quiet time in seconds")
-    args = parser.parse_args()
-    require("storescu", "Orthanc")
+def run_once(args: argparse.Namespace) -> dict[str, float]:
+    """One run: a fresh node and Orthanc, the series sent and timed, then both peers; prints the figures and
+    returns them."""
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)
         files = make_ct_series(root / "series", n_slices=args.slices)
@@ -157,9 +153,34 @@ def main() -> int:
                 raise SystemExit(f"storescu of the derived files failed: {result.stderr[-1000:]}")
         alone, batch = model_alone(files, args.model, args.models_dir, args.device)
         print(f"peer: model alone on the same {len(files)} slices (batch {batch}): {alone:.1f} s")
-        print(f"peer: storescu sending the {len(outbox)} derived files to Orthanc: {peer_export:.1f} s")
+        print(f"peer: storescu sending the {len(outbox)} derived files to Orthanc (one association): {peer_export:.1f} s")
         print(f"ratio pipeline / model alone: {total / alone:.2f}")
         print(f"ratio node export / storescu export: {stages['export'] / peer_export:.2f}")
+    return {"pipeline": total, "alone": alone, "ratio": total / alone}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--model", default="ct-cnn-small")
+    parser.add_argument("--models-dir", action="append", default=[])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quiet", type=float, default=2.0, help="the rule's quiet time in seconds")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat the whole run (fresh node, Orthanc and peers) and report the median ratio: "
+                             "one run on a shared VM varies by 10-20 %%")
+    args = parser.parse_args()
+    require("storescu", "Orthanc")
+    results = []
+    for run in range(args.runs):
+        if args.runs > 1:
+            print(f"--- run {run + 1} of {args.runs}", flush=True)
+        results.append(run_once(args))
+    if args.runs > 1:
+        ratios = [r["ratio"] for r in results]
+        print("runs: " + ", ".join(f"{r['pipeline']:.1f} / {r['alone']:.1f} s = {r['ratio']:.2f}" for r in results))
+        print(f"median ratio pipeline / model alone over {args.runs} runs: {statistics.median(ratios):.2f} "
+              f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
     return 0
 
 
