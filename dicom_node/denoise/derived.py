@@ -338,16 +338,7 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
     """
     frames = int(source.get("NumberOfFrames", 1) or 1)
     rows, cols = int(source.Rows), int(source.Columns)
-    arr = np.asarray(pixels)
-    if arr.ndim == 2:
-        arr = arr[np.newaxis]
-    if arr.shape != (frames, rows, cols):
-        raise ValueError(f"pixels have shape {arr.shape}, the source needs {(frames, rows, cols)}")
-    if arr.dtype != fmt.dtype:
-        raise ValueError(f"pixels have dtype {arr.dtype}, the source's format needs {fmt.dtype}")
-    lo, hi = fmt.stored_range
-    if arr.size and (arr.min() < lo or arr.max() > hi):
-        raise ValueError(f"pixels {arr.min()}..{arr.max()} exceed BitsStored {fmt.bits_stored} range {lo}..{hi}")
+    arr = _checked_pixels(pixels, (frames, rows, cols), fmt)
 
     when = info.created or _dt.datetime.now(_dt.timezone.utc)
     date, time, _ = _dt_strings(when)
@@ -420,11 +411,7 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
     for tag, value in ((0x00280002, 1), (0x00280100, fmt.bits_allocated), (0x00280101, fmt.bits_stored),
                        (0x00280102, fmt.bits_stored - 1), (0x00280103, fmt.pixel_representation)):
         ds[tag] = _encoded_element(tag, "US", value, charset)
-    pixel_bytes = arr.astype(fmt.dtype.newbyteorder("<"), copy=False).tobytes()
-    if len(pixel_bytes) % 2:
-        pixel_bytes += b"\x00"
-    ds[0x7FE00010] = RawDataElement(Tag(0x7FE00010), "OW" if fmt.bits_allocated > 8 else "OB", len(pixel_bytes),
-                                    pixel_bytes, 0, False, True)
+    ds[0x7FE00010] = _pixel_data_element(arr, fmt)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = source.SOPClassUID
@@ -437,6 +424,30 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
     if info.transfer_syntax == "rle-lossless":
         ds.compress(RLELossless, arr if frames > 1 else arr[0])
     return ds
+
+
+def _checked_pixels(pixels: np.ndarray, shape: tuple[int, int, int], fmt: PixelFormat) -> np.ndarray:
+    """``pixels`` as ``(frames, rows, columns)``, checked against the source's shape, dtype and BitsStored range."""
+    arr = np.asarray(pixels)
+    if arr.ndim == 2:
+        arr = arr[np.newaxis]
+    if arr.shape != shape:
+        raise ValueError(f"pixels have shape {arr.shape}, the source needs {shape}")
+    if arr.dtype != fmt.dtype:
+        raise ValueError(f"pixels have dtype {arr.dtype}, the source's format needs {fmt.dtype}")
+    lo, hi = fmt.stored_range
+    if arr.size and (arr.min() < lo or arr.max() > hi):
+        raise ValueError(f"pixels {arr.min()}..{arr.max()} exceed BitsStored {fmt.bits_stored} range {lo}..{hi}")
+    return arr
+
+
+def _pixel_data_element(arr: np.ndarray, fmt: PixelFormat) -> RawDataElement:
+    """PixelData (native, little endian, padded to an even length)."""
+    pixel_bytes = arr.astype(fmt.dtype.newbyteorder("<"), copy=False).tobytes()
+    if len(pixel_bytes) % 2:
+        pixel_bytes += b"\x00"
+    return RawDataElement(Tag(0x7FE00010), "OW" if fmt.bits_allocated > 8 else "OB", len(pixel_bytes),
+                          pixel_bytes, 0, False, True)
 
 
 # ------------------------------------------------------------------------------------------------- encoded elements
@@ -525,7 +536,7 @@ _FILE_META_ELEMENTS = {0x00020002: "UI", 0x00020003: "UI", 0x00020010: "UI", 0x0
 def _file_meta_bytes(meta: Dataset) -> bytes | None:
     """Group 2 as ``write_file_meta_info(enforce_standard=True)`` writes it, for the builder's file meta (its
     elements given as text); ``None`` for anything else, which pydicom then writes."""
-    body = [_explicit_header(0x00020001, "OB", 2) + b"\x00\x01"]
+    items = []
     for elem in meta:
         tag = int(elem.tag)
         if tag == 0x00020001 and elem.value == b"\x00\x01":
@@ -533,15 +544,23 @@ def _file_meta_bytes(meta: Dataset) -> bytes | None:
         vr = _FILE_META_ELEMENTS.get(tag)
         if vr is None or elem.VR != vr or not isinstance(elem.value, str):
             return None
+        items.append((tag, vr, elem.value))
+    if not {0x00020002, 0x00020003, 0x00020010} <= {tag for tag, _vr, _text in items}:
+        return None  # pydicom raises the error that names what is missing
+    return _meta_group(items)
+
+
+def _meta_group(items: list[tuple[int, str, str]]) -> bytes | None:
+    """Group 2 with its group length and version, the other elements given as (tag, VR, text) in tag order."""
+    body = [_explicit_header(0x00020001, "OB", 2) + b"\x00\x01"]
+    for tag, vr, text in items:
         try:
-            value = elem.value.encode("ascii")
+            value = text.encode("ascii")
         except UnicodeEncodeError:
             return None
         if len(value) % 2:
             value += b"\x00" if vr == "UI" else b" "
         body.append(_explicit_header(tag, vr, len(value)) + value)
-    if not {0x00020002, 0x00020003, 0x00020010} <= {int(e.tag) for e in meta}:
-        return None  # pydicom raises the error that names what is missing
     group = b"".join(body)
     return _explicit_header(0x00020000, "UL", 4) + struct.pack("<I", len(group)) + group
 
@@ -556,7 +575,7 @@ def encode_file(ds: Dataset) -> bytes:
     element goes through pydicom's ``write_data_element``. Tested byte for byte against ``save_as``.
     """
     from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_data_element, write_file_meta_info
+    from pydicom.filewriter import write_file_meta_info
 
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
@@ -567,29 +586,50 @@ def encode_file(ds: Dataset) -> bytes:
         write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
     else:
         fp.write(meta)
-    same_encoding = (tuple(ds.original_encoding) == (False, True)
-                     and ds.original_character_set == ds._character_set)
-    if not same_encoding:  # raw elements must be converted: leave it all to pydicom
+    parts = _encoded_parts(ds)
+    if parts is None:  # raw elements must be converted: leave it all to pydicom
         from pydicom.filewriter import write_dataset
 
         write_dataset(fp, ds)
         return fp.getvalue()
+    fp.write(b"".join(data for _tag, data in parts))
+    return fp.getvalue()
+
+
+def _encoded_parts(ds: Dataset) -> list[tuple[int, bytes]] | None:
+    """Each element of ``ds`` (explicit VR little endian) as its encoded bytes, in order; ``None`` when the dataset
+    was read in another encoding or character set (its raw elements would need converting)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    if not (tuple(ds.original_encoding) == (False, True) and ds.original_character_set == ds._character_set):
+        return None
     encoding = ds.get("SpecificCharacterSet", "iso8859")
+    parts = []
     for elem in ds.elements():
         tag = elem.tag
         if tag & 0xFFFF == 0 and tag >> 16 > 6:  # retired group lengths are not written (PS3.5 7.2)
             continue
-        if (elem.is_raw and elem.VR and elem.length != 0xFFFFFFFF and not elem.is_implicit_VR
-                and elem.is_little_endian and not elem.is_buffered):
-            value = elem.value or b""
-            if elem.VR not in _LONG_VRS and len(value) > 0xFFFF:
-                write_data_element(fp, elem, encoding)
-                continue
-            fp.write(_explicit_header(tag, elem.VR, len(value)))
-            fp.write(value)
-        else:
+        data = _raw_bytes(elem)
+        if data is None:
+            fp = DicomBytesIO()
+            fp.is_little_endian, fp.is_implicit_VR = True, False
             write_data_element(fp, elem, encoding)
-    return fp.getvalue()
+            data = fp.getvalue()
+        parts.append((int(tag), data))
+    return parts
+
+
+def _raw_bytes(elem: Any) -> bytes | None:
+    """A raw element of defined length in explicit VR little endian, encoded: its header and its stored value
+    (``None`` for anything pydicom must write)."""
+    if not (elem.is_raw and elem.VR and elem.length != 0xFFFFFFFF and not elem.is_implicit_VR
+            and elem.is_little_endian and not elem.is_buffered):
+        return None
+    value = elem.value or b""
+    if elem.VR not in _LONG_VRS and len(value) > 0xFFFF:
+        return None
+    return _explicit_header(int(elem.tag), elem.VR, len(value)) + value
 
 
 def write_instance(ds: Dataset, folder: str | os.PathLike[str], durable: bool = False) -> Path:
@@ -598,23 +638,152 @@ def write_instance(ds: Dataset, folder: str | os.PathLike[str], durable: bool = 
     With ``durable`` the file's data is fsynced before the rename (the caller fsyncs the folder once all are
     written; see :func:`dicom_node.denoise.engine.denoise_series`).
     """
+    if ds.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, RLELossless):
+        return write_encoded(encode_file(ds), str(ds.SOPInstanceUID), folder, durable)
     out_dir = Path(folder)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{ds.SOPInstanceUID}.dcm"
     tmp = out_dir / f".{ds.SOPInstanceUID}.tmp"
-    if ds.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, RLELossless):
-        data = encode_file(ds)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-    else:
-        ds.save_as(tmp, enforce_file_format=True)
-        if durable:
-            fsync_path(tmp)
+    ds.save_as(tmp, enforce_file_format=True)
+    if durable:
+        fsync_path(tmp)
+    path = out_dir / f"{ds.SOPInstanceUID}.dcm"
     os.replace(tmp, path)
     return path
+
+
+def write_encoded(data: bytes, sop_instance_uid: str, folder: str | os.PathLike[str], durable: bool = False) -> Path:
+    """Write an encoded instance as ``folder/<SOPInstanceUID>.dcm`` (atomically; fsynced with ``durable``)."""
+    out_dir = Path(folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{sop_instance_uid}.dcm"
+    tmp = out_dir / f".{sop_instance_uid}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class _SeriesTemplate:
+    """A derived instance already made, kept so the next instances of the series can be made by substitution."""
+
+    source_values: dict[int, tuple[str | None, Any]]  # the source's elements as read: VR, value
+    passthrough: frozenset[int]  # elements the builder copied from the source as they were, read nowhere else
+    dropped: frozenset[int]  # elements the builder left out (private, retired...): their values do not matter
+    parts: list[tuple[int, bytes]]  # the derived instance's elements, encoded, in order
+    shape: tuple[int, int, int]
+    fmt: PixelFormat
+    sop_class_uid: str
+    source_transfer_syntax: str
+    meta: list[tuple[int, str, str]]  # the file meta elements, MediaStorageSOPInstanceUID at index 1
+
+
+class DerivedSeriesWriter:
+    """Makes and writes the derived instances of one series, the same bytes as :func:`build_derived_instance`
+    and :func:`write_instance`, with less work per instance.
+
+    The first instance is built in full. The instances after it usually differ from it only in elements the
+    builder copies as they are (position, instance number, times...), in their SOP Instance UID and in their
+    pixels; such an instance is written from the first one's encoded elements with those substituted, about
+    0.3 ms of CPU per CT slice instead of about 3, taken from the network on the same cores. Any other
+    difference (an element the builder reads, one added or missing, another pixel format or encoding) makes
+    that instance in full, and it becomes the new template. Enhanced multi-frame objects, RLE output and a
+    creation time taken per instance are always made in full.
+    """
+
+    def __init__(self, info: DerivationInfo) -> None:
+        self.info = info
+        self.template: _SeriesTemplate | None = None
+        #: Instances written from the template, and in full (a test checks the template is used).
+        self.from_template = 0
+        self.in_full = 0
+
+    def write(self, source: Dataset, pixels: np.ndarray, fmt: PixelFormat, folder: str | os.PathLike[str],
+              durable: bool = False) -> Path:
+        """Write the derived instance of ``source`` with stored values ``pixels`` into ``folder``."""
+        made = self._from_template(source, pixels, fmt) if self.template is not None else None
+        if made is not None:
+            self.from_template += 1
+            return write_encoded(made[1], made[0], folder, durable)
+        self.in_full += 1
+        as_read = {elem.tag: elem for elem in source.elements()}  # before the builder decodes any of them
+        ds = build_derived_instance(source, pixels, fmt, self.info)
+        self.template = self._template(source, as_read, ds, fmt)
+        return write_instance(ds, folder, durable)
+
+    def _template(self, source: Dataset, as_read: dict[Any, Any], ds: Dataset,
+                  fmt: PixelFormat) -> _SeriesTemplate | None:
+        info = self.info
+        ts = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", "") or "")
+        if (info.created is None or info.transfer_syntax != "explicit-vr-little-endian"
+                or ts != ExplicitVRLittleEndian  # a lossy source's LossyImageCompression is read after the copy
+                or 0x00082112 not in ds or "PerFrameFunctionalGroupsSequence" in ds
+                or str(ds.file_meta.MediaStorageSOPClassUID) in _COMMON_INSTANCE_REFERENCE_IODS):
+            return None
+        # Raw values are compared as bytes; the few pydicom decodes while reading (SpecificCharacterSet) as values.
+        source_values = {int(tag): (elem.VR, elem.value) for tag, elem in as_read.items() if tag not in _PIXEL_DATA_TAGS}
+        if 0x00080018 not in source_values:
+            return None
+        parts = _encoded_parts(ds)
+        meta = [(int(e.tag), e.VR, e.value) for e in ds.file_meta if int(e.tag) != 0x00020001]
+        if (parts is None or _file_meta_bytes(ds.file_meta) is None
+                or [tag for tag, _vr, _text in meta] != [0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013]):
+            return None
+        # Copied as it was: the very element read is in the derived dataset. SOPClassUID is copied too, but the
+        # builder reads it after the copy (SourceImageSequence, file meta), so it must not change.
+        passthrough = frozenset(int(tag) for tag, elem in as_read.items()
+                                if tag in ds and ds.get_item(tag) is elem) - {0x00080016}
+        dropped = frozenset(int(tag) for tag in as_read if tag not in ds and tag not in _PIXEL_DATA_TAGS)
+        arr_shape = (int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns))
+        return _SeriesTemplate(source_values, passthrough, dropped, parts, arr_shape, fmt, meta[0][2], ts, meta)
+
+    def _from_template(self, source: Dataset, pixels: np.ndarray, fmt: PixelFormat) -> tuple[str, bytes] | None:
+        """(SOP Instance UID, file bytes) made from the template, or ``None`` when it does not apply."""
+        t = self.template
+        assert t is not None
+        if (fmt != t.fmt or tuple(source.original_encoding) != (False, True)
+                or str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", "") or "")
+                != t.source_transfer_syntax):
+            return None
+        changed: dict[int, bytes] = {}
+        source_uid: bytes | None = None
+        seen = 0
+        for elem in source.elements():
+            tag = int(elem.tag)
+            if tag in _PIXEL_DATA_TAGS:
+                continue
+            seen += 1
+            ref = t.source_values.get(tag)
+            if ref is None:
+                return None
+            if (elem.VR == ref[0] and elem.value == ref[1]) or tag in t.dropped:
+                continue
+            if tag == 0x00080018:
+                source_uid = elem.value
+                continue
+            data = _raw_bytes(elem) if tag in t.passthrough and elem.VR == ref[0] else None
+            if data is None:
+                return None
+            changed[tag] = data
+        if seen != len(t.source_values) or not source_uid:
+            return None
+        arr = _checked_pixels(pixels, t.shape, fmt)
+        uid = source_uid.rstrip(b"\x00 ").decode("ascii")
+        sop_uid = derived_sop_instance_uid(self.info.series_instance_uid, uid)
+        own = {0x00080018: _ui_element(0x00080018, sop_uid), 0x00082112: _source_image_sequence(t.sop_class_uid, uid),
+               0x7FE00010: _pixel_data_element(arr, fmt)}
+        for tag, elem in own.items():
+            changed[tag] = _explicit_header(tag, elem.VR, elem.length) + elem.value
+        meta = list(t.meta)
+        meta[1] = (0x00020003, "UI", sop_uid)
+        meta_bytes = _meta_group(meta)
+        if meta_bytes is None:
+            return None
+        body = b"".join(changed.get(tag, data) for tag, data in t.parts)
+        return sop_uid, b"\x00" * 128 + b"DICM" + meta_bytes + body
 
 
 @dataclass

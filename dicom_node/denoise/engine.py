@@ -32,9 +32,8 @@ from torch import nn
 from dicom_node.denoise.derived import (
     DerivationInfo,
     DerivedSeriesSettings,
-    build_derived_instance,
+    DerivedSeriesWriter,
     new_series_uid,
-    write_instance,
 )
 from dicom_node.denoise.errors import SeriesRefused
 from dicom_node.denoise.pixels import PixelFormat, Scaling, apply_residual, scaling_for, stored_to_physical
@@ -370,13 +369,12 @@ def _decode(chunk: list[Instance]) -> list[tuple[Instance, object, np.ndarray]]:
     return [(inst, *read_frames(inst)) for inst in chunk]
 
 
-def _write_chunk(items: list[tuple[object, np.ndarray, PixelFormat]], info: DerivationInfo,
+def _write_chunk(items: list[tuple[object, np.ndarray, PixelFormat]], writer: DerivedSeriesWriter,
                  output_dir: str | os.PathLike[str], progress: Callable[[int], None] | None,
                  durable: bool = False) -> list[Path]:
     paths = []
     for ds, new, fmt in items:
-        derived = build_derived_instance(ds, new, fmt, info)  # type: ignore[arg-type]
-        paths.append(write_instance(derived, output_dir, durable))
+        paths.append(writer.write(ds, new, fmt, output_dir, durable))  # type: ignore[arg-type]
         if progress is not None:
             progress(int(new.shape[0]))
     return paths
@@ -467,6 +465,7 @@ def denoise_series(
         # time are then encoded once per series rather than once per instance.
         created=datetime.datetime.now(datetime.timezone.utc),
     )
+    series_writer = DerivedSeriesWriter(info)  # used by the write thread only
     stages["scan"] = time.perf_counter() - started
     rows, cols = series.instances[0].shape
     batch = engine.batch_for(rows, cols)
@@ -511,7 +510,7 @@ def denoise_series(
                     written.extend(writing.result())
                 stages["wait_write"] += time.perf_counter() - mark
                 writing = writer.submit(_write_chunk, [(ds, new, inst.formats[0]) for inst, ds, _s, new in items],
-                                        info, output_dir, progress, durable)
+                                        series_writer, output_dir, progress, durable)
                 del decoded, items
             mark = time.perf_counter()
             if writing is not None:

@@ -259,3 +259,107 @@ def test_pre_encoded_elements_are_what_pydicom_encodes_for_real_scanner_files(sh
             assert ours == _every_element_reencoded_by_pydicom(ours), path
             checked += 1
     assert checked == 6
+
+
+# ------------------------------------------------------------------------------------------------- series writer
+
+
+def _series_writer_matches_builder(paths: list[Path], tmp_path: Path, edit=None) -> "DerivedSeriesWriter":
+    """Write every file's derived instance with a DerivedSeriesWriter and with build_derived_instance +
+    write_instance; require the same bytes for each. ``edit(index, ds)`` may change a source before both."""
+    from dicom_node.denoise.derived import DerivedSeriesWriter
+    from dicom_node.denoise.series import read_frames, read_instance_header
+
+    info = _info(series_instance_uid=new_series_uid())
+    writer = DerivedSeriesWriter(info)
+    for index, path in enumerate(paths):
+        inst = read_instance_header(path)
+        made = []
+        for how in ("writer", "builder"):
+            ds, stored = read_frames(inst)  # a fresh dataset each time: the builder decodes elements in it
+            if edit is not None:
+                edit(index, ds)
+            pixels = stored[::-1].copy() if stored.shape[0] > 1 else stored[0][::-1].copy()  # other pixels
+            pixels = pixels.reshape(stored.shape if stored.shape[0] > 1 else stored.shape[1:])
+            fmt = inst.formats[0]
+            if how == "writer":
+                made.append(writer.write(ds, pixels, fmt, tmp_path / "writer").read_bytes())
+            else:
+                made.append(write_instance(build_derived_instance(ds, pixels, fmt, info),
+                                           tmp_path / "builder").read_bytes())
+        assert made[0] == made[1], f"{path.name}: the series writer and the builder differ"
+    return writer
+
+
+def test_series_writer_writes_what_the_builder_writes(tmp_path: Path) -> None:
+    from dicom_node.synthetic import make_ct_series
+
+    paths = make_ct_series(tmp_path / "ct", n_slices=6, rows=32, cols=32)
+    writer = _series_writer_matches_builder(paths, tmp_path)
+    assert (writer.in_full, writer.from_template) == (1, 5)  # the fast path is what was compared
+
+
+def _edited_series(folder: Path, n_slices: int, edit) -> list[Path]:  # type: ignore[no-untyped-def]
+    """A synthetic CT series whose files were changed by ``edit(index, ds)`` and saved again (so the reader
+    sees the changes as raw elements, as it would from a scanner)."""
+    from dicom_node.synthetic import make_ct_series
+
+    paths = make_ct_series(folder, n_slices=n_slices, rows=32, cols=32)
+    for index, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        if edit(index, ds):
+            ds.save_as(path, enforce_file_format=True)
+    return paths
+
+
+def test_series_writer_makes_in_full_what_the_template_cannot_say(tmp_path: Path) -> None:
+    # Each edit on its own, against a clean template: the unedited slice after an edited one is made in full
+    # (it differs from the edited one) and becomes the template again.
+    edits = {
+        2: lambda ds: setattr(ds, "SeriesDescription", "CHANGED"),  # read by the builder: a new description
+        4: lambda ds: setattr(ds, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.4"),  # copied, and read again after
+        6: lambda ds: setattr(ds, "PatientIdentityRemoved", "YES"),  # not in the template's source
+        8: lambda ds: setattr(ds, "SeriesNumber", 99),  # replaced by the builder
+        10: lambda ds: setattr(ds, "SpecificCharacterSet", "ISO_IR 192"),  # changes how text is encoded
+    }
+
+    def edit(index: int, ds: pydicom.Dataset) -> bool:
+        if index in edits:
+            edits[index](ds)
+        return index in edits
+
+    writer = _series_writer_matches_builder(_edited_series(tmp_path / "ct", 12, edit), tmp_path)
+    # Slice 0, each edited one and the one after it are made in full; slice 1 from the template.
+    assert (writer.in_full, writer.from_template) == (1 + 2 * len(edits), 1)
+
+
+def test_series_writer_ignores_what_the_builder_leaves_out(tmp_path: Path) -> None:
+    def edit(index: int, ds: pydicom.Dataset) -> bool:
+        ds.add_new(0x00291010, "OB", b"private" * (index + 1))  # private: left out, whatever its value
+        ds.add_new(0x00280107, "US", index)  # LargestImagePixelValue, not kept in derived objects: left out
+        ds.InstanceNumber = 100 + index  # copied as it is: substituted
+        return True
+
+    writer = _series_writer_matches_builder(_edited_series(tmp_path / "ct", 5, edit), tmp_path)
+    assert (writer.in_full, writer.from_template) == (1, 4)
+
+
+def test_series_writer_writes_what_the_builder_writes_for_real_scanner_series(shared_data: Path,
+                                                                              tmp_path: Path) -> None:
+    from dicom_node.denoise.series import read_instance_header
+
+    used = 0
+    for folder in ["ct/ge-head-7mm", "ct/philips-head-phantom-lowdose-1mm", "mr/siemens-acr-phantom-t1",
+                   "mr/siemens-xa30-t1-enhanced"]:
+        paths = []
+        for path in sorted((shared_data / folder).iterdir()):
+            try:
+                read_instance_header(path)
+            except Exception:  # noqa: BLE001 - licence texts
+                continue
+            paths.append(path)
+            if len(paths) == 4:
+                break
+        writer = _series_writer_matches_builder(paths, tmp_path / folder.replace("/", "-"))
+        used += writer.from_template
+    assert used >= 3  # real scanner slices did take the fast path

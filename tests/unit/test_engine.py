@@ -277,19 +277,19 @@ def test_long_series_is_streamed_in_bounded_memory(tmp_path: Path, models_dir: P
     volume = np.zeros((24, 16, 16), dtype=np.uint16)
     write_series(tmp_path / "in", volume, bits_stored=12)
     decoded, written, in_flight = [0], [0], []
-    real_read, real_write = engine_module.read_frames, engine_module.write_instance
+    real_read, real_write = engine_module.read_frames, engine_module.DerivedSeriesWriter.write
 
     def counting_read(inst):  # noqa: ANN001, ANN202
         decoded[0] += 1
         in_flight.append(decoded[0] - written[0])
         return real_read(inst)
 
-    def counting_write(ds, folder, *args):  # noqa: ANN001, ANN002, ANN202
+    def counting_write(self, *args):  # noqa: ANN001, ANN002, ANN202
         written[0] += 1
-        return real_write(ds, folder, *args)
+        return real_write(self, *args)
 
     monkeypatch.setattr(engine_module, "read_frames", counting_read)
-    monkeypatch.setattr(engine_module, "write_instance", counting_write)
+    monkeypatch.setattr(engine_module.DerivedSeriesWriter, "write", counting_write)
     engine = Engine(load_model_folder(models_dir / "id-ct"), batch_size=2)
     result = denoise_series(tmp_path / "in", engine, tmp_path / "out")
     assert len(result.paths) == 24 and written[0] == 24
