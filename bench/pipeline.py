@@ -1,8 +1,8 @@
 """Pipeline benchmark: storescu sends a 300-slice 512x512 CT series to the node, which denoises it and sends the
 derived series to Orthanc. Measures the time from the end of the sender's association to the last derived instance
 stored in Orthanc, minus the quiet time, split into stages from the job table, and compares it in the same run
-with two peers: the model alone on the same slices (the engine's network, no I/O), and storescu sending the same
-derived files to the same Orthanc.
+with two peers: the model alone on the same slices (the engine's network, no I/O; timed before and after the
+pipeline, averaged), and storescu sending the same derived files to the same Orthanc.
 
     .venv/bin/python bench/pipeline.py [--slices 300] [--model ct-cnn-small] [--models-dir DIR] [--device cpu]
                                        [--runs 5]
@@ -85,6 +85,9 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)
         files = make_ct_series(root / "series", n_slices=args.slices)
+        # The model alone is timed before and after the pipeline, and the two averaged: this VM's speed drifts by
+        # 10 % within minutes, and one timing taken after the pipeline moved single-run ratios by as much.
+        alone_before, _batch = model_alone(files, args.model, args.models_dir, args.device)
         with orthanc(root / "orthanc") as pacs:
             config = root / "node.toml"
             config.write_text("\n".join([
@@ -151,8 +154,10 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
             peer_export = time.perf_counter() - start
             if result.returncode != 0:
                 raise SystemExit(f"storescu of the derived files failed: {result.stderr[-1000:]}")
-        alone, batch = model_alone(files, args.model, args.models_dir, args.device)
-        print(f"peer: model alone on the same {len(files)} slices (batch {batch}): {alone:.1f} s")
+        alone_after, batch = model_alone(files, args.model, args.models_dir, args.device)
+        alone = (alone_before + alone_after) / 2
+        print(f"peer: model alone on the same {len(files)} slices (batch {batch}): {alone:.1f} s "
+              f"(mean of {alone_before:.1f} s before the pipeline and {alone_after:.1f} s after)")
         print(f"peer: storescu sending the {len(outbox)} derived files to Orthanc (one association): {peer_export:.1f} s")
         print(f"ratio pipeline / model alone: {total / alone:.2f}")
         print(f"ratio node export / storescu export: {stages['export'] / peer_export:.2f}")

@@ -20,6 +20,10 @@ Equipment, C.12.2 Common Instance Reference):
   software versions of the node and the model, and the model's full sha256 in ContributionDescription;
 - written in explicit VR little endian (or RLE Lossless).
 
+:class:`DerivedSeriesWriter` writes a series with the same bytes and less CPU: after the first instance, which
+it builds in full, it writes each instance from the first one's encoded elements when the two sources differ
+only in what the builder copies as it is (see its docstring).
+
 This module uses pydicom and numpy only.
 """
 
