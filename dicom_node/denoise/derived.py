@@ -691,8 +691,9 @@ class DerivedSeriesWriter:
 
     The first instance is built in full. The instances after it usually differ from it only in elements the
     builder copies as they are (position, instance number, times...), in their SOP Instance UID and in their
-    pixels; such an instance is written from the first one's encoded elements with those substituted, about
-    0.3 ms of CPU per CT slice instead of about 3, taken from the network on the same cores. Any other
+    pixels; such an instance is written from the first one's encoded elements with those substituted: 0.65 ms
+    of CPU per 512x512 CT slice, file write included, instead of about 2 ms, taken from the network on the
+    same cores. Any other
     difference (an element the builder reads, one added or missing, another pixel format or encoding) makes
     that instance in full, and it becomes the new template. Enhanced multi-frame objects, RLE output and a
     creation time taken per instance are always made in full.
@@ -753,7 +754,7 @@ class DerivedSeriesWriter:
                 != t.source_transfer_syntax):
             return None
         changed: dict[int, bytes] = {}
-        source_uid: bytes | None = None
+        source_uid: Any = None
         seen = 0
         for elem in source.elements():
             tag = int(elem.tag)
@@ -774,8 +775,14 @@ class DerivedSeriesWriter:
             changed[tag] = data
         if seen != len(t.source_values) or not source_uid:
             return None
+        if isinstance(source_uid, bytes):  # raw, as read; decoded when the caller looked at it
+            try:
+                uid = source_uid.rstrip(b"\x00 ").decode("ascii")
+            except UnicodeDecodeError:
+                return None
+        else:
+            uid = str(source_uid)
         arr = _checked_pixels(pixels, t.shape, fmt)
-        uid = source_uid.rstrip(b"\x00 ").decode("ascii")
         sop_uid = derived_sop_instance_uid(self.info.series_instance_uid, uid)
         own = {0x00080018: _ui_element(0x00080018, sop_uid), 0x00082112: _source_image_sequence(t.sop_class_uid, uid),
                0x7FE00010: _pixel_data_element(arr, fmt)}

@@ -344,6 +344,17 @@ def test_series_writer_ignores_what_the_builder_leaves_out(tmp_path: Path) -> No
     assert (writer.in_full, writer.from_template) == (1, 4)
 
 
+def test_series_writer_takes_a_sop_instance_uid_already_decoded(tmp_path: Path) -> None:
+    from dicom_node.synthetic import make_ct_series
+
+    def look(index: int, ds: pydicom.Dataset) -> None:
+        assert ds.SOPInstanceUID  # decodes the element: the writer then sees a value, not raw bytes
+
+    paths = make_ct_series(tmp_path / "ct", n_slices=3, rows=32, cols=32)
+    writer = _series_writer_matches_builder(paths, tmp_path, look)
+    assert writer.from_template == 2
+
+
 def test_series_writer_writes_what_the_builder_writes_for_real_scanner_series(shared_data: Path,
                                                                               tmp_path: Path) -> None:
     from dicom_node.denoise.series import read_instance_header
