@@ -75,13 +75,13 @@ CT_RULE = {"name": "ct", "match": {"Modality": "CT"}, "model": "tiny-ct", "stren
            "destinations": ["pacs"], "quiet_seconds": 1.0, "forward_original": True}
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
@@ -239,7 +239,9 @@ def test_bad_series_fails_with_a_reason_and_the_good_ones_go_on(tmp_path: Path, 
 
 def test_kill_9_during_denoising_and_export_delivers_everything_once(tmp_path: Path, model_dir: Path) -> None:
     """The node is killed while a job runs, restarted, killed again while exporting, restarted."""
-    ct = make_ct_series(tmp_path / "ct", n_slices=60, rows=256, cols=256)
+    # Big enough that the job (seconds) and the export are caught under way: 60 slices of 256x256 took 0.4 s to
+    # denoise once the writer got faster, less than one look at the job table.
+    ct = make_ct_series(tmp_path / "ct", n_slices=150, rows=512, cols=512)
     study_uid = str(dcmread(ct[0]).StudyInstanceUID)
     data_dir = tmp_path / "node"
     data_dir.mkdir()
@@ -260,12 +262,13 @@ def test_kill_9_during_denoising_and_export_delivers_everything_once(tmp_path: P
         node = start()
         try:
             send(port, ct)
-            wait_until(lambda: any(j.state.value == "running" for j in db_rows(data_dir, Job)), 60, "job running")
+            wait_until(lambda: any(j.state.value == "running" for j in db_rows(data_dir, Job)), 60, "job running",
+                       interval=0.05)
             node.send_signal(signal.SIGKILL)
             node.wait()
             node = start()
             wait_until(lambda: any(e.sent_count > 0 or e.state.value == "running"
-                                   for e in db_rows(data_dir, Export)), 120, "export under way")
+                                   for e in db_rows(data_dir, Export)), 120, "export under way", interval=0.05)
             node.send_signal(signal.SIGKILL)
             node.wait()
             node = start()
@@ -277,6 +280,6 @@ def test_kill_9_during_denoising_and_export_delivers_everything_once(tmp_path: P
         series = orthanc_series(pacs_peer, study_uid)
         assert len(series) == 1
         (derived,) = series.values()
-        assert len(derived["instances"]) == 60  # every slice once: same UIDs on every re-run
+        assert len(derived["instances"]) == 150  # every slice once: same UIDs on every re-run
         jobs = db_rows(data_dir, Job)
         assert len(jobs) == 1 and jobs[0].state.value == "succeeded" and jobs[0].attempts >= 2
