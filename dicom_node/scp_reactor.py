@@ -378,6 +378,12 @@ class EventDrivenAssociation(Association):
             self._wake.clear()  # anything put from now on sets it again; the checks below see what came before
             self._reactor_checkpoint.wait()
             self._is_paused = False
+            if not self._reactor_checkpoint.is_set():
+                # A requestor cleared the checkpoint after the wait above and may have read ``_is_paused`` as
+                # True before the line above: it is now waiting on the DIMSE queue for its response, so this loop
+                # must not take it. (pynetdicom's own loop has the same window; with two associations sending
+                # on two cores it was hit: "Received unexpected C-STORE service message", then a DIMSE timeout.)
+                continue
 
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
