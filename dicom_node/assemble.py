@@ -13,14 +13,20 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, select, update
 
 from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config
 from dicom_node.doorbell import Doorbell
 from dicom_node.routing import SeriesAttributes, min_quiet_seconds, route
 from dicom_node.store.database import utcnow
-from dicom_node.store.queue import enqueue_export, enqueue_job
+from dicom_node.store.queue import (
+    enqueue_export,
+    enqueue_job,
+    job_covering,
+    supersede_queued_jobs,
+    version_instances,
+)
 from dicom_node.store.schema import Instance, Series, SeriesState
 
 LOGGER = logging.getLogger(__name__)
@@ -74,23 +80,30 @@ def assemble_once(engine: Engine, cfg: Config, now: dt.datetime | None = None) -
                 .order_by(Instance.id)
             ).all()
             job_pk = None
+            note = decision.note
             rule = decision.rule
             if rule is not None and rule.model:
-                job_pk = enqueue_job(conn, series.id, version, rule.name, rule.model, rule.strength, now)
+                job_pk, note = _queue_version(conn, series.id, version, rule.name, rule.model, rule.strength, now)
+                if job_pk is None:  # nothing new: say so where the series is shown
+                    conn.execute(update(Series).where(Series.id == series.id).values(route_note=note))
             if rule is not None and rule.forward_original:
                 for destination in rule.destinations or [LOCAL_DESTINATION]:
                     enqueue_export(conn, series.series_uid, destination, [tuple(i) for i in instances], now)
             audit.record(conn, "series.received", "node:assemble", now, object_kind="series", object_id=series.id,
                          series_uid=series.series_uid,
                          detail=f"{len(instances)} instances, version {version}, rule {rule_name or 'none'}"
-                                + (f", job {job_pk}" if job_pk is not None else ""))
-            metrics.observe_stage("receive", (series.last_received_at - series.first_received_at).total_seconds())
-            done.append(Completion(series.id, series.series_uid, version, len(instances), rule_name, job_pk,
-                                   decision.note))
+                                + (f", job {job_pk}" if job_pk is not None else "")
+                                + (f"; {note}" if note and rule is not None and rule.model else ""))
+            receiving_since = series.receiving_since or series.first_received_at
+            metrics.observe_stage("receive", (series.last_received_at - receiving_since).total_seconds())
+            done.append(Completion(series.id, series.series_uid, version, len(instances), rule_name, job_pk, note))
     for c in done:
         if c.job_pk is not None:
-            LOGGER.info("series %s complete (%d instances, version %d): rule %s, job %d queued", c.series_uid,
-                        c.instance_count, c.version, c.rule, c.job_pk)
+            LOGGER.info("series %s complete (%d instances, version %d): rule %s, job %d queued%s", c.series_uid,
+                        c.instance_count, c.version, c.rule, c.job_pk, f"; {c.note}" if c.note else "")
+        elif c.rule and c.note:
+            LOGGER.info("series %s complete (%d instances, version %d): rule %s: %s", c.series_uid,
+                        c.instance_count, c.version, c.rule, c.note)
         elif c.rule:
             LOGGER.info("series %s complete (%d instances, version %d): rule %s forwards it", c.series_uid,
                         c.instance_count, c.version, c.rule)
@@ -98,6 +111,28 @@ def assemble_once(engine: Engine, cfg: Config, now: dt.datetime | None = None) -
             LOGGER.info("series %s complete (%d instances, version %d): not routed: %s", c.series_uid,
                         c.instance_count, c.version, c.note)
     return done
+
+
+def _queue_version(conn: Connection, series_pk: int, version: int, rule: str, model: str, strength: float,
+                   now: dt.datetime) -> tuple[int | None, str]:
+    """Queue the job of a new version of a series, unless an earlier job already covers the same instances.
+
+    Returns the new job's key (``None`` when none was needed) and a note for the log, the audit and the dashboard.
+    A queued job of an older version is cancelled: the new one covers all its instances, under the same derived
+    series UID (see :func:`dicom_node.denoise.derived.derived_series_uid`), so the older one would only send a
+    subset of the same series again.
+    """
+    covered = version_instances(conn, series_pk)
+    earlier = job_covering(conn, series_pk, model, strength, covered.digest)
+    if earlier is not None:
+        return None, (f"unchanged re-send: the same {covered.count} instances as version {earlier.version} "
+                      f"(job {earlier.id}, {earlier.state.value}); no new job")
+    job_pk = enqueue_job(conn, series_pk, version, rule, model, strength, now, covered)
+    superseded = supersede_queued_jobs(conn, series_pk, job_pk, version, now)
+    for old in superseded:
+        audit.record(conn, "job.superseded", "node:assemble", now, object_kind="job", object_id=old,
+                     detail=f"superseded by version {version} (job {job_pk}) before it started")
+    return job_pk, (f"supersedes queued job {', '.join(map(str, superseded))}" if superseded else "")
 
 
 def seconds_until_next_due(engine: Engine, cfg: Config, now: dt.datetime | None = None) -> float | None:

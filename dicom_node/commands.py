@@ -13,8 +13,6 @@ from dicom_node.config import Config, Destination, example_config_text, load_con
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    setup_logging(cfg.node.log_level)
     from dicom_node.service import parse_roles, serve
 
     try:
@@ -22,11 +20,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2
+    # Processes that route series (receive) or run models (worker) refuse rules whose model cannot run: every
+    # job of such a rule would fail. Export- and web-only processes never use a model.
+    cfg = config_from_args(args, check_models=bool(roles & {"receive", "worker"}))
+    setup_logging(cfg.node.log_level)
     return serve(cfg, roles)
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    cfg = load_config(args.file)
+    cfg = load_config(args.file, check_models=True)
     print(f"{args.file}: valid ({len(cfg.destinations)} destination(s), {len(cfg.rules)} rule(s); "
           f"AE title {cfg.node.ae_title} on port {cfg.node.port}, data in {cfg.data_path})")
     return 0
@@ -38,7 +40,12 @@ def _cmd_config_example(_args: argparse.Namespace) -> int:
 
 
 def echo_destination(cfg: Config, dest: Destination) -> tuple[bool, str]:
-    """C-ECHO ``dest`` (PS3.4 A.4); return whether it answered success and a one-line description."""
+    """C-ECHO ``dest`` (PS3.4 A.4), or for a ``dicomweb`` destination a QIDO-RS ``GET {url}/studies?limit=1``;
+    return whether it answered success and a one-line description."""
+    if dest.type == "dicomweb":
+        from dicom_node.dicomweb.stow_send import echo_dicomweb
+
+        return echo_dicomweb(dest)
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -78,21 +85,34 @@ def _cmd_echo(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    from dicom_node.probe import probe_node
     from dicom_node.store.repository import status_counts
 
+    probe = probe_node(cfg)
+    if not args.json:
+        print(f"node:    {probe.line()}")
     engine = open_existing_database(cfg)
     if engine is None:
         return 1
+    from dicom_node.store.database import utcnow
+    from dicom_node.store.overview import failures, unrouted_series
+
     with engine.connect() as conn:
         counts = status_counts(conn)
+        problems = failures(conn, limit=20, now=utcnow())
+        unrouted = unrouted_series(conn, limit=10)
     engine.dispose()
     disk = shutil.disk_usage(cfg.data_path)
     report = {
+        "node": {"running": probe.running, "web": probe.web, "dicom": probe.dicom},
         "series": counts.series,
         "jobs": counts.jobs,
         "exports": counts.exports,
         "instances": counts.instances,
         "stored_bytes": counts.stored_bytes,
+        "problems": [{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in p.items()} for p in problems],
+        "not_routed": [{"series_uid": u.series_uid, "modality": u.modality, "description": u.series_description,
+                        "reason": u.route_note} for u in unrouted],
         "disk": {"path": str(cfg.data_path), "free_bytes": disk.free, "total_bytes": disk.total,
                  "watermark_bytes": int(cfg.node.min_free_disk_gb * 1024**3)},
     }
@@ -106,7 +126,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print("exports: " + ", ".join(f"{k} {v}" for k, v in counts.exports.items()))
     low = " (BELOW WATERMARK: C-STORE is refused)" if disk.free < report["disk"]["watermark_bytes"] else ""
     print(f"disk:    {disk.free / gib:.1f} GiB free of {disk.total / gib:.1f} GiB in {cfg.data_path}{low}")
+    if problems:
+        print("problems (newest first):")
+        for p in problems:
+            described = " / ".join(d for d in (p["study_description"], p["series_description"]) if d) or p["series_uid"]
+            when = (f", next try in {_duration(p['next_attempt_seconds'])}" if p["state"] == "retrying" else "")
+            print(f"  {p['kind']} {p['id']} {p['state']} {p['what']}: {described} ({p['attempts']} tries{when})")
+            if p["error"]:
+                print(f"    {p['error'][:200]}")
+    if unrouted:
+        print("series not routed (kept for retention.unrouted_days):")
+        for u in unrouted:
+            print(f"  {u.modality or '?'} {u.series_description or u.series_uid}: {u.route_note}")
     return 0
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def open_existing_database(cfg: Config):  # type: ignore[no-untyped-def]
@@ -167,7 +208,20 @@ def _cmd_jobs_list(args: argparse.Namespace) -> int:
               f"{exp.destination[:12]:12} {f'{exp.sent_count}/{total}':>9} {exp.series_uid}"
               + (f" (job {exp.job_pk})" if exp.job_pk else " (original)"))
         if exp.last_error and exp.state.value != "succeeded":
-            print(f"{'':>6} {exp.last_error[:200]}")
+            retrying = exp.state.value in ("queued", "running") and exp.attempts > 0
+            due = f"retrying, next try in {_duration(max(0.0, (exp.not_before - now).total_seconds()))}: " \
+                if retrying else ""
+            print(f"{'':>6} {due}{exp.last_error[:200]}")
+    from dicom_node.store.overview import unrouted_series
+
+    with engine.connect() as conn:
+        unrouted = unrouted_series(conn, limit=args.limit)
+    if unrouted and not args.state:
+        print()
+        print(f"{'SERIES':>6} {'AGE':>5} {'MODALITY':8} NOT ROUTED: DESCRIPTION / REASON")
+        for u in unrouted:
+            print(f"{u.id:>6} {_age(u.completed_at, now):>5} {u.modality[:8]:8} "
+                  f"{u.series_description or u.series_uid}: {u.route_note}")
     return 0
 
 
@@ -232,8 +286,19 @@ def _cmd_jobs_action(args: argparse.Namespace) -> int:
             audit.record(conn, f"{args.kind}.{args.action}", audit.cli_actor(), utcnow(), object_kind=args.kind,
                          object_id=args.id)
     if not changed:
-        allowed = "failed or cancelled" if args.action == "retry" else "queued, running or failed"
-        print(f"dicom-node: {args.kind} {args.id} not found or not {allowed}", file=sys.stderr)
+        from sqlalchemy import select
+
+        from dicom_node.store.schema import Export, Job
+
+        table = Job if args.kind == "job" else Export
+        with engine.connect() as conn:
+            state = conn.execute(select(table.state).where(table.id == args.id)).scalar()
+        if state is None:
+            print(f"dicom-node: no {args.kind} {args.id}", file=sys.stderr)
+        else:
+            allowed = "a failed or cancelled" if args.action == "retry" else "a queued, running or failed"
+            print(f"dicom-node: {args.kind} {args.id} is {getattr(state, 'value', state)}; only {allowed} "
+                  f"{args.kind} can be {'retried' if args.action == 'retry' else 'cancelled'}", file=sys.stderr)
         return 1
     print(f"{args.kind} {args.id}: {'queued again' if args.action == 'retry' else 'cancelled'}")
     return 0
@@ -242,10 +307,14 @@ def _cmd_jobs_action(args: argparse.Namespace) -> int:
 def _cmd_rules_test(args: argparse.Namespace) -> int:
     from pydicom import dcmread
 
+    from dicom_node.model_check import available_models, rule_model_problems
     from dicom_node.receive import extract_facts
-    from dicom_node.routing import SeriesAttributes, explain
+    from dicom_node.routing import SeriesAttributes, explain, route
 
     cfg = config_from_args(args)
+    models = available_models(cfg.models.directories)
+    # Checked here rather than at loading, so that the rules are still explained when a model is wrong.
+    rule_problems = {rule.name: rule_model_problems(rule, f"rules[{i}]", models) for i, rule in enumerate(cfg.rules)}
     seen: dict[str, tuple[SeriesAttributes, int, str]] = {}
     root = Path(args.path)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
@@ -269,6 +338,15 @@ def _cmd_rules_test(args: argparse.Namespace) -> int:
         print(f"series {series_uid} ({label}, {count} file(s)):")
         for line in explain(cfg.rules, attrs):
             print(line)
+        decision = route(cfg.rules, attrs)
+        if decision.rule is not None:
+            for problem in rule_problems.get(decision.rule.name, []):
+                print(f"  !! {problem}")
+    problems = [p for found in rule_problems.values() for p in found]
+    if problems:
+        print(f"dicom-node: {len(problems)} problem(s) with the rules' models; `config check` and `serve` refuse "
+              "this configuration:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        return 1
     return 0
 
 

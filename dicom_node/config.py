@@ -73,6 +73,8 @@ class NodeSettings:
     quiet_seconds: float = 10.0
     #: Seconds an idle association is kept open before it is aborted.
     network_timeout: float = 60.0
+    #: Seconds a new connection has for its TLS handshake and its A-ASSOCIATE-RQ before it is closed.
+    association_request_timeout: float = 5.0
     log_level: str = "INFO"
 
 
@@ -82,6 +84,8 @@ class SecuritySettings:
 
     allowed_calling_ae_titles: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)
+    #: Connections one host may have open that are not associated yet (more are closed at accept).
+    max_pending_per_host: int = 8
     tls: bool = False
     certificate: str = ""
     private_key: str = ""
@@ -103,6 +107,12 @@ class WebSettings:
     session_hours: float = 12.0
     #: Show patient names and IDs to users with the admin role (never to read-only users).
     show_patient_data: bool = False
+    #: Failed logins of one user name within ``login_window_minutes`` that lock it for ``login_lockout_minutes``.
+    login_max_failures: int = 5
+    #: Failed logins from one client address (any user names) within the window that lock that address.
+    login_max_failures_per_address: int = 20
+    login_window_minutes: float = 15.0
+    login_lockout_minutes: float = 15.0
 
 
 @dataclass
@@ -134,6 +144,8 @@ class DerivedSettings:
     description_suffix: str = " DN"
     #: Transfer syntax of the derived files: ``explicit-vr-little-endian`` or ``rle-lossless``.
     transfer_syntax: str = "explicit-vr-little-endian"
+    #: The site's own UID root for derived Series and SOP Instance UIDs ("": pydicom's root ``1.2.826.0.1.3680043.8.498``).
+    uid_root: str = ""
 
 
 @dataclass
@@ -149,6 +161,9 @@ class WorkerSettings:
     #: Attempts for a job that fails for a transient reason; a series the model refuses fails at once.
     max_attempts: int = 3
     poll_seconds: float = 1.0
+    #: A process renews its lease every third of this; once a lease has run out, the process is taken for dead
+    #: and the jobs and exports it was running are taken over by the others (or by its successor at start-up).
+    lease_seconds: float = 15.0
 
 
 @dataclass
@@ -179,19 +194,42 @@ class RetentionSettings:
 MAX_ASSOCIATIONS_PER_DESTINATION = 8
 
 
+#: Destination types: ``dimse`` sends by C-STORE, ``dicomweb`` by STOW-RS (PS3.18 10.5).
+DESTINATION_TYPES = ("dimse", "dicomweb")
+#: Keys a destination of each type must have (checked on the raw table, so a missing one is named as missing).
+DESTINATION_REQUIRED_KEYS = {"dimse": ("ae_title", "host", "port"), "dicomweb": ("url",)}
+#: Authentication of a ``dicomweb`` destination.
+DICOMWEB_AUTH = ("none", "bearer", "basic")
+
+
 @dataclass
 class Destination:
-    """One ``[[destinations]]`` table: a DICOM peer that receives derived series by C-STORE."""
+    """One ``[[destinations]]`` table: a peer that receives derived series by C-STORE (``type = "dimse"``, the
+    default: ``ae_title``, ``host``, ``port`` required) or by STOW-RS (``type = "dicomweb"``: ``url`` required)."""
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     tls: bool = False
     calling_ae_title: str = ""
     timeout_seconds: float = 30.0
     #: Associations one series is sent over at once (instances are shared out as each association frees up).
     associations: int = 2
+    type: str = "dimse"
+    #: ``dicomweb``: the service's base URL (``https://pacs/dicom-web``); instances go to ``{url}/studies``.
+    url: str = ""
+    #: ``dicomweb``: ``none``, ``bearer`` (token from ``token_file`` or ``token_env``) or ``basic``.
+    auth: str = "none"
+    token_file: str = ""
+    token_env: str = ""
+    username: str = ""
+    password_file: str = ""
+    #: ``dicomweb``: PEM bundle of the CA(s) to verify the server with (default: the system's).
+    ca_file: str = ""
+    verify_tls: bool = True
+    #: ``dicomweb``: instances per STOW-RS request.
+    batch_size: int = 50
 
 
 @dataclass
@@ -208,6 +246,19 @@ class Rule:
 
 
 @dataclass
+class DicomwebSettings:
+    """The ``[dicomweb]`` section: STOW-RS (PS3.18 10.5) on the web port, ``POST /dicomweb/studies``."""
+
+    enabled: bool = False
+    #: Clients allowed to store: ``{ name, token_sha256 }`` (``Authorization: Bearer``) or
+    #: ``{ name, password_hash }`` (HTTP basic, user name = ``name``); ``ae_title`` (default: ``name``, cut to 16
+    #: characters) is recorded as the instances' calling AE title, for rules matching ``CallingAETitle``.
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    #: Largest request body accepted (413 above it); 0: no limit but the disk watermark.
+    max_request_gb: float = 4.0
+
+
+@dataclass
 class Config:
     """The whole validated configuration."""
 
@@ -220,6 +271,7 @@ class Config:
     export: ExportSettings = field(default_factory=ExportSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    dicomweb: DicomwebSettings = field(default_factory=DicomwebSettings)
     destinations: list[Destination] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
     #: Where the configuration came from (a path, or ``defaults``).
@@ -269,6 +321,7 @@ _SECTIONS: dict[str, type] = {
     "export": ExportSettings,
     "retention": RetentionSettings,
     "audit": AuditSettings,
+    "dicomweb": DicomwebSettings,
 }
 
 _AE_ALLOWED = re.compile(r"^[\x20-\x7e]*$")
@@ -418,6 +471,21 @@ def _check_rule(rule: Rule, where: str, destination_names: set[str], problems: l
             problems.append(f"{where}.destinations: {dest!r} is not a configured destination ({known})")
 
 
+#: Bind addresses that listen on every interface (so they overlap with any other address).
+_WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::", "*"})
+
+
+def _check_port_clash(cfg: Config, problems: list[str]) -> None:
+    """The dashboard and the DICOM port are both TCP: the same port on overlapping addresses cannot work."""
+    node, web = cfg.node, cfg.web
+    if not web.port or web.port != node.port:
+        return
+    a, b = node.bind_address.strip(), web.bind_address.strip()
+    if a in _WILDCARD_ADDRESSES or b in _WILDCARD_ADDRESSES or a == b:
+        problems.append(f"web.port: {web.port} is node.port too, on overlapping addresses (web.bind_address "
+                        f"{b!r}, node.bind_address {a!r}); give the dashboard another port, or 0 to turn it off")
+
+
 #: Dashboard roles: ``read`` sees everything but patient data; ``admin`` may also retry, cancel and echo.
 WEB_ROLES = ("read", "admin")
 _PASSWORD_HASH = re.compile(r"^pbkdf2_sha256\$\d+\$[0-9a-f]+\$[0-9a-f]{64}$")
@@ -426,6 +494,12 @@ _PASSWORD_HASH = re.compile(r"^pbkdf2_sha256\$\d+\$[0-9a-f]+\$[0-9a-f]{64}$")
 def _check_web(cfg: Config, problems: list[str]) -> None:
     if cfg.web.session_hours <= 0:
         problems.append("web.session_hours: must be positive")
+    for key in ("login_max_failures", "login_max_failures_per_address"):
+        if getattr(cfg.web, key) < 1:
+            problems.append(f"web.{key}: must be at least 1")
+    for key in ("login_window_minutes", "login_lockout_minutes"):
+        if getattr(cfg.web, key) <= 0:
+            problems.append(f"web.{key}: must be positive")
     names: set[str] = set()
     for kind, secret_key, pattern in (("users", "password_hash", _PASSWORD_HASH),
                                       ("tokens", "token_sha256", re.compile(r"^[0-9a-f]{64}$"))):
@@ -456,6 +530,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append(f"node.ae_title: {why}")
     _check_port(node.port, "node.port", problems)
     _check_port(cfg.web.port, "web.port", problems, allow_zero=True)
+    _check_port_clash(cfg, problems)
     if node.max_associations < 1:
         problems.append(f"node.max_associations: must be at least 1, not {node.max_associations}")
     if node.min_free_disk_gb < 0:
@@ -466,6 +541,9 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append("node.quiet_seconds: must not be negative")
     if node.network_timeout <= 0:
         problems.append("node.network_timeout: must be positive")
+    if not 0 < node.association_request_timeout <= 300:
+        problems.append(f"node.association_request_timeout: must be more than 0 and at most 300 seconds, "
+                        f"not {node.association_request_timeout}")
     if node.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         problems.append(f"node.log_level: {node.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
     if node.database_url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", node.database_url):
@@ -476,6 +554,8 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     for i, title in enumerate(sec.allowed_calling_ae_titles):
         if (why := validate_ae_title(title)) is not None:
             problems.append(f"security.allowed_calling_ae_titles[{i}]: {why}")
+    if sec.max_pending_per_host < 1:
+        problems.append(f"security.max_pending_per_host: must be at least 1, not {sec.max_pending_per_host}")
     for i, host in enumerate(sec.allowed_hosts):
         try:
             ipaddress.ip_network(host, strict=False)
@@ -501,6 +581,12 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         )
     if not 1 <= cfg.derived.series_number_offset <= 100000:
         problems.append("derived.series_number_offset: must be between 1 and 100000")
+    if cfg.derived.uid_root and not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", cfg.derived.uid_root):
+        problems.append(f"derived.uid_root: {cfg.derived.uid_root!r} is not a UID root (digits and dots, e.g. 1.2.826.0.1.3680043.10.1234)")
+    elif len(cfg.derived.uid_root) > 40:
+        problems.append("derived.uid_root: at most 40 characters (the node appends up to 23 digits; UIDs have at most 64)")
+    if not 3.0 <= cfg.worker.lease_seconds <= 600.0:
+        problems.append("worker.lease_seconds: must be between 3 and 600")
 
     for key in ("heartbeat_seconds", "stall_timeout_seconds", "poll_seconds"):
         if getattr(cfg.worker, key) <= 0:
@@ -511,6 +597,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         if getattr(cfg.export, key) <= 0:
             problems.append(f"export.{key}: must be positive")
     _check_web(cfg, problems)
+    _check_dicomweb(cfg, problems)
     if cfg.audit.retention_days < 0:
         problems.append("audit.retention_days: must not be negative (0 keeps events forever)")
     for section in ("worker", "export"):
@@ -524,6 +611,12 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         if dest.name == LOCAL_DESTINATION:
             problems.append(f"{where}.name: {LOCAL_DESTINATION!r} is reserved for the local output folder")
         names.add(dest.name)
+        if dest.type != "dimse":
+            if dest.type == "dicomweb" and dest.url:  # (a missing url or an unknown type is reported already)
+                from dicom_node.dicomweb.stow_send import destination_problems
+
+                problems.extend(destination_problems(dest, where))
+            continue
         if (why := validate_ae_title(dest.ae_title)) is not None:
             problems.append(f"{where}.ae_title: {why}")
         if dest.calling_ae_title and (why := validate_ae_title(dest.calling_ae_title)) is not None:
@@ -541,6 +634,57 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"{where}.name: {rule.name!r} is used by another rule")
         rule_names.add(rule.name)
         _check_rule(rule, where, names, problems)
+
+
+def _destination_keys_present(raw: Mapping[str, Any], where: str, problems: list[str]) -> bool:
+    """Report the keys a destination of its ``type`` needs but lacks; ``False`` when any is missing."""
+    kind = raw.get("type", "dimse")
+    if kind not in DESTINATION_TYPES:
+        problems.append(f"{where}.type: {kind!r} is not one of {', '.join(DESTINATION_TYPES)}")
+        return False
+    missing = [key for key in DESTINATION_REQUIRED_KEYS[kind] if key not in raw]
+    for key in missing:
+        problems.append(f"{where}.{key}: required key is missing" + (" (type dicomweb)" if kind != "dimse" else ""))
+    return not missing
+
+
+def _check_dicomweb(cfg: Config, problems: list[str]) -> None:
+    """``[dicomweb]``: each source has a name and one well-formed secret; enabled needs at least one source."""
+    dw = cfg.dicomweb
+    if dw.max_request_gb < 0:
+        problems.append("dicomweb.max_request_gb: must not be negative (0: no limit)")
+    if dw.enabled and not dw.sources:
+        problems.append("dicomweb.sources: dicomweb.enabled is true but no source may store; add "
+                        "{ name, token_sha256 } (`dicom-node web new-token`) or { name, password_hash }")
+    if dw.enabled and not cfg.web.port:
+        problems.append("dicomweb.enabled: STOW-RS is served on web.port, which is 0 (off)")
+    names: set[str] = set()
+    secrets = {"token_sha256": re.compile(r"^[0-9a-f]{64}$"), "password_hash": _PASSWORD_HASH}
+    for i, entry in enumerate(dw.sources):
+        where = f"dicomweb.sources[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: must be a table {{ name, token_sha256 | password_hash }}")
+            continue
+        unknown = set(entry) - {"name", "ae_title", *secrets}
+        if unknown:
+            problems.append(f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+                            f"(known: name, ae_title, token_sha256, password_hash)")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip() or ":" in name:
+            problems.append(f"{where}.name: must be a non-empty string without ':'")
+        elif name in names:
+            problems.append(f"{where}.name: {name!r} is used by another source")
+        else:
+            names.add(name)
+        given = [key for key in secrets if key in entry]
+        if len(given) != 1:
+            problems.append(f"{where}: needs exactly one of token_sha256 (bearer token: `dicom-node web new-token`)"
+                            f" or password_hash (HTTP basic: `dicom-node web hash-password`)")
+        for key in given:
+            if not isinstance(entry[key], str) or not secrets[key].match(entry[key]):
+                problems.append(f"{where}.{key}: malformed")
+        if "ae_title" in entry and (why := validate_ae_title(entry["ae_title"])) is not None:
+            problems.append(f"{where}.ae_title: {why}")
 
 
 def parse_env_value(text: str) -> Any:
@@ -567,8 +711,12 @@ def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str], problem
 
 
 def config_from_mapping(raw: Mapping[str, Any], source: str = "configuration",
-                        environ: Mapping[str, str] | None = None) -> Config:
+                        environ: Mapping[str, str] | None = None, *, check_models: bool = False) -> Config:
     """Validate a parsed TOML table (plus environment overrides) into a :class:`Config`.
+
+    ``check_models`` also checks each rule against the models the node can load (:mod:`dicom_node.model_check`:
+    the model exists, fits the rule's modality and body parts, allows its strength); ``config check``, ``rules
+    test`` and ``serve`` ask for it, other commands do not need it.
 
     Raises
     ------
@@ -591,19 +739,32 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "configuration",
                 problems.append(f"{key}: must be an array of tables ([[{key}]])")
                 continue
             items = [_build(item_cls, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+            if key == "destinations":
+                # A C-STORE destination without its address is dropped, as before types existed; the others stay
+                # (skipped by the checks), so the destinations after them keep their index in the messages.
+                items = [item if _destination_keys_present(v, f"{key}[{i}]", problems)
+                         or v.get("type", "dimse") != "dimse" else None
+                         for i, (v, item) in enumerate(zip(value, items))]
             kwargs[key] = [item for item in items if item is not None]
         else:
             known = ", ".join([*_SECTIONS, "destinations", "rules"])
             problems.append(f"{key}: unknown section (known: {known})")
     cfg = Config(**{k: v for k, v in kwargs.items() if v is not None}, source=source)
     _validate(cfg, problems)
+    if check_models:
+        from dicom_node.model_check import model_problems
+
+        problems.extend(model_problems(cfg))
     if problems:
         raise ConfigError(problems, source)
     return cfg
 
 
-def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None, *,
+                check_models: bool = False) -> Config:
     """Load and validate the configuration file at ``path`` (defaults only when ``None``).
+
+    ``check_models``: see :func:`config_from_mapping`.
 
     Relative ``data_dir`` paths are taken relative to the current directory, like every command-line tool.
 
@@ -613,7 +774,7 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
         When the file is missing, is not TOML, or any key is invalid.
     """
     if path is None:
-        return config_from_mapping({}, "defaults", environ)
+        return config_from_mapping({}, "defaults", environ, check_models=check_models)
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -623,7 +784,7 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"], str(p)) from exc
-    return config_from_mapping(raw, str(p), environ)
+    return config_from_mapping(raw, str(p), environ, check_models=check_models)
 
 
 def example_config_text() -> str:

@@ -8,10 +8,14 @@ process stays light.
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import logging
 import shutil
+import socket
+import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +27,28 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass
 class Check:
-    """One check's outcome."""
+    """One check's outcome.
+
+    ``ok`` with ``degraded`` means the node works but something needs attention (a destination that keeps
+    failing): ``/readyz`` still answers 200, with ``"status": "degraded"``, and the dashboard shows it.
+    """
 
     name: str
     ok: bool
     detail: str
     data: dict[str, Any] = field(default_factory=dict)
+    degraded: bool = False
+
+    @property
+    def state(self) -> str:
+        """``ok``, ``degraded`` or ``failed``."""
+        return "failed" if not self.ok else "degraded" if self.degraded else "ok"
+
+
+def overall_state(checks: list[Check]) -> str:
+    """The node's state from its checks: ``failed`` if any failed, else ``degraded`` if any is, else ``ok``."""
+    states = {c.state for c in checks}
+    return "failed" if "failed" in states else "degraded" if "degraded" in states else "ok"
 
 
 def model_folders(cfg: Config) -> list[Path]:
@@ -42,20 +62,14 @@ def model_folders(cfg: Config) -> list[Path]:
 
 def check_database(engine: Any) -> Check:
     """The database answers and is at the newest schema revision."""
-    from alembic.script import ScriptDirectory
-
-    from dicom_node.store.database import MIGRATIONS_DIR, schema_version
+    from dicom_node.store.database import schema_head, schema_version
 
     started = time.perf_counter()
     try:
         version = schema_version(engine)
     except Exception as exc:
         return Check("database", False, f"unreachable: {type(exc).__name__}: {str(exc)[:200]}")
-    from alembic.config import Config as AlembicConfig
-
-    alembic_cfg = AlembicConfig()
-    alembic_cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    head = ScriptDirectory.from_config(alembic_cfg).get_current_head()
+    head = schema_head()
     ms = (time.perf_counter() - started) * 1000
     dialect = engine.dialect.name
     if version != head:
@@ -106,6 +120,89 @@ def check_gpu() -> Check:
     return Check("gpu", True, "; ".join(parts), {"gpus": gpus})
 
 
+#: How long a TCP probe of a destination is reused before the destination is probed again.
+PROBE_TTL_SECONDS = 30.0
+_probes: dict[tuple[str, int], tuple[float, str]] = {}
+_probes_lock = threading.Lock()
+
+
+def probe_destination(host: str, port: int, timeout: float = 2.0) -> str:
+    """Open (and close) a TCP connection to a destination; return "" when it connects, else the reason.
+
+    Results are kept for :data:`PROBE_TTL_SECONDS`, so a dashboard refreshing every few seconds does not knock on
+    the PACS each time. A connection only shows that something listens; exports show whether it accepts images.
+    """
+    key = (host, port)
+    now = time.monotonic()
+    with _probes_lock:
+        cached = _probes.get(key)
+        if cached is not None and now - cached[0] < PROBE_TTL_SECONDS:
+            return cached[1]
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            reason = ""
+    except OSError as exc:
+        reason = f"cannot connect to {host}:{port} ({exc.strerror or exc})"
+    with _probes_lock:
+        _probes[key] = (now, reason)
+    return reason
+
+
+def _destination_address(dest: Any) -> tuple[str, int]:
+    """Host and TCP port a destination listens on (a DICOMweb destination's from its URL)."""
+    if getattr(dest, "type", "dimse") == "dicomweb":
+        parts = urllib.parse.urlsplit(dest.url)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return "", 0
+        return parts.hostname or "", port
+    return dest.host, dest.port
+
+
+def check_destinations(cfg: Config, engine: Any, probe: bool = True) -> Check:
+    """Destinations that refuse connections or whose exports keep failing make the node ``degraded``.
+
+    Looks at the job table (exports retrying after a failed attempt, exports failed in the last 24 hours) and, for
+    DIMSE destinations, whether a TCP connection opens. The node still receives and denoises meanwhile: nothing
+    is lost, the exports wait, so this degrades the node rather than failing it.
+    """
+    from dicom_node.store.database import utcnow
+    from dicom_node.store.overview import destination_troubles
+
+    try:
+        with engine.connect() as conn:
+            troubles = {t.destination: t for t in destination_troubles(conn, utcnow() - dt.timedelta(hours=24))}
+    except Exception as exc:  # the database check reports the database itself
+        return Check("destinations", True, f"unknown (database: {type(exc).__name__})")
+    problems: list[str] = []
+    data: dict[str, Any] = {}
+    for dest in cfg.destinations:
+        reasons = []
+        host, port = _destination_address(dest)
+        unreachable = probe_destination(host, port) if probe and host else ""
+        if unreachable:
+            reasons.append(unreachable)
+        trouble = troubles.get(dest.name)
+        if trouble is not None:
+            if trouble.retrying:
+                since = f" since {trouble.since:%Y-%m-%d %H:%M} UTC" if trouble.since else ""
+                reasons.append(f"{trouble.retrying} export(s) retrying{since}")
+            if trouble.failed:
+                reasons.append(f"{trouble.failed} export(s) failed in the last 24 h")
+            if trouble.last_error and not unreachable:
+                reasons.append(f"last error: {trouble.last_error[:200]}")
+        data[dest.name] = {"ok": not reasons, "problems": reasons}
+        if reasons:
+            where = dest.url if dest.type == "dicomweb" else f"{dest.ae_title}@{dest.host}:{dest.port}"
+            problems.append(f"{dest.name} ({where}): {'; '.join(reasons)}")
+    if problems:
+        return Check("destinations", True, " | ".join(problems), data, degraded=True)
+    if not cfg.destinations:
+        return Check("destinations", True, "none configured: derived series go to the output folder", data)
+    return Check("destinations", True, f"{len(cfg.destinations)} destination(s) reachable, no export failing", data)
+
+
 def check_threads(threads: list[Any]) -> Check:
     """The stage threads of this process are alive."""
     dead = [t.name for t in threads if not t.is_alive()]
@@ -121,6 +218,8 @@ def run_checks(node: Any) -> list[Check]:
     checks = [check_database(node.engine), check_disk(cfg)]
     if node.roles & {"worker", "web"}:
         checks.append(check_models(cfg, models.loaded_names() if models is not None else None))
+    if node.roles & {"export", "web"}:
+        checks.append(check_destinations(cfg, node.engine))
     checks.append(check_gpu())
     checks.append(check_threads(node.threads))
     return checks

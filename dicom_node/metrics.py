@@ -133,11 +133,12 @@ class NodeCollector(Collector):
 
     def _database(self) -> Iterator[Metric]:
         from dicom_node.store.database import utcnow
-        from dicom_node.store.overview import queue_summary
+        from dicom_node.store.overview import destination_troubles, queue_summary
 
         try:
             with self.node.engine.connect() as conn:
                 summary = queue_summary(conn, utcnow())
+                troubles = destination_troubles(conn)
         except Exception:
             LOGGER.warning("cannot read the job table for metrics", exc_info=True)
             return
@@ -152,6 +153,16 @@ class NodeCollector(Collector):
                                     f"Age of the oldest queued {name[:-1]} (0 when none)",
                                     value=summary[f"oldest_queued_{name[:-1]}_seconds"])
             yield age
+        # Per destination: exports queued again after a failed attempt (a PACS that is down shows here at once,
+        # long before its exports give up and become failed).
+        retrying = GaugeMetricFamily("dicom_node_exports_retrying", "Exports retrying after a failed attempt",
+                                     labels=["destination"])
+        by_name = {t.destination: t.retrying for t in troubles}
+        for dest in self.node.cfg.destinations:
+            retrying.add_metric([dest.name], by_name.pop(dest.name, 0))
+        for name, count in by_name.items():  # a destination removed from the configuration meanwhile
+            retrying.add_metric([name], count)
+        yield retrying
 
 
 def exposition(node: Any, database_metrics: bool) -> bytes:

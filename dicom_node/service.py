@@ -15,9 +15,10 @@ on ``web.port`` when it is not 0.
 
 from __future__ import annotations
 
+import errno
 import logging
-import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -35,7 +36,8 @@ from dicom_node.export import Exporter, StalledExportSweeper, destinations_to_se
 from dicom_node.retention import RetentionSweeper
 from dicom_node.receive import Receiver, reindex_spool, start_scp
 from dicom_node.store.database import make_engine, migrate, utcnow
-from dicom_node.store.queue import requeue_orphans
+from dicom_node.lease import LeaseKeeper, start_lease, stop_lease
+from dicom_node.store.queue import ProcessIdentity
 from dicom_node.store.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -93,9 +95,19 @@ class Node:
     #: Rung by the assembler when it queues a job, and by the worker when it queues exports (see doorbell.py).
     jobs_bell: Doorbell = field(default_factory=Doorbell)
     exports_bell: Doorbell = field(default_factory=Doorbell)
+    #: This process start's identity: its claims on jobs and exports are valid while its lease is.
+    identity: ProcessIdentity = field(default_factory=ProcessIdentity.new)
 
     def start(self) -> None:
-        """Open storage, re-index the spool, take up orphaned work, start the stages of this process's roles."""
+        """Open storage, re-index the spool, take up orphaned work, start the stages of this process's roles.
+
+        Raises
+        ------
+        ListenError
+            When the DICOM port or (role ``web``) the web port cannot be opened; checked first, before anything
+            else is touched, and again where each server binds.
+        """
+        check_listen_ports(self.cfg, self.roles)
         runs_models = "worker" in self.roles and self.cfg.worker.enabled
         if runs_models and self.cfg.models.keep_freed_cpu_memory:
             keep_freed_memory()  # before any thread starts: a thread keeps the malloc arena it first used
@@ -103,17 +115,16 @@ class Node:
         self.engine = engine
         from dicom_node import audit
 
-        with engine.begin() as conn:
-            audit.record_config(conn, self.cfg, utcnow())
         if "receive" in self.roles:
             self.receiver = Receiver(spool, engine, int(self.cfg.node.min_free_disk_gb * 1024**3))
             reindex_spool(self.receiver)
-        with engine.begin() as conn:
-            orphans = requeue_orphans(conn, socket.gethostname(), utcnow())
+        roles_text = ",".join(r for r in ROLES if r in self.roles)
+        orphans = start_lease(engine, self.identity, roles_text, self.cfg.worker.lease_seconds)
         if orphans:
             LOGGER.warning("taken up again after a crash: %s", ", ".join(orphans))
-        worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        threads: list[threading.Thread] = []
+        threads: list[threading.Thread] = [
+            LeaseKeeper(engine, self.identity, roles_text, self.cfg.worker.lease_seconds, self.stop_event,
+                        bells=(self.jobs_bell, self.exports_bell))]
         if "receive" in self.roles:
             threads.append(Assembler(engine, self.cfg, self.stop_event, jobs_bell=self.jobs_bell,
                                      exports_bell=self.exports_bell))
@@ -123,11 +134,13 @@ class Node:
             from dicom_node.worker import ModelCache, Worker
 
             self.models = ModelCache(self.cfg)
-            threads.append(Worker(self.cfg, engine, self.stop_event, f"{worker_id}:worker", models=self.models,
+            threads.append(Worker(self.cfg, engine, self.stop_event, self.identity.worker_id("worker"),
+                                  models=self.models,
                                   jobs_bell=self.jobs_bell, exports_bell=self.exports_bell))
         if "export" in self.roles:
             for destination in destinations_to_serve(self.cfg):
-                threads.append(Exporter(self.cfg, engine, destination, self.stop_event, f"{worker_id}:export",
+                threads.append(Exporter(self.cfg, engine, destination, self.stop_event,
+                                        self.identity.worker_id("export"),
                                         bell=self.exports_bell))
             threads.append(StalledExportSweeper(self.cfg, engine, self.stop_event))
         for thread in threads:
@@ -135,7 +148,12 @@ class Node:
         self.threads.extend(threads)
         if "receive" in self.roles:
             assert self.receiver is not None
-            _, self.server = start_scp(self.cfg, self.receiver)
+            try:
+                _, self.server = start_scp(self.cfg, self.receiver)
+            except OSError as exc:
+                if (error := listen_error("node.port", self.cfg.node.bind_address, self.cfg.node.port, exc)):
+                    raise error from exc
+                raise
             _count_associations(self.server)
         if self.cfg.web.port:
             from dicom_node.web.server import start_web
@@ -144,12 +162,19 @@ class Node:
                 self.web = start_web(self)
             except OSError as exc:
                 if "web" in self.roles:
+                    if (error := listen_error("web.port", self.cfg.web.bind_address, self.cfg.web.port, exc)):
+                        raise error from exc
                     raise
                 LOGGER.warning("cannot serve /metrics on %s:%d (%s); set web.port per process or 0",
                                self.cfg.web.bind_address, self.cfg.web.port, exc.strerror or exc)
+        # Recorded only once everything runs: a start that failed (a port in use...) never ran this configuration.
+        with engine.begin() as conn:
+            audit.record_config(conn, self.cfg, utcnow())
         LOGGER.info("dicom-node %s started (roles %s): data in %s, database %s", __version__,
                     ",".join(r for r in ROLES if r in self.roles), self.cfg.data_path,
                     self.cfg.database_url.split("://")[0])
+        if self.web is not None and "web" in self.roles:
+            log_dashboard(self.cfg)
 
     def stop(self) -> None:
         """Stop accepting associations, finish the current ones and stop the stages."""
@@ -163,8 +188,87 @@ class Node:
         for thread in self.threads:
             thread.join(timeout=10)
         if self.engine is not None:
+            stop_lease(self.engine, self.identity)
             self.engine.dispose()
         LOGGER.info("dicom-node stopped")
+
+
+def log_dashboard(cfg: Config) -> None:
+    """Log where the dashboard is and whether anyone can log in (a WARNING naming the command when nobody can)."""
+    from dicom_node.probe import web_url
+
+    url = web_url(cfg, "/")
+    if cfg.web.bind_address.strip() in ("", "0.0.0.0", "::", "*"):
+        url += " (and on every other address of this host)"
+    if cfg.web.users:
+        LOGGER.info("dashboard at %s: %d user(s) can log in", url, len(cfg.web.users))
+    else:
+        config = cfg.source if cfg.source != "defaults" else "FILE"
+        LOGGER.warning("dashboard at %s, but no user can log in ([web] users is empty): add one with "
+                       "`dicom-node web add-user NAME --role admin --config %s`, then reload (SIGHUP) or restart "
+                       "the node", url, config)
+
+
+#: Exit status of ``serve`` when the configuration cannot work on this host (a port in use), as for an invalid
+#: file (``dicom-node config check``, and every command): the unit file keeps systemd from restarting on it.
+EXIT_CONFIGURATION = 2
+
+#: errno values of ``bind`` that an administrator fixes in the configuration (anything else is raised as it is).
+_LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+
+
+class ListenError(Exception):
+    """A port of this process cannot be opened; the message is one line naming the key, address and port."""
+
+
+def listen_error(key: str, address: str, port: int, exc: OSError) -> ListenError | None:
+    """The :class:`ListenError` for ``exc``, raised binding ``key`` (``node.port`` or ``web.port``), or ``None``
+    when ``exc`` is not about the address or port."""
+    if exc.errno not in _LISTEN_ERRNOS:
+        return None
+    section = key.split(".")[0]
+    if exc.errno == errno.EADDRINUSE:
+        text = f"{key} {port} is already in use on {address} (errno {exc.errno})"
+    elif exc.errno == errno.EACCES:
+        text = (f"{key} {port} on {address}: permission denied (errno {exc.errno}); ports below 1024 need "
+                f"CAP_NET_BIND_SERVICE")
+    else:
+        text = f"{section}.bind_address {address!r} is not an address of this host (errno {exc.errno})"
+    return ListenError(text)
+
+
+def _listen_ports(cfg: Config, roles: frozenset[str]) -> list[tuple[str, str, int]]:
+    """``(key, address, port)`` of each port this process must be able to open."""
+    ports = []
+    if "receive" in roles:
+        ports.append(("node.port", cfg.node.bind_address, cfg.node.port))
+    if "web" in roles and cfg.web.port:  # other roles only warn when they cannot serve /metrics
+        ports.append(("web.port", cfg.web.bind_address, cfg.web.port))
+    return ports
+
+
+def check_listen_ports(cfg: Config, roles: frozenset[str]) -> None:
+    """Bind and listen on each port this process will serve, then let it go again.
+
+    Done before storage is opened or a stage started, so a port in use ends the start with one line and no
+    side effect. ``SO_REUSEADDR`` as the servers set it, so a port with connections in TIME_WAIT is free.
+
+    Raises
+    ------
+    ListenError
+        For the first port that cannot be opened.
+    """
+    for key, address, port in _listen_ports(cfg, roles):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, port))
+                probe.listen(1)
+            except OSError as exc:
+                if (error := listen_error(key, address, port, exc)):
+                    raise error from exc
+                # anything else (an unresolvable name...) is left to the server itself to report
 
 
 def _count_associations(server: Any) -> None:
@@ -185,7 +289,17 @@ def serve(cfg: Config, roles: frozenset[str] = frozenset(ROLES)) -> int:
     signal handler while ``start_server(block=True)`` runs deadlocks in pynetdicom.
     """
     node = Node(cfg, roles)
-    node.start()
+    reload_requested = threading.Event()
+    # SIGHUP reloads the configuration file (dicom_node.reload); installed first, since by default it would end
+    # the process. The reload runs in this thread, never inside the handler.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: reload_requested.set())
+    try:
+        node.start()
+    except ListenError as exc:
+        if node.engine is not None:
+            node.stop()  # stages that already started
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_CONFIGURATION
 
     def _on_signal(signum: int, _frame: Any) -> None:
         LOGGER.info("received %s, shutting down", signal.Signals(signum).name)
@@ -194,8 +308,24 @@ def serve(cfg: Config, roles: frozenset[str] = frozenset(ROLES)) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
-        while not node.stop_event.wait(1.0):
-            pass
+        while not node.stop_event.wait(0.5):
+            if reload_requested.is_set():
+                reload_requested.clear()
+                _reload_on_signal(node)
     finally:
         node.stop()
     return 0
+
+
+def _reload_on_signal(node: Node) -> None:
+    """Reload after SIGHUP; an invalid file is logged with every problem and the running configuration kept."""
+    from dicom_node.config import ConfigError
+    from dicom_node.reload import reload_node
+
+    LOGGER.info("received SIGHUP, reloading %s", node.cfg.source)
+    try:
+        reload_node(node, "signal:SIGHUP")
+    except ConfigError as exc:
+        LOGGER.error("configuration not reloaded, the running one is kept: %s", exc)
+    except Exception:  # a reload must never end the node
+        LOGGER.exception("configuration reload failed; the running one is kept")

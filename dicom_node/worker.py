@@ -120,26 +120,29 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
     JobFailed
         When the series cannot be denoised with this model (the reason is the message).
     """
-    from dicom_node.denoise.derived import DerivedSeriesSettings, new_series_uid
+    from dicom_node.denoise.derived import DerivedSeriesSettings, derived_series_uid
     from dicom_node.denoise.engine import denoise_series
     from dicom_node.denoise.errors import SeriesRefused
     from models.folder import ModelError
 
     with engine.connect() as conn:
         series = series_by_pk(conn, job.series_pk)
-        paths = [cfg.data_path / p for p in series_instance_paths(conn, job.series_pk)]
+        # Exactly the instances of this job's version: any that arrived later belong to the next version's job.
+        paths = [cfg.data_path / p for p in series_instance_paths(conn, job.series_pk, job.last_instance_pk)]
+    LOGGER.info("job %d: series %s version %d, %d instances", job.id, series.series_uid, job.version, len(paths))
     out_dir = cfg.outbox_path / f"job-{job.id}"
     if out_dir.exists():  # a crashed earlier attempt: start clean, the UIDs will be the same
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    derived_uid = new_series_uid(series.series_uid, f"version-{job.version}")
     stop_beat = threading.Event()
 
     def beat() -> None:
         while not stop_beat.wait(cfg.worker.heartbeat_seconds):
             try:
                 with engine.begin() as conn:
-                    heartbeat_job(conn, job.id, worker_id, utcnow())
+                    if not heartbeat_job(conn, job.id, worker_id, utcnow()):
+                        LOGGER.warning("job %d is no longer this worker's (cancelled or taken over); its output "
+                                       "will be discarded", job.id)
             except Exception:
                 LOGGER.exception("job %d: heartbeat failed", job.id)
 
@@ -148,8 +151,13 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
     try:
         try:
             model_engine = models.engine(job.model)
-            result = denoise_series(paths, model_engine, out_dir, strength=job.strength,
-                                    settings=DerivedSeriesSettings.from_config(cfg.derived),
+            card = model_engine.card
+            derived_uid = derived_series_uid(series.series_uid, card.name, card.version, card.sha256,
+                                             job.strength, cfg.derived.uid_root)
+            settings = DerivedSeriesSettings.from_config(cfg.derived)
+            with engine.connect() as conn:
+                settings.description_suffix += derived_series_label(conn, job.series_pk, derived_uid)
+            result = denoise_series(paths, model_engine, out_dir, strength=job.strength, settings=settings,
                                     series_instance_uid=derived_uid, keep_preview=True, durable=True,
                                     headers=headers)
         except (SeriesRefused, ModelError) as exc:
@@ -178,6 +186,21 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
                 ", ".join(destinations))
     LOGGER.info("job %d stages: %s", job.id, result.describe_stages())
     return result.series_instance_uid
+
+
+def derived_series_label(conn: Any, series_pk: int, derived_uid: str) -> str:
+    """What tells this derived series apart from the source's earlier derived series: "" for the first, else its
+    ordinal ("2", "3"...), appended to ``derived.description_suffix`` (``CHEST DN``, then ``CHEST DN2``).
+
+    A series that grew or was re-sent keeps its derived series (same UID, same label); only another model, model
+    version or strength makes a new derived series, and the reader sees it as a separate, numbered one.
+    """
+    earlier = [uid for uid in conn.execute(
+        select(Job.output_series_uid).where(Job.series_pk == series_pk, Job.state == JobState.succeeded,
+                                            Job.output_series_uid != "").order_by(Job.id)).scalars()]
+    distinct = list(dict.fromkeys(earlier))
+    ordinal = distinct.index(derived_uid) + 1 if derived_uid in distinct else len(distinct) + 1
+    return "" if ordinal == 1 else str(ordinal)
 
 
 def write_preview(out_dir: Path, result: Any) -> Path | None:
@@ -254,14 +277,14 @@ class Worker(threading.Thread):
             job = claim_job(conn, self.worker_id, utcnow())
         if job is None:
             return False
-        LOGGER.info("job %d claimed (series %d version %d, model %s, attempt %d)", job.id, job.series_pk,
-                    job.version, job.model, job.attempts)
+        LOGGER.info("job %d claimed (model %s, strength %g, attempt %d)", job.id, job.model, job.strength,
+                    job.attempts)
         try:
             run_job(self.cfg, self.engine, self.models, job, self.worker_id, self.headers)
         except JobFailed as exc:
             LOGGER.error("job %d failed: %s", job.id, exc)
             with self.engine.begin() as conn:
-                fail_job(conn, job.id, str(exc), utcnow(), None)
+                fail_job(conn, job.id, str(exc), utcnow(), None, self.worker_id)
                 audit.record(conn, "job.failed", self.worker_id, utcnow(), object_kind="job", object_id=job.id,
                              detail=str(exc)[:1000])
             metrics.JOBS_FINISHED.labels("failed").inc()
@@ -271,7 +294,7 @@ class Worker(threading.Thread):
             LOGGER.exception("job %d: attempt %d failed%s", job.id, job.attempts,
                              "; will retry" if retry else "; giving up")
             with self.engine.begin() as conn:
-                fail_job(conn, job.id, f"{type(exc).__name__}: {exc}", utcnow(), when)
+                fail_job(conn, job.id, f"{type(exc).__name__}: {exc}", utcnow(), when, self.worker_id)
                 if not retry:
                     audit.record(conn, "job.failed", self.worker_id, utcnow(), object_kind="job", object_id=job.id,
                                  detail=f"{type(exc).__name__}: {exc}"[:1000])

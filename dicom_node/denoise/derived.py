@@ -45,7 +45,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from dicom_node import __version__
 from dicom_node.denoise.pixels import PixelFormat
@@ -109,6 +109,8 @@ class DerivationInfo:
         Software version written in ContributingEquipmentSequence.
     created
         Creation time written as InstanceCreation/Content/ContributionDateTime (UTC now when ``None``).
+    uid_root
+        The site's UID root for derived SOP Instance UIDs ("": pydicom's root).
     """
 
     series_instance_uid: str
@@ -121,6 +123,7 @@ class DerivationInfo:
     transfer_syntax: str = "explicit-vr-little-endian"
     node_version: str = __version__
     created: _dt.datetime | None = None
+    uid_root: str = ""
 
     def __post_init__(self) -> None:
         if not self.series_instance_uid or not UID(self.series_instance_uid).is_valid:
@@ -137,14 +140,32 @@ class DerivationInfo:
                 f"{self.model_version} (sha256 {self.model_sha256[:12]}), strength {self.strength:.2f}")
 
 
-def new_series_uid(*entropy: str) -> str:
+def _uid_prefix(uid_root: str) -> str:
+    """The prefix ``generate_uid`` takes: the site's root with a trailing dot, or pydicom's root."""
+    return f"{uid_root.rstrip('.')}." if uid_root else PYDICOM_ROOT_UID
+
+
+def new_series_uid(*entropy: str, uid_root: str = "") -> str:
     """A new SeriesInstanceUID: random, or deterministic when ``entropy`` strings (e.g. a job id) are given."""
-    return str(generate_uid(entropy_srcs=list(entropy) if entropy else None))
+    return str(generate_uid(prefix=_uid_prefix(uid_root), entropy_srcs=list(entropy) if entropy else None))
 
 
-def derived_sop_instance_uid(series_instance_uid: str, source_sop_instance_uid: str) -> str:
+def derived_series_uid(source_series_uid: str, model_name: str, model_version: str, model_sha256: str,
+                       strength: float, uid_root: str = "") -> str:
+    """The derived series' UID: a function of the source series and of what made the pixels.
+
+    The same source series denoised by the same model (name, version, weights) at the same strength always gives
+    the same derived series, so a re-sent or grown source series replaces or extends its derived series in PACS
+    instead of adding a second one; another model or strength gives a new, distinguishable series.
+    """
+    return new_series_uid(source_series_uid, model_name, model_version, model_sha256, f"strength {strength:.4f}",
+                          uid_root=uid_root)
+
+
+def derived_sop_instance_uid(series_instance_uid: str, source_sop_instance_uid: str, uid_root: str = "") -> str:
     """The derived instance's SOPInstanceUID, a function of the derived series and the source instance."""
-    return str(generate_uid(entropy_srcs=[series_instance_uid, source_sop_instance_uid]))
+    return str(generate_uid(prefix=_uid_prefix(uid_root),
+                            entropy_srcs=[series_instance_uid, source_sop_instance_uid]))
 
 
 def _code(value: tuple[str, str, str]) -> Dataset:
@@ -360,7 +381,7 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
         if keyword in ds:
             delattr(ds, keyword)
 
-    sop_uid = derived_sop_instance_uid(info.series_instance_uid, str(source.SOPInstanceUID))
+    sop_uid = derived_sop_instance_uid(info.series_instance_uid, str(source.SOPInstanceUID), info.uid_root)
     charset = _charset_key(ds.get("SpecificCharacterSet"))
     number = source.get("SeriesNumber")
     try:
@@ -783,7 +804,7 @@ class DerivedSeriesWriter:
         else:
             uid = str(source_uid)
         arr = _checked_pixels(pixels, t.shape, fmt)
-        sop_uid = derived_sop_instance_uid(self.info.series_instance_uid, uid)
+        sop_uid = derived_sop_instance_uid(self.info.series_instance_uid, uid, self.info.uid_root)
         own = {0x00080018: _ui_element(0x00080018, sop_uid), 0x00082112: _source_image_sequence(t.sop_class_uid, uid),
                0x7FE00010: _pixel_data_element(arr, fmt)}
         for tag, elem in own.items():
@@ -804,10 +825,11 @@ class DerivedSeriesSettings:
     series_number_offset: int = 1000
     description_suffix: str = " DN"
     transfer_syntax: str = "explicit-vr-little-endian"
+    uid_root: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, derived: Any) -> "DerivedSeriesSettings":
         return cls(series_number_offset=int(derived.series_number_offset),
                    description_suffix=str(derived.description_suffix),
-                   transfer_syntax=str(derived.transfer_syntax))
+                   transfer_syntax=str(derived.transfer_syntax), uid_root=str(getattr(derived, "uid_root", "")))

@@ -386,7 +386,8 @@ def _remove_partial(series: Series, info: DerivationInfo, output_dir: str | os.P
 
     removed = 0
     for inst in series.instances:
-        path = Path(output_dir) / f"{derived_sop_instance_uid(info.series_instance_uid, inst.sop_instance_uid)}.dcm"
+        uid = derived_sop_instance_uid(info.series_instance_uid, inst.sop_instance_uid, info.uid_root)
+        path = Path(output_dir) / f"{uid}.dcm"
         if path.exists():
             path.unlink()
             removed += 1
@@ -457,10 +458,10 @@ def denoise_series(
     settings = settings or DerivedSeriesSettings()
     card = engine.card
     info = DerivationInfo(
-        series_instance_uid=series_instance_uid or new_series_uid(),
+        series_instance_uid=series_instance_uid or new_series_uid(uid_root=settings.uid_root),
         model_name=card.name, model_version=card.version, model_sha256=card.sha256, strength=float(strength),
         series_number_offset=settings.series_number_offset, description_suffix=settings.description_suffix,
-        transfer_syntax=settings.transfer_syntax,
+        transfer_syntax=settings.transfer_syntax, uid_root=settings.uid_root,
         # One creation time for the whole derived series: it is one derivation, and the elements that carry the
         # time are then encoded once per series rather than once per instance.
         created=datetime.datetime.now(datetime.timezone.utc),

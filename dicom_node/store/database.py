@@ -89,3 +89,16 @@ def schema_version(engine: Engine) -> str | None:
             return None
         row = connection.exec_driver_sql("SELECT version_num FROM alembic_version").first()
         return row[0] if row else None
+
+
+def schema_head() -> str:
+    """The newest schema revision this package ships (what :func:`migrate` brings a database to)."""
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations found in {MIGRATIONS_DIR}")
+    return head

@@ -38,6 +38,7 @@ def queue_summary(conn: Connection, now: dt.datetime) -> dict[str, Any]:
         out[f"oldest_queued_{name}_seconds"] = _seconds(now, oldest) or 0.0
         oldest_running = conn.execute(select(func.min(model.created_at)).where(model.state == "running")).scalar()
         out[f"oldest_running_{name}_seconds"] = _seconds(now, oldest_running) or 0.0
+    out["exports_retrying"] = int(conn.execute(select(func.count(Export.id)).where(_retrying(Export))).scalar())
     out["series_completed"] = int(conn.execute(select(func.coalesce(func.sum(Series.completion_count), 0))).scalar())
     return out
 
@@ -92,7 +93,8 @@ def recent_series(conn: Connection, limit: int = 20, with_patient: bool = False)
                                                                   Export.job_pk.is_(None))
                                    .order_by(Export.id)).all()
         timings = {
-            "receive": _seconds(s.last_received_at, s.first_received_at),
+            # Of the last version: a re-send's receive time counts from the re-send (receiving_since).
+            "receive": _seconds(s.last_received_at, s.receiving_since or s.first_received_at),
             "quiet": _seconds(s.completed_at, s.last_received_at),
             "queue": _seconds(job.started_at, job.created_at) if job is not None else None,
             "denoise": (_seconds(job.finished_at, job.started_at)
@@ -108,6 +110,9 @@ def recent_series(conn: Connection, limit: int = 20, with_patient: bool = False)
             timings=timings,
             exports=[{"id": e.id, "destination": e.destination, "state": e.state.value, "sent": e.sent_count,
                       "failed": e.failed_count, "attempts": e.attempts, "error": e.last_error,
+                      "retrying": e.state in (ExportState.queued, ExportState.running) and e.attempts > 0
+                      and bool(e.last_error),
+                      "next_attempt": e.not_before if e.state == ExportState.queued else None,
                       "seconds": _seconds(e.finished_at, e.created_at)} for e in exports],
         )
         if with_patient and s.patient_pk is not None:
@@ -119,21 +124,103 @@ def recent_series(conn: Connection, limit: int = 20, with_patient: bool = False)
     return views
 
 
-def failures(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
-    """Failed jobs and exports, newest first, with their reason."""
+def _retrying(model: Any) -> Any:
+    """Queued or running again after a failed attempt: the work is not lost, but it is not getting through."""
+    return (model.state.in_([ExportState.queued.value, ExportState.running.value]) & (model.attempts > 0)
+            & (model.last_error != ""))
+
+
+def _source_series(conn: Connection, series_pk: int | None, series_uid: str) -> Any:
+    """The received series an export or job is about, with its study's description (``None`` if unknown)."""
+    query = select(Series.id, Series.series_uid, Series.series_description, Series.modality,
+                   Study.study_description, Study.study_uid).join(Study, Study.id == Series.study_pk)
+    query = query.where(Series.id == series_pk) if series_pk is not None else query.where(
+        Series.series_uid == series_uid)
+    return conn.execute(query).first()
+
+
+def failures(conn: Connection, limit: int = 50, now: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """Failed jobs and exports, and exports retrying after a failed attempt, newest first, with their reason.
+
+    Each item names the source series and study by description as well as by UID (``series_description``,
+    ``study_description``, ``series_uid``: the received series), the state (``failed`` or ``retrying``) and,
+    for a retrying export, when the next attempt is due (``next_attempt``, ``next_attempt_seconds``).
+    """
+    now = now or dt.datetime.now(dt.UTC).replace(tzinfo=None)
     out: list[dict[str, Any]] = []
-    jobs = conn.execute(select(Job.__table__, Series.series_uid).join(Series, Series.id == Job.series_pk)
-                        .where(Job.state == JobState.failed).order_by(Job.id.desc()).limit(limit)).all()
+    jobs = conn.execute(select(Job.__table__).where(Job.state == JobState.failed)
+                        .order_by(Job.id.desc()).limit(limit)).all()
     for j in jobs:
-        out.append({"kind": "job", "id": j.id, "series_uid": j.series_uid, "what": f"{j.rule} / {j.model}",
-                    "attempts": j.attempts, "error": j.last_error, "at": j.finished_at})
-    exports = conn.execute(select(Export.__table__).where(Export.state == ExportState.failed)
+        source = _source_series(conn, j.series_pk, "")
+        out.append({"kind": "job", "id": j.id, "state": "failed", "what": f"{j.rule} / {j.model}",
+                    "attempts": j.attempts, "error": j.last_error, "at": j.finished_at, "destination": "",
+                    "next_attempt": None, "next_attempt_seconds": None, **_described(source, "")})
+    exports = conn.execute(select(Export.__table__).where((Export.state == ExportState.failed) | _retrying(Export))
                            .order_by(Export.id.desc()).limit(limit)).all()
     for e in exports:
-        out.append({"kind": "export", "id": e.id, "series_uid": e.series_uid, "what": f"to {e.destination}",
-                    "attempts": e.attempts, "error": e.last_error, "at": e.finished_at})
+        job = conn.execute(select(Job.series_pk).where(Job.id == e.job_pk)).first() if e.job_pk else None
+        source = _source_series(conn, job.series_pk if job else None, e.series_uid)
+        failed = e.state == ExportState.failed
+        what = f"to {e.destination}" + ("" if e.job_pk else " (original)")
+        out.append({"kind": "export", "id": e.id, "state": "failed" if failed else "retrying", "what": what,
+                    "attempts": e.attempts, "error": e.last_error,
+                    "at": e.finished_at if failed else (e.heartbeat_at or e.created_at),
+                    "destination": e.destination, "exported_series_uid": e.series_uid,
+                    "next_attempt": None if failed else e.not_before,
+                    "next_attempt_seconds": None if failed else _seconds(e.not_before, now) or 0.0,
+                    **_described(source, e.series_uid)})
     out.sort(key=lambda item: item["at"] or dt.datetime.min, reverse=True)
     return out[:limit]
+
+
+def _described(source: Any, fallback_uid: str) -> dict[str, str]:
+    if source is None:
+        return {"series_uid": fallback_uid, "series_description": "", "study_description": "", "study_uid": "",
+                "modality": ""}
+    return {"series_uid": source.series_uid, "series_description": source.series_description,
+            "study_description": source.study_description, "study_uid": source.study_uid,
+            "modality": source.modality}
+
+
+@dataclass
+class DestinationTrouble:
+    """A destination whose exports are not getting through."""
+
+    destination: str
+    retrying: int
+    failed: int
+    #: When the oldest export still waiting for this destination was queued.
+    since: dt.datetime | None
+    last_error: str
+
+
+def destination_troubles(conn: Connection, since: dt.datetime | None = None) -> list[DestinationTrouble]:
+    """Destinations with exports retrying after a failed attempt, or failed (since ``since`` when given)."""
+    failed_filter = Export.state == ExportState.failed
+    if since is not None:
+        failed_filter = failed_filter & (Export.finished_at >= since)
+    rows = conn.execute(select(Export.destination, Export.state, Export.created_at, Export.last_error, Export.id)
+                        .where(failed_filter | _retrying(Export)).order_by(Export.id)).all()
+    by_name: dict[str, DestinationTrouble] = {}
+    for row in rows:
+        trouble = by_name.setdefault(row.destination, DestinationTrouble(row.destination, 0, 0, None, ""))
+        if row.state == ExportState.failed:
+            trouble.failed += 1
+        else:
+            trouble.retrying += 1
+            trouble.since = min(trouble.since or row.created_at, row.created_at)
+        trouble.last_error = row.last_error
+    return list(by_name.values())
+
+
+def unrouted_series(conn: Connection, limit: int = 20) -> list[Any]:
+    """Completed series that no rule matched, or that were not denoised for a reason (loop guard, an unchanged
+    re-send), newest first: key, UID, modality, description, completion time and the reason."""
+    return conn.execute(
+        select(Series.id, Series.series_uid, Series.modality, Series.series_description, Series.completed_at,
+               Series.route_note)
+        .where(Series.completion_count > 0, Series.route_note != "")
+        .order_by(Series.completed_at.desc(), Series.id.desc()).limit(limit)).all()
 
 
 def series_choices(conn: Connection, limit: int = 50) -> list[Any]:

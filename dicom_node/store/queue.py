@@ -10,13 +10,26 @@ transaction.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import os
 import random
+import secrets
+import socket
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, text, update
+from sqlalchemy import Connection, delete, func, insert, select, text, update
 
-from dicom_node.store.schema import Export, ExportInstance, ExportState, Instance, Job, JobState, Series
+from dicom_node.store.schema import (
+    Export,
+    ExportInstance,
+    ExportState,
+    Instance,
+    Job,
+    JobState,
+    NodeProcess,
+    Series,
+)
 
 
 @dataclass(frozen=True)
@@ -43,13 +56,70 @@ def _skip_locked(conn: Connection) -> str:
 # ------------------------------------------------------------------------------------------------- jobs
 
 
+@dataclass(frozen=True)
+class VersionInstances:
+    """The instances one version of a series covers (what its job denoises, and nothing that came later)."""
+
+    count: int
+    #: The highest instance key of the version: the job takes the series' instances with keys up to it.
+    last_instance_pk: int | None
+    #: SHA-256 of the sorted SOP Instance UIDs: equal for an unchanged re-send.
+    digest: str
+
+
+def version_instances(conn: Connection, series_pk: int) -> VersionInstances:
+    """The instances a series holds now, as a version's job will cover them."""
+    rows = conn.execute(select(Instance.id, Instance.sop_instance_uid)
+                        .where(Instance.series_pk == series_pk)).all()
+    digest = hashlib.sha256("\n".join(sorted(uid for _, uid in rows)).encode("ascii", "replace")).hexdigest()
+    return VersionInstances(len(rows), max((pk for pk, _ in rows), default=None), digest)
+
+
 def enqueue_job(conn: Connection, series_pk: int, version: int, rule: str, model: str, strength: float,
-                now: dt.datetime) -> int:
-    """Queue denoising version ``version`` of a series; return the job's key."""
+                now: dt.datetime, instances: VersionInstances | None = None) -> int:
+    """Queue denoising version ``version`` of a series; return the job's key.
+
+    ``instances`` fixes what the job covers (:func:`version_instances`); without it the job takes every instance
+    the series has when it runs.
+    """
     return int(conn.execute(insert(Job).values(
         series_pk=series_pk, version=version, rule=rule, model=model, strength=strength,
         state=JobState.queued, attempts=0, not_before=now, created_at=now,
+        last_instance_pk=instances.last_instance_pk if instances else None,
+        instance_count=instances.count if instances else None,
+        instances_digest=instances.digest if instances else "",
     ).returning(Job.id)).scalar_one())
+
+
+def job_covering(conn: Connection, series_pk: int, model: str, strength: float, digest: str) -> Any:
+    """The series' newest job when it already covers exactly these instances with this model and strength.
+
+    Only a job that is queued, running or succeeded counts: after a failed or cancelled one a re-send is a new try.
+    Returns the job row, or ``None`` when the series needs a new job.
+    """
+    latest = conn.execute(select(Job.__table__).where(Job.series_pk == series_pk)
+                          .order_by(Job.version.desc()).limit(1)).first()
+    if latest is None or not digest:
+        return None
+    same = (latest.instances_digest == digest and latest.model == model
+            and abs(float(latest.strength) - float(strength)) < 1e-6)
+    live = latest.state in (JobState.queued, JobState.running, JobState.succeeded)
+    return latest if same and live else None
+
+
+def supersede_queued_jobs(conn: Connection, series_pk: int, job_pk: int, version: int, now: dt.datetime) -> list[int]:
+    """Cancel the series' queued jobs of older versions: version ``version`` (job ``job_pk``) covers their instances.
+
+    A job already running is left to finish: it denoises exactly its own instances, under the same derived
+    series UID, so PACS still holds one derived series. Returns the keys of the jobs cancelled.
+    """
+    ids = list(conn.execute(select(Job.id).where(Job.series_pk == series_pk, Job.version < version,
+                                                 Job.state == JobState.queued)).scalars())
+    if ids:
+        conn.execute(update(Job).where(Job.id.in_(ids), Job.state == JobState.queued).values(
+            state=JobState.cancelled, finished_at=now, worker_id="",
+            last_error=f"superseded by version {version} (job {job_pk}) before it started"))
+    return ids
 
 
 @dataclass(frozen=True)
@@ -63,6 +133,8 @@ class ClaimedJob:
     model: str
     strength: float
     attempts: int
+    #: The version's last instance key (``None``: a job queued before versions were fixed; takes every instance).
+    last_instance_pk: int | None = None
 
 
 def claim_job(conn: Connection, worker_id: str, now: dt.datetime) -> ClaimedJob | None:
@@ -71,7 +143,7 @@ def claim_job(conn: Connection, worker_id: str, now: dt.datetime) -> ClaimedJob 
         "UPDATE jobs SET state = 'running', worker_id = :worker, attempts = attempts + 1, started_at = :now, "
         "heartbeat_at = :now WHERE id = (SELECT id FROM jobs WHERE state = 'queued' AND not_before <= :now "
         f"ORDER BY id LIMIT 1{_skip_locked(conn)}) "
-        "RETURNING id, series_pk, version, rule, model, strength, attempts"
+        "RETURNING id, series_pk, version, rule, model, strength, attempts, last_instance_pk"
     ), {"worker": worker_id, "now": now}).first()
     return ClaimedJob(*row) if row else None
 
@@ -91,14 +163,22 @@ def finish_job(conn: Connection, job_id: int, worker_id: str, output_series_uid:
     return result.rowcount == 1
 
 
-def fail_job(conn: Connection, job_id: int, reason: str, now: dt.datetime, retry_at: dt.datetime | None) -> None:
-    """Record a failure: back to ``queued`` at ``retry_at``, or ``failed`` for good when it is ``None``."""
+def fail_job(conn: Connection, job_id: int, reason: str, now: dt.datetime, retry_at: dt.datetime | None,
+             worker_id: str | None = None) -> bool:
+    """Record a failure: back to ``queued`` at ``retry_at``, or ``failed`` for good when it is ``None``.
+
+    With ``worker_id``, only while the job is still that worker's (as :func:`finish_job`): a worker whose job was
+    cancelled or taken over meanwhile changes nothing. Returns whether the job was updated.
+    """
     values: dict[str, Any] = {"last_error": reason[:4000], "worker_id": ""}
     if retry_at is None:
         values.update(state=JobState.failed, finished_at=now)
     else:
         values.update(state=JobState.queued, not_before=retry_at)
-    conn.execute(update(Job).where(Job.id == job_id, Job.state == JobState.running).values(**values))
+    condition = [Job.id == job_id, Job.state == JobState.running]
+    if worker_id is not None:
+        condition.append(Job.worker_id == worker_id)
+    return conn.execute(update(Job).where(*condition).values(**values)).rowcount == 1
 
 
 def requeue_stalled_jobs(conn: Connection, now: dt.datetime, timeout_seconds: float) -> list[int]:
@@ -112,10 +192,12 @@ def requeue_stalled_jobs(conn: Connection, now: dt.datetime, timeout_seconds: fl
     return ids
 
 
-def series_instance_paths(conn: Connection, series_pk: int) -> list[str]:
-    """Relative paths of a series' instances."""
-    return list(conn.execute(select(Instance.path).where(Instance.series_pk == series_pk)
-                             .order_by(Instance.id)).scalars())
+def series_instance_paths(conn: Connection, series_pk: int, up_to: int | None = None) -> list[str]:
+    """Relative paths of a series' instances (with ``up_to``: only those with a key up to it, one version's)."""
+    query = select(Instance.path).where(Instance.series_pk == series_pk)
+    if up_to is not None:
+        query = query.where(Instance.id <= up_to)
+    return list(conn.execute(query.order_by(Instance.id)).scalars())
 
 
 # ------------------------------------------------------------------------------------------------- exports
@@ -219,11 +301,17 @@ def requeue_stalled_exports(conn: Connection, now: dt.datetime, timeout_seconds:
 
 
 def retry(conn: Connection, kind: str, key: int, now: dt.datetime) -> bool:
-    """Put a failed or cancelled job or export back in the queue with fresh attempts; ``False`` if not found."""
+    """Put a failed or cancelled job or export back in the queue with fresh attempts; ``False`` if not found.
+
+    An export that is queued again after a failed attempt (retrying, waiting for its back-off) is tried now.
+    """
     model = Job if kind == "job" else Export
     result = conn.execute(update(model).where(
         model.id == key, model.state.in_([JobState.failed.value, JobState.cancelled.value])
     ).values(state="queued", attempts=0, not_before=now, finished_at=None))
+    if result.rowcount == 0 and kind == "export":
+        result = conn.execute(update(Export).where(Export.id == key, Export.state == ExportState.queued,
+                                                   Export.attempts > 0).values(not_before=now))
     return result.rowcount == 1
 
 
@@ -240,29 +328,99 @@ def series_by_pk(conn: Connection, series_pk: int) -> Any:
     return conn.execute(select(Series.__table__).where(Series.id == series_pk)).one()
 
 
-def requeue_orphans(conn: Connection, host: str, now: dt.datetime) -> list[str]:
-    """Requeue running jobs and exports claimed by processes of ``host`` that no longer exist.
+# ------------------------------------------------------------------------------------------------- process leases
 
-    Worker ids are ``host:pid:role``; after a crash and restart on the same host the old pid is gone, so its work
-    is taken up at once instead of after the stall timeout.
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """One start of a node process: ``host:pid:token``, where the random token is never reused by a restart."""
+
+    host: str
+    pid: int
+    token: str
+
+    @classmethod
+    def new(cls) -> "ProcessIdentity":
+        return cls(socket.gethostname(), os.getpid(), secrets.token_hex(8))
+
+    def worker_id(self, role: str) -> str:
+        """The id written into the jobs and exports this process claims (``host:pid:token:role``)."""
+        return f"{self.host}:{self.pid}:{self.token}:{role}"
+
+
+def claim_token(worker_id: str) -> str | None:
+    """The process token of a claim's ``worker_id`` (``None`` for ids written before tokens existed)."""
+    parts = worker_id.split(":")
+    return parts[2] if len(parts) == 4 and parts[2] else None
+
+
+def register_process(conn: Connection, me: ProcessIdentity, roles: str, now: dt.datetime,
+                     lease_seconds: float) -> None:
+    """Record this process start and its first lease."""
+    conn.execute(insert(NodeProcess).values(token=me.token, host=me.host[:128], pid=me.pid, roles=roles[:64],
+                                            started_at=now,
+                                            lease_until=now + dt.timedelta(seconds=lease_seconds)))
+
+
+def renew_lease(conn: Connection, me: ProcessIdentity, now: dt.datetime, lease_seconds: float) -> bool:
+    """Extend this process's lease; ``False`` when its row is gone (it was taken for dead: stop claiming)."""
+    result = conn.execute(update(NodeProcess).where(NodeProcess.token == me.token)
+                          .values(lease_until=now + dt.timedelta(seconds=lease_seconds)))
+    return result.rowcount == 1
+
+
+def end_process(conn: Connection, me: ProcessIdentity) -> None:
+    """Remove this process's lease at a clean stop: whatever it still held is taken over at once."""
+    conn.execute(delete(NodeProcess).where(NodeProcess.token == me.token))
+
+
+def requeue_orphans(conn: Connection, me: ProcessIdentity, now: dt.datetime) -> list[str]:
+    """Requeue running jobs and exports claimed by process starts whose lease ran out or was ended.
+
+    A claim is alive only while the lease of the process start that made it is: process ids are not used, since a
+    restarted container is PID 1 again and would take its predecessor's claims for its own. Claims made before
+    leases existed (``host:pid:role``) are taken over at once when they are from this host and that pid is ours or
+    gone. Expired leases are removed. Returns ``"job N"`` / ``"export N"`` for each requeued one.
     """
-    import os
-
+    live = set(conn.execute(select(NodeProcess.token).where(NodeProcess.lease_until >= now)).scalars())
+    live.add(me.token)
     requeued: list[str] = []
     for model, kind in ((Job, "job"), (Export, "export")):
-        rows = conn.execute(select(model.id, model.worker_id).where(model.state == "running",
-                                                                    model.worker_id.like(f"{host}:%"))).all()
+        rows = conn.execute(select(model.id, model.worker_id).where(model.state == "running")).all()
         for key, worker_id in rows:
-            try:
-                pid = int(worker_id.split(":")[1])
-                os.kill(pid, 0)
-                continue  # still alive
-            except (ValueError, IndexError, ProcessLookupError):
-                pass
-            except PermissionError:
-                continue  # alive, another user's
-            conn.execute(update(model).where(model.id == key, model.state == "running").values(
-                state="queued", worker_id="", not_before=now,
-                last_error=f"process {worker_id} ended while running it; taken up again"))
-            requeued.append(f"{kind} {key}")
+            token = claim_token(worker_id)
+            if token is not None:
+                if token in live:
+                    continue
+                reason = f"process {worker_id} stopped renewing its lease; taken up again"
+            elif not _legacy_claim_is_dead(worker_id, me):
+                continue
+            else:
+                reason = f"process {worker_id} ended while running it; taken up again"
+            result = conn.execute(update(model).where(model.id == key, model.state == "running",
+                                                      model.worker_id == worker_id).values(
+                state="queued", worker_id="", not_before=now, last_error=reason))
+            if result.rowcount == 1:
+                requeued.append(f"{kind} {key}")
+    conn.execute(delete(NodeProcess).where(NodeProcess.lease_until < now, NodeProcess.token != me.token))
     return requeued
+
+
+def _legacy_claim_is_dead(worker_id: str, me: ProcessIdentity) -> bool:
+    """A ``host:pid:role`` claim from before leases: dead when from this host and the pid is ours or gone."""
+    parts = worker_id.split(":")
+    if len(parts) < 2 or parts[0] != me.host:
+        return False  # another host's: left to the stall timeout, as before
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return True
+    if pid == me.pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

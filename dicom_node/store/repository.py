@@ -37,6 +37,7 @@ class InstanceFacts:
     patient_name: str = ""
     study_date: str = ""
     accession_number: str = ""
+    study_description: str = ""
     modality: str = ""
     series_number: int | None = None
     series_description: str = ""
@@ -58,17 +59,21 @@ _UPSERT_PATIENT = text(
     "ON CONFLICT (patient_id, issuer) DO UPDATE SET patient_name = excluded.patient_name RETURNING id"
 )
 _UPSERT_STUDY = text(
-    "INSERT INTO studies (study_uid, patient_pk, study_date, accession_number, created_at) "
-    "VALUES (:study_uid, :patient_pk, :study_date, :accession_number, :now) "
+    "INSERT INTO studies (study_uid, patient_pk, study_date, accession_number, study_description, created_at) "
+    "VALUES (:study_uid, :patient_pk, :study_date, :accession_number, :study_description, :now) "
     "ON CONFLICT (study_uid) DO UPDATE SET study_uid = excluded.study_uid RETURNING id"
 )
 _UPSERT_SERIES = text(
     "INSERT INTO series (series_uid, study_pk, modality, series_number, series_description, body_part, "
     "manufacturer, image_type, slice_thickness, calling_ae, called_ae, is_node_output, state, completion_count, "
-    "first_received_at, last_received_at) "
+    "first_received_at, last_received_at, receiving_since) "
     "VALUES (:series_uid, :study_pk, :modality, :series_number, :series_description, :body_part, :manufacturer, "
-    ":image_type, :slice_thickness, :calling_ae, :called_ae, :is_node_output, 'receiving', 0, :now, :now) "
-    "ON CONFLICT (series_uid) DO UPDATE SET last_received_at = excluded.last_received_at, state = 'receiving' "
+    ":image_type, :slice_thickness, :calling_ae, :called_ae, :is_node_output, 'receiving', 0, :now, :now, :now) "
+    # A completed series that receives again starts a new version: its receive time counts from now. (Every SET
+    # expression reads the row as it was before the update, on SQLite and PostgreSQL alike.)
+    "ON CONFLICT (series_uid) DO UPDATE SET last_received_at = excluded.last_received_at, state = 'receiving', "
+    "receiving_since = CASE WHEN series.state = 'receiving' AND series.receiving_since IS NOT NULL "
+    "THEN series.receiving_since ELSE excluded.last_received_at END "
     "RETURNING id"
 )
 _UPSERT_INSTANCE = text(
@@ -124,7 +129,7 @@ def record_instance(conn: Connection, facts: InstanceFacts, path: str, size_byte
         })
         study_pk = upsert(_UPSERT_STUDY, {
             "study_uid": facts.study_uid, "patient_pk": patient_pk, "study_date": facts.study_date,
-            "accession_number": facts.accession_number, "now": now,
+            "accession_number": facts.accession_number, "study_description": facts.study_description, "now": now,
         })
         series_pk = upsert(_UPSERT_SERIES, {
             "series_uid": facts.series_uid, "study_pk": study_pk, "modality": facts.modality,

@@ -93,6 +93,8 @@ class Study(Base):
     patient_pk: Mapped[int | None] = mapped_column(ForeignKey("patients.id"), nullable=True)
     study_date: Mapped[str] = mapped_column(String(8), default="")
     accession_number: Mapped[str] = mapped_column(String(16), default="")
+    #: Shown beside the study's exports and failures, so an administrator can tell studies apart without UIDs.
+    study_description: Mapped[str] = mapped_column(String(64), default="", server_default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
 
 
@@ -121,6 +123,9 @@ class Series(Base):
     completion_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    #: When the current version began arriving: the first instance, or the first one after the last completion
+    #: (so the "receive" time of a re-sent series is the re-send's, not counted from the first version).
+    receiving_since: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     #: The rule that matched at the last completion ("" when none did).
     route_rule: Mapped[str] = mapped_column(String(64), default="", server_default="")
@@ -168,9 +173,33 @@ class Job(Base):
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     last_error: Mapped[str] = mapped_column(Text, default="")
     output_series_uid: Mapped[str] = mapped_column(UID, default="")
+    #: The instances this version covers: those of the series with a key up to this one (instances are only ever
+    #: added; a re-sent instance keeps its key). A job never denoises an instance that arrived after it was queued.
+    last_instance_pk: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    instance_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: SHA-256 of the sorted SOP Instance UIDs of the version: an unchanged re-send has the same digest.
+    instances_digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class NodeProcess(Base):
+    """A running node process and its lease: its claims on jobs and exports are valid while the lease is.
+
+    Each process start has a random token (``worker_id`` is ``host:pid:token:role``), so a restarted process never
+    mistakes the claims of its dead predecessor for its own, even where every process is PID 1 (containers).
+    """
+
+    __tablename__ = "node_processes"
+
+    token: Mapped[str] = mapped_column(String(32), primary_key=True)
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    roles: Mapped[str] = mapped_column(String(64), default="")
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    #: Renewed every few seconds; once it has passed, the process is taken for dead and its work is taken over.
+    lease_until: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
 
 
 class Export(Base):
@@ -230,3 +259,23 @@ class AuditEvent(Base):
     study_uid: Mapped[str] = mapped_column(UID, default="")
     series_uid: Mapped[str] = mapped_column(UID, default="")
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class LoginThrottle(Base):
+    """Failed dashboard logins of one user name or one client address, and its lock-out (``dicom_node.web.throttle``).
+
+    Kept in the database so a lock-out survives a restart and holds for every web process of a site.
+    """
+
+    __tablename__ = "login_throttle"
+
+    #: ``user`` or ``address``.
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    #: The user name as typed, or the client's IP address.
+    subject: Mapped[str] = mapped_column(String(128), primary_key=True)
+    #: Failures since ``window_start`` (reset when the window has passed, on a successful login, or at a lock-out).
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_start: Mapped[dt.datetime] = mapped_column(DateTime)
+    last_failure_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+    #: Logins are refused until then; ``None`` when not locked.
+    locked_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

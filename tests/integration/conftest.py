@@ -23,6 +23,16 @@ def _peer_programs() -> None:
 NodeFactory = Callable[..., ContextManager[Peer]]
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with one small CT model, ``tiny-ct`` (not the identity: derived pixels differ from the source)."""
+    from dicom_node.denoise.testing import make_tiny_model
+
+    folder = tmp_path_factory.mktemp("models")
+    make_tiny_model(folder, name="tiny-ct", identity=False, seed=3)
+    return folder
+
+
 @pytest.fixture()
 def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
     """Start ``dicom-node serve`` subprocesses: ``with node_factory(extra_env={...}) as node: ...``."""

@@ -15,7 +15,6 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import create_engine, select
 
-from dicom_node.denoise.testing import make_tiny_model
 from dicom_node.store.schema import Export, Job, Series
 from dicom_node.synthetic import make_ct_series
 from tests.helpers import require_program
@@ -36,13 +35,6 @@ from tests.peers import (
 @pytest.fixture(scope="module", autouse=True)
 def _orthanc_installed() -> None:
     require_program("Orthanc")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("models")
-    make_tiny_model(folder, name="tiny-ct", identity=False, seed=3)
-    return folder
 
 
 def write_config(path: Path, model_dir: Path, destinations: list[dict[str, Any]], rules: list[dict[str, Any]],

@@ -24,11 +24,19 @@ from dicom_node.store.queue import (
     heartbeat_job,
     pending_export_instances,
     record_instance_status,
+    ProcessIdentity,
+    end_process,
+    job_covering,
+    register_process,
+    renew_lease,
     requeue_orphans,
     requeue_stalled_jobs,
     retry,
+    series_instance_paths,
+    supersede_queued_jobs,
+    version_instances,
 )
-from dicom_node.store.schema import Export, ExportState, Job, JobState, Series, Study
+from dicom_node.store.schema import Export, ExportState, Job, JobState, NodeProcess, Series, Study
 
 
 @pytest.fixture()
@@ -139,12 +147,88 @@ def test_export_gives_up_after_max_attempts(engine) -> None:
         assert claim_export(conn, "pacs", "e1", now).attempts == 1
 
 
-def test_orphans_of_dead_processes_are_requeued(engine) -> None:
+def test_claims_of_a_process_whose_lease_ran_out_are_requeued_whatever_its_pid(engine) -> None:
+    """A restarted container is PID 1 again: its predecessor's claims must not look like its own."""
+    now = utcnow()
+    dead = ProcessIdentity("node-1", 1, "a" * 16)  # killed with kill -9: the lease is no longer renewed
+    alive = ProcessIdentity("node-1", 7, "b" * 16)  # another live process, same host
+    successor = ProcessIdentity("node-1", 1, "c" * 16)  # the restart: same host, same pid, new token
+    with engine.begin() as conn:
+        for key in (1, 2, 3):
+            enqueue_job(conn, key, 1, "r", "m", 1.0, now)
+        register_process(conn, dead, "all", now - dt.timedelta(seconds=30), 15.0)
+        register_process(conn, alive, "worker", now, 15.0)
+        claim_job(conn, dead.worker_id("worker"), now)
+        claim_job(conn, alive.worker_id("worker"), now)
+        key = enqueue_export(conn, "1.2.9", "pacs", [], now)
+        claim_export(conn, "pacs", dead.worker_id("export"), now)
+
+        register_process(conn, successor, "all", now, 15.0)
+        assert requeue_orphans(conn, successor, now) == ["job 1", "export " + str(key)]
+        jobs = {j.id: j for j in conn.execute(select(Job.__table__)).all()}
+        assert jobs[1].state == JobState.queued and "lease" in jobs[1].last_error
+        assert jobs[2].state == JobState.running  # the live process keeps its claim
+        # The dead start's row is removed; the live ones stay.
+        assert {t for t in conn.execute(select(NodeProcess.token)).scalars()} == {alive.token, successor.token}
+
+        # A clean stop ends the lease: its work is taken over at once, not after the lease time.
+        end_process(conn, alive)
+        assert requeue_orphans(conn, successor, now) == ["job 2"]
+        # A renewal of a removed lease says so (the process then registers again).
+        assert not renew_lease(conn, alive, now, 15.0) and renew_lease(conn, successor, now, 15.0)
+
+
+def test_legacy_claims_without_a_token_fall_back_to_the_host_and_pid(engine) -> None:
+    now = utcnow()
+    me = ProcessIdentity("hostA", __import__("os").getpid(), "d" * 16)
+    with engine.begin() as conn:
+        for key in (1, 2, 3):
+            enqueue_job(conn, key, 1, "r", "m", 1.0, now)
+        claim_job(conn, "hostA:999999999:worker", now)  # a pid that cannot exist
+        claim_job(conn, f"hostA:{me.pid}:worker", now)  # our own pid: a predecessor's claim, so dead
+        claim_job(conn, "hostB:1:worker", now)  # another host: left to the stall timeout
+        assert requeue_orphans(conn, me, now) == ["job 1", "job 2"]
+
+
+def test_a_version_covers_exactly_its_instances_and_an_unchanged_resend_needs_no_job(engine) -> None:
+    from dicom_node.store.schema import Instance
+
+    now = utcnow()
+
+    def add(conn, uid: str) -> None:
+        conn.execute(Instance.__table__.insert().values(
+            sop_instance_uid=uid, series_pk=1, sop_class_uid="1.2", transfer_syntax_uid="1.2", path=f"{uid}.dcm",
+            size_bytes=1, received_at=now, receive_count=1))
+
+    with engine.begin() as conn:
+        for n in range(3):
+            add(conn, f"1.9.{n}")
+        v1 = version_instances(conn, 1)
+        job1 = enqueue_job(conn, 1, 1, "r", "m", 1.0, now, v1)
+        add(conn, "1.9.3")  # arrives after version 1 completed
+        assert series_instance_paths(conn, 1, v1.last_instance_pk) == ["1.9.0.dcm", "1.9.1.dcm", "1.9.2.dcm"]
+        v2 = version_instances(conn, 1)
+        assert v2.count == 4 and v2.digest != v1.digest
+        assert job_covering(conn, 1, "m", 1.0, v2.digest) is None  # grown: a new job is needed
+        job2 = enqueue_job(conn, 1, 2, "r", "m", 1.0, now, v2)
+        assert supersede_queued_jobs(conn, 1, job2, 2, now) == [job1]
+        old = conn.execute(select(Job.__table__).where(Job.id == job1)).one()
+        assert old.state == JobState.cancelled and "superseded by version 2" in old.last_error
+        # The same four instances again (a re-send): covered by job 2 while it is queued, running or succeeded.
+        assert job_covering(conn, 1, "m", 1.0, version_instances(conn, 1).digest).id == job2
+        assert job_covering(conn, 1, "m", 0.5, v2.digest) is None  # another strength is a genuine new version
+        assert job_covering(conn, 1, "other", 1.0, v2.digest) is None
+        claim = claim_job(conn, "w", now)
+        assert claim.id == job2 and claim.last_instance_pk == v2.last_instance_pk
+        fail_job(conn, job2, "boom", now, None, "w")
+        assert job_covering(conn, 1, "m", 1.0, v2.digest) is None  # after a failure a re-send tries again
+
+
+def test_fail_job_with_a_worker_id_leaves_a_job_taken_over_meanwhile_alone(engine) -> None:
     now = utcnow()
     with engine.begin() as conn:
-        enqueue_job(conn, 1, 1, "r", "m", 1.0, now)
-        enqueue_job(conn, 2, 1, "r", "m", 1.0, now)
-        claim_job(conn, "hostA:999999999:worker", now)  # a pid that cannot exist
-        claim_job(conn, f"hostA:{__import__('os').getpid()}:worker", now)  # this process: alive
-        assert requeue_orphans(conn, "hostA", now) == ["job 1"]
-        assert requeue_orphans(conn, "hostB", now) == []
+        key = enqueue_job(conn, 1, 1, "r", "m", 1.0, now)
+        claim_job(conn, "w1", now)
+        assert not fail_job(conn, key, "late failure of a dead worker", now, None, "w2")
+        assert conn.execute(select(Job.state).where(Job.id == key)).scalar_one() == JobState.running
+        assert fail_job(conn, key, "real failure", now, None, "w1")

@@ -21,7 +21,7 @@ from dicom_node.receive import (
     reindex_spool,
     store_instance,
 )
-from dicom_node.store.database import make_engine, migrate, schema_version, utcnow
+from dicom_node.store.database import make_engine, migrate, schema_head, schema_version, utcnow
 from dicom_node.assemble import assemble_once
 from dicom_node.config import config_from_mapping
 from dicom_node.store.repository import status_counts
@@ -70,7 +70,7 @@ def test_migrations_match_the_models_and_rerun_cleanly(tmp_path: Path) -> None:
     assert schema_version(engine) is None
     migrate(engine)
     migrate(engine)  # opening an up-to-date database changes nothing
-    assert schema_version(engine) == "0003"
+    assert schema_version(engine) == schema_head()
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == [], f"schema.py changed without a migration: {diff}"
@@ -174,6 +174,7 @@ def test_quiet_series_completes_and_late_instance_makes_a_new_version(receiver: 
     assert assemble_once(receiver.engine, cfg, utcnow()) == []
     done = assemble_once(receiver.engine, cfg, utcnow() + dt.timedelta(seconds=61))
     assert len(done) == 1 and done[0].instance_count == 3 and done[0].version == 1 and done[0].rule == "ct"
+    done_at = utcnow()
     send(receiver, series_files[3])  # a late instance
     with receiver.engine.connect() as conn:
         assert conn.execute(select(Series.state)).scalar_one() == SeriesState.receiving
@@ -182,7 +183,21 @@ def test_quiet_series_completes_and_late_instance_makes_a_new_version(receiver: 
     with receiver.engine.connect() as conn:
         counts = status_counts(conn)
     assert counts.series == {"receiving": 0, "complete": 1, "purged": 0} and counts.instances == 4
-    assert counts.jobs["queued"] == 2
+    # Version 2 covers every instance of version 1, whose job had not started: it is superseded, not run twice.
+    assert counts.jobs["queued"] == 1 and counts.jobs["cancelled"] == 1
+    assert "supersedes queued job" in again[0].note
+
+    # The whole series sent again, unchanged: a new version is recorded, but nothing new needs denoising.
+    later = utcnow() + dt.timedelta(seconds=120)
+    for path in series_files[:4]:
+        send(receiver, path)
+    with receiver.engine.connect() as conn:
+        since = conn.execute(select(Series.receiving_since)).scalar_one()
+    assert since > done_at  # the re-send's receive time counts from the re-send, not from version 1
+    third = assemble_once(receiver.engine, cfg, later + dt.timedelta(seconds=61))
+    assert third[0].version == 3 and third[0].job_pk is None and "unchanged re-send" in third[0].note
+    with receiver.engine.connect() as conn:
+        assert status_counts(conn).jobs["queued"] == 1
 
 
 def test_older_database_is_upgraded_in_place(tmp_path: Path, series_files: list[Path]) -> None:
@@ -199,7 +214,7 @@ def test_older_database_is_upgraded_in_place(tmp_path: Path, series_files: list[
             "INSERT INTO studies (study_uid, study_date, accession_number, created_at) "
             "VALUES ('1.2.3', '', '', '2026-01-01 00:00:00')")
     migrate(engine)
-    assert schema_version(engine) == "0003"
+    assert schema_version(engine) == schema_head()
     send(old, series_files[0])
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM studies").scalar() == 2
