@@ -69,6 +69,13 @@ def check_dataset_structure(data: bytes | memoryview, implicit_vr: bool, little_
     return walker.count
 
 
+def _shown_vr(vr: bytes) -> str:
+    """An unknown VR for a message: its letters when printable, else its bytes in hex (``repr`` would put
+    backslashes into an Error Comment, whose value separator they are)."""
+    text = vr.decode("latin-1")
+    return f"'{text}'" if all("!" <= c <= "~" and c not in "\\'" for c in text) else f"0x{vr.hex().upper()}"
+
+
 class _Walker:
     def __init__(self, buf: memoryview, implicit_vr: bool, order: str) -> None:
         self.buf = buf
@@ -111,7 +118,7 @@ class _Walker:
         else:
             vr = bytes(self.buf[pos + 4:pos + 6])
             if vr not in KNOWN_VRS:
-                raise MalformedDataset(f"element {where} has unknown VR {vr!r}")
+                raise MalformedDataset(f"element {where} has unknown VR {_shown_vr(vr)}")
             if vr in LONG_VRS:
                 if pos + 12 > end:
                     raise MalformedDataset(f"element {where}: header runs past the end of the data")

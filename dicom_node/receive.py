@@ -11,7 +11,8 @@ its row, and only then answers success. It never imports torch. Status codes (PS
 ``0xC212``  cannot understand: the dataset's SOP Instance UID differs from the request's
 ==========  =====================================================================
 
-Failures carry an Error Comment (0000,0902) with the reason, and every failure is logged.
+Failures carry an Error Comment (0000,0902) with the reason (one value of printable ASCII, at most 64 characters:
+see :func:`dicom_node.scp_reactor.error_comment`), and every failure is logged.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from pydicom.uid import (
     HTJ2KLosslessRPCL,
 )
 from pynetdicom import AE, evt
-from pynetdicom.acse import ACSE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine
@@ -55,7 +55,7 @@ from sqlalchemy import Engine
 from dicom_node import __version__
 from dicom_node.config import Config
 from dicom_node.dataset_check import MalformedDataset, check_dataset_structure, inflate
-from dicom_node.scp_reactor import EventDrivenServer
+from dicom_node.scp_reactor import ConnectionGate, EventDrivenServer, error_comment
 from dicom_node.store.database import utcnow
 from dicom_node.store.repository import InstanceFacts, forget_instance, record_instance
 from dicom_node.store.spool import Spool, is_valid_uid
@@ -184,6 +184,7 @@ def extract_facts(ds: Dataset, transfer_syntax: str, calling_ae: str, called_ae:
         patient_name=patient_name[:324],
         study_date=_raw_text(ds, 0x00080020)[:8],
         accession_number=_raw_text(ds, 0x00080050)[:16],
+        study_description=_raw_text(ds, 0x00081030)[:64],
         modality=_raw_text(ds, 0x00080060)[:16],
         series_number=_raw_number(ds, 0x00200011, int),  # type: ignore[arg-type]
         series_description=_raw_text(ds, 0x0008103E)[:64],
@@ -237,7 +238,7 @@ class Receiver:
 def _failure(status: int, reason: str) -> Dataset:
     rsp = Dataset()
     rsp.Status = status
-    rsp.ErrorComment = reason[:64]  # LO, 64 characters
+    rsp.ErrorComment = error_comment(reason)  # one LO value: pydicom would split a backslash into several
     return rsp
 
 
@@ -411,32 +412,6 @@ def handle_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
 
 
-class AllowListACSE(ACSE):
-    """ACSE that also rejects requestors whose address is outside the host allow-list.
-
-    pynetdicom checks calling and called AE titles itself; it has no host check, so this adds one at the same
-    point of the negotiation and answers A-ASSOCIATE-RJ (rejected-permanent, service-user, no-reason-given).
-    """
-
-    def __init__(self, assoc: Any, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
-        super().__init__(assoc)
-        self.networks = networks
-
-    def _negotiate_as_acceptor(self) -> None:
-        address = self.assoc.requestor.address
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            ip = None
-        if ip is None or not any(ip in net for net in self.networks):
-            LOGGER.warning("rejecting association from %s: host not in security.allowed_hosts", address)
-            self.send_reject(0x01, 0x01, 0x01)
-            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-            self.assoc.kill()
-            return
-        super()._negotiate_as_acceptor()
-
-
 def set_no_delay(assoc: Any) -> None:
     """Turn off Nagle's algorithm on an association's socket (pynetdicom leaves it on).
 
@@ -453,6 +428,18 @@ def set_no_delay(assoc: Any) -> None:
         LOGGER.debug("cannot set TCP_NODELAY: %s", exc)
 
 
+class _NoTracebackForPeerErrors(logging.Filter):
+    """Drop the traceback pynetdicom's DUL logs (at ERROR, ``LOGGER.exception``) when a peer's connection breaks
+    or times out mid-PDU: a peer can cause it at will, and the one-line message before it says what happened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], OSError):
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def _log_association(event: evt.Event) -> None:
     assoc = event.assoc
     LOGGER.info("assoc %s %s: calling %s at %s", assoc.native_id, event.event.name.removeprefix("EVT_").lower(),
@@ -467,10 +454,49 @@ def _log_association_end(event: evt.Event, receiver: Receiver) -> None:
                 stored, refused)
 
 
-def _log_rejected(event: evt.Event) -> None:
+def rejection_reason(assoc: Any, cfg: Config) -> str:
+    """Why ``assoc`` was rejected, in the terms of the setting an administrator would change.
+
+    Parameters
+    ----------
+    assoc : pynetdicom.association.Association
+        A rejected acceptor association: read are the A-ASSOCIATE-RJ the node sent (result, source and
+        diagnostic, PS3.8 9.3.4) and the request's AE titles.
+    cfg : Config
+        The running configuration, whose keys the reason names.
+
+    Returns
+    -------
+    str
+        For example ``called AE title 'WRONGAE' is not node.ae_title 'DENOISE' (permanent)``.
+    """
+    request = assoc.requestor.primitive
+    reject = assoc.acceptor.primitive
+    called = str(getattr(request, "called_ae_title", "") or "").strip()
+    calling = str(getattr(request, "calling_ae_title", "") or "").strip()
+    kind = {1: "permanent", 2: "transient"}.get(getattr(reject, "result", None), "")
+    code = (getattr(reject, "result_source", None), getattr(reject, "diagnostic", None))
+    if code == (1, 7):
+        why = f"called AE title {called!r} is not node.ae_title {cfg.node.ae_title!r}"
+    elif code == (1, 3):
+        why = f"calling AE title {calling!r} is not in security.allowed_calling_ae_titles"
+    elif code == (3, 2):
+        why = f"node.max_associations ({cfg.node.max_associations}) associations are open"
+    elif code == (2, 1):
+        why = "the user identity was not accepted"
+    else:
+        why = str(getattr(reject, "reason_str", "") or "no reason given").lower()
+    return f"{why} ({kind})" if kind else why
+
+
+def _log_rejected(event: evt.Event, cfg: Config) -> None:
+    """One WARNING line per rejected association: the titles the peer sent, its address and the reason."""
     assoc = event.assoc
-    LOGGER.warning("assoc rejected: calling %r called %r from %s", assoc.requestor.ae_title,
-                   assoc.acceptor.ae_title, assoc.requestor.address)
+    request = assoc.requestor.primitive
+    called = str(getattr(request, "called_ae_title", "") or "").strip()
+    calling = str(getattr(request, "calling_ae_title", "") or "").strip()
+    LOGGER.warning("association rejected: calling %r, called %r, from %s:%s: %s", calling, called,
+                   assoc.requestor.address, assoc.requestor.port, rejection_reason(assoc, cfg))
 
 
 def make_ssl_context(cfg: Config) -> ssl.SSLContext:
@@ -511,20 +537,20 @@ def start_scp(cfg: Config, receiver: Receiver) -> tuple[AE, Any]:
         (evt.EVT_ACCEPTED, _log_association),
         (evt.EVT_RELEASED, _log_association_end, [receiver]),
         (evt.EVT_ABORTED, _log_association_end, [receiver]),
-        (evt.EVT_REJECTED, _log_rejected),
+        (evt.EVT_REJECTED, _log_rejected, [cfg]),
+        (evt.EVT_CONN_OPEN, lambda event: set_no_delay(event.assoc)),
     ]
-    networks = [ipaddress.ip_network(h, strict=False) for h in cfg.security.allowed_hosts]
-
-    def _on_connection(event: evt.Event) -> None:
-        set_no_delay(event.assoc)
-        if networks:
-            event.assoc.acse = AllowListACSE(event.assoc, networks)
-
-    handlers.append((evt.EVT_CONN_OPEN, _on_connection))
+    # Hosts outside the allow-list, and a host's connections beyond its cap, are closed at accept; the others
+    # get node.association_request_timeout for their request (see ConnectionGate).
+    gate = ConnectionGate([ipaddress.ip_network(h, strict=False) for h in cfg.security.allowed_hosts],
+                          cfg.security.max_pending_per_host, cfg.node.association_request_timeout)
+    dul_logger = logging.getLogger("pynetdicom.dul")
+    if not any(isinstance(f, _NoTracebackForPeerErrors) for f in dul_logger.filters):
+        dul_logger.addFilter(_NoTracebackForPeerErrors())
     ssl_context = make_ssl_context(cfg) if cfg.security.tls else None
     # ae.start_server(block=False) with pynetdicom's polling reactors replaced by event-driven ones
     server = ae.make_server((cfg.node.bind_address, cfg.node.port), evt_handlers=handlers,
-                            ssl_context=ssl_context, server_class=EventDrivenServer)
+                            ssl_context=ssl_context, server_class=EventDrivenServer, gate=gate)
     thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
     thread.start()
     ae._servers.append(server)  # so ae.shutdown() stops it, as for start_server

@@ -17,10 +17,15 @@ Both waits are bounded (``MAX_WAIT_SECONDS``) so pynetdicom's timers (ARTIM, net
 checked. The two loop bodies are copies of pynetdicom 3.0's ``Association._run_reactor`` and
 ``DULServiceProvider.run_reactor`` with only the wait changed; ``pyproject.toml`` pins pynetdicom below 3.1 so a
 new release is looked at before these copies meet it.
+
+The server (:class:`EventDrivenServer`) also decides which TCP connections may become associations
+(:class:`ConnectionGate`: host allow-list, a cap per host and a timeout for connections that have not associated
+yet), and every Error Comment the node sends is made one valid LO value by :func:`error_comment`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import queue
@@ -212,6 +217,35 @@ def _text(value: str, pad: bytes) -> bytes:
     return raw + pad if len(raw) % 2 else raw
 
 
+#: Longest Error Comment (0000,0902): VR LO, 64 characters (PS3.7 C.4, PS3.5 6.2).
+ERROR_COMMENT_LENGTH = 64
+
+
+def error_comment(reason: object) -> str:
+    """Make ``reason`` a valid Error Comment: one LO value of printable ASCII, at most 64 characters.
+
+    Every Error Comment the node sends goes through here. A backslash is LO's value separator, so a reason that
+    quotes raw bytes (Python's ``repr`` of ``b"\\x01"``) would reach the sender as several values; control and
+    non-ASCII characters are outside the default character repertoire a command set is read in. Backslashes
+    become ``/``, other such characters ``?``, runs of white space one space. Several values (a pydicom
+    ``MultiValue``) are joined with ``/``.
+
+    Parameters
+    ----------
+    reason : object
+        The reason, usually a ``str``.
+
+    Returns
+    -------
+    str
+        The comment, possibly empty.
+    """
+    if isinstance(reason, (list, tuple)) or type(reason).__name__ == "MultiValue":
+        reason = "/".join(str(value) for value in reason)  # type: ignore[union-attr]
+    text = "".join("/" if c == "\\" else c if " " <= c <= "~" else " " if c.isspace() else "?" for c in str(reason))
+    return " ".join(text.split())[:ERROR_COMMENT_LENGTH].rstrip()
+
+
 def encode_c_store_rsp(primitive: Any) -> bytes | None:
     """The command set of a C-STORE response (PS3.7 9.3.1.2), or ``None`` when it carries more than this handles.
 
@@ -229,7 +263,7 @@ def encode_c_store_rsp(primitive: Any) -> bytes | None:
             _ushort(0x0120, primitive.MessageIDBeingRespondedTo),
             _ushort(0x0800, 0x0101),  # Command Data Set Type: no data set
             _ushort(0x0900, int(status)),
-            _element(0x0902, _text(str(primitive.ErrorComment)[:64], b" ")) if primitive.ErrorComment else b"",
+            _element(0x0902, _text(error_comment(primitive.ErrorComment), b" ")) if primitive.ErrorComment else b"",
             _uid(0x1000, primitive.AffectedSOPInstanceUID),
         )
     except (UnicodeEncodeError, struct.error):
@@ -361,13 +395,32 @@ class EventDrivenAssociation(Association):
         self.dul = EventDrivenDUL(self, self._wake.set)
         self.dimse = DirectSendDIMSE(self)
         self.dimse.msg_queue = WakingQueue(self._wake.set)
+        #: An acceptor's place among its host's not-yet-associated connections (see :class:`ConnectionGate`).
+        self.pending: PendingConnection | None = None
 
     def kill(self) -> None:
         self._wake.set()
         super().kill()
 
+    def _settle(self) -> None:
+        if self.pending is not None:
+            self.pending.settle()
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            self._settle()  # rejected, aborted, timed out or ended: the host's place is free again
+
     def _run_reactor(self) -> None:
         """pynetdicom 3.0's ``Association._run_reactor`` with the 1 ms sleep replaced by a wait."""
+        if self.pending is not None:  # established
+            self._settle()
+            self.acse_timeout = self.ae.acse_timeout
+            try:  # a PDU that stops half way ends the association after the network timeout, not never
+                set_io_timeout(cast(AssociationSocket, self.dul.socket).socket, self.ae.network_timeout)
+            except (AttributeError, OSError, TypeError):
+                pass
         self._is_paused = False
         while not self._kill:
             # Waiting counts as paused (it touches neither DIMSE nor ACSE), so a requestor's send_c_store(), which
@@ -459,6 +512,12 @@ class EventDrivenRequestHandler(RequestHandler):
         assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
         assoc.acceptor.supported_contexts = copy_contexts(self.server.contexts)
         assoc.requestor.address_info = self.remote
+        handed_over = self.server.take_pending() if isinstance(self.server, EventDrivenServer) else None
+        if handed_over is not None:
+            assoc.pending, deadline = handed_over
+            # The rest of the A-ASSOCIATE-RQ gets what is left of the request timeout (at least a second),
+            # instead of pynetdicom's 30 s ACSE timeout; the AE's own comes back once it is established.
+            assoc.acse_timeout = max(deadline - time.monotonic(), 1.0)
         for event in self.server._handlers:
             if event.is_intervention and self.server._handlers[event]:
                 assoc.bind(event, *self.server._handlers[event])
@@ -469,12 +528,276 @@ class EventDrivenRequestHandler(RequestHandler):
         return assoc
 
 
-class EventDrivenServer(ThreadedAssociationServer):
-    """Threaded association server using :class:`EventDrivenRequestHandler`."""
+class PendingConnection:
+    """A connection that holds one of its host's places among the not-yet-associated connections.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    The place is given back once, by :meth:`settle`: when the association is established, or when the
+    connection ends without one (rejected, timed out, closed, failed).
+    """
+
+    def __init__(self, gate: "ConnectionGate", host: str) -> None:
+        self.gate = gate
+        self.host = host
+        self._settled = False
+
+    def settle(self) -> None:
+        """Give the host's place back (idempotent)."""
+        self.gate._settle(self)
+
+
+class ConnectionGate:
+    """Who may hold a TCP connection to the SCP before it has associated.
+
+    pynetdicom starts an association thread for every accepted connection, waits 30 s (its ACSE timeout) for its
+    A-ASSOCIATE-RQ, and counts the waiting connections against ``maximum_associations``; the host allow-list
+    was checked only once the request had arrived. Sixteen connections that never sent a byte, from any host,
+    refused every sender for 30 s. The gate, consulted by :class:`EventDrivenServer` at accept:
+
+    - closes connections from hosts outside ``networks`` (when it is not empty) at once;
+    - closes connections from a host that already has ``max_pending_per_host`` not yet associated;
+    - gives each admitted connection ``request_timeout`` seconds for its TLS handshake and its A-ASSOCIATE-RQ.
+
+    Refusals are logged at WARNING, at most once a minute per host and reason, with the number left unlogged.
+
+    Parameters
+    ----------
+    networks : list of IPv4Network or IPv6Network
+        ``security.allowed_hosts``; empty: any host.
+    max_pending_per_host : int
+        ``security.max_pending_per_host``.
+    request_timeout : float
+        ``node.association_request_timeout``.
+    """
+
+    #: Seconds between two log lines about the same host and reason.
+    REPORT_INTERVAL = 60.0
+
+    def __init__(self, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network], max_pending_per_host: int,
+                 request_timeout: float) -> None:
+        self.networks = list(networks)
+        self.max_pending_per_host = max_pending_per_host
+        self.request_timeout = request_timeout
+        self._lock = threading.Lock()
+        self._pending: dict[str, int] = {}
+        #: (host, reason) -> (monotonic time of the last line, refusals since then)
+        self._reports: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def is_allowed(self, host: str) -> bool:
+        """Whether ``host`` (an IP address as text) is in the allow-list; any host when it is empty."""
+        if not self.networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.networks)
+
+    def admit(self, host: str, port: int) -> PendingConnection | None:
+        """Take a place for a connection just accepted from ``host``; ``None``: close it now."""
+        if not self.is_allowed(host):
+            self.report(host, port, "host not in security.allowed_hosts")
+            return None
+        with self._lock:
+            pending = self._pending.get(host, 0)
+            if pending < self.max_pending_per_host:
+                self._pending[host] = pending + 1
+                return PendingConnection(self, host)
+        self.report(host, port, f"{pending} connection(s) from this host not associated yet "
+                                f"(security.max_pending_per_host)")
+        return None
+
+    def pending(self, host: str) -> int:
+        """How many connections from ``host`` are not associated yet."""
+        with self._lock:
+            return self._pending.get(host, 0)
+
+    def _settle(self, connection: PendingConnection) -> None:
+        with self._lock:
+            if connection._settled:
+                return
+            connection._settled = True
+            left = self._pending.get(connection.host, 0) - 1
+            if left > 0:
+                self._pending[connection.host] = left
+            else:
+                self._pending.pop(connection.host, None)
+
+    def report(self, host: str, port: int, reason: str, level: int = logging.WARNING) -> None:
+        """Log that a connection from ``host`` was closed before associating, throttled per host and reason."""
+        now = time.monotonic()
+        key = (host, reason)
+        with self._lock:
+            last, unlogged = self._reports.get(key, (-self.REPORT_INTERVAL, 0))
+            if now - last < self.REPORT_INTERVAL:
+                self._reports[key] = (last, unlogged + 1)
+                return
+            self._reports[key] = (now, 0)
+            if len(self._reports) > 10000:  # forget hosts not heard from for a while
+                self._reports = {k: v for k, v in self._reports.items() if now - v[0] < self.REPORT_INTERVAL}
+        more = f" ({unlogged} more since the last report)" if unlogged else ""
+        LOGGER.log(level, "closed connection from %s:%d before association: %s%s", host, port, reason, more)
+
+
+def set_io_timeout(sock: socket.socket, seconds: float) -> None:
+    """Bound each blocking ``recv`` and ``send`` on ``sock`` to ``seconds`` (``SO_RCVTIMEO``, ``SO_SNDTIMEO``).
+
+    The kernel's timeouts, not Python's ``settimeout``: that one makes every ``recv`` poll first, and pynetdicom
+    reads a PDU 4 KiB at a time (measured: twice the time to read a 512 KiB slice). A read that times out raises
+    ``BlockingIOError`` (``SSLWantReadError`` over TLS), an ``OSError`` pynetdicom takes for a closed connection.
+    """
+    seconds = max(float(seconds), 0.001)
+    timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+#: Most bytes of a first PDU looked at (``MSG_PEEK``) before a connection becomes an association; an A-ASSOCIATE-RQ
+#: is usually under 10 KiB, and the kernel's receive buffer (128 KiB by default on Linux) holds this much.
+MAX_REQUEST_PEEK = 65536
+
+
+#: What :func:`wait_for_request` saw.
+REQUEST, CLOSED, TIMED_OUT = "request", "closed", "timed out"
+
+
+def wait_for_request(sock: socket.socket, deadline: float, stopping: threading.Event) -> str:
+    """Wait until the peer's first PDU (the A-ASSOCIATE-RQ) has arrived, before ``deadline`` (monotonic).
+
+    On plain TCP the whole PDU (or its first ``MAX_REQUEST_PEEK`` bytes) must be in the socket's buffer, looked
+    at without reading it; over TLS, whose records cannot be peeked at, its first byte.
+
+    Returns
+    -------
+    str
+        ``REQUEST`` (also when the socket failed: pynetdicom then sees that itself), ``CLOSED`` when the peer
+        closed without sending anything (a port probe), ``TIMED_OUT`` when the deadline passed or the server is
+        stopping.
+    """
+    tls = isinstance(sock, ssl.SSLSocket)
+    if tls and sock.pending():
+        return REQUEST
+    while not stopping.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return TIMED_OUT
+        readable, _, _ = select.select([sock], [], [], min(left, 0.5))
+        if not readable:
+            continue
+        if tls:
+            return REQUEST
+        try:
+            head = sock.recv(MAX_REQUEST_PEEK, socket.MSG_PEEK)
+        except OSError:
+            return REQUEST
+        if not head:
+            return CLOSED
+        if len(head) >= 6 and len(head) >= min(6 + struct.unpack_from(">I", head, 2)[0], MAX_REQUEST_PEEK):
+            return REQUEST
+        stopping.wait(0.01)  # part of the request is here (the socket stays readable): look again shortly
+    return TIMED_OUT
+
+
+class EventDrivenServer(ThreadedAssociationServer):
+    """Threaded association server using :class:`EventDrivenRequestHandler`, admitting connections through a
+    :class:`ConnectionGate`.
+
+    pynetdicom's server wraps each accepted socket in TLS in its accept loop, where a client that never starts
+    the handshake stopped every other connection, and starts an association (which counts against
+    ``maximum_associations``) before anything was received. Here the accept loop only asks the gate
+    (``verify_request``); the connection's own thread then does the TLS handshake and waits for the
+    A-ASSOCIATE-RQ (:func:`wait_for_request`), both within the gate's ``request_timeout``, and only then creates
+    the association, whose ACSE timeout (the wait for the rest of the request, over TLS) is what is left of it.
+    """
+
+    #: Connection threads must not hold up shutdown; a waiting one notices ``_stopping`` within 0.5 s.
+    daemon_threads = True
+
+    def __init__(self, *args: Any, gate: ConnectionGate | None = None, **kwargs: Any) -> None:
         kwargs["request_handler"] = EventDrivenRequestHandler
+        self.gate = gate or ConnectionGate([], 1 << 30, 30.0)
+        self._stopping = threading.Event()
+        self._admitted: dict[int, tuple[PendingConnection, float]] = {}
+        #: The place and deadline of the connection a thread is turning into an association (see
+        #: :meth:`take_pending`): ``finish_request`` builds the request handler with no room to pass them.
+        self._handing_over = threading.local()
         super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection; its TLS handshake is left to its own thread (:meth:`process_request_thread`)."""
+        client, address = cast(socket.socket, self.socket).accept()
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Ask the gate; a connection it refuses is closed by ``socketserver`` before any thread is started."""
+        admitted = self.gate.admit(str(client_address[0]), int(client_address[1]))
+        if admitted is None:
+            return False
+        self._admitted[id(request)] = (admitted, time.monotonic() + self.gate.request_timeout)
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            admitted = self._admitted.pop(id(request), None)
+            if admitted is not None:
+                admitted[0].settle()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """The TLS handshake and the A-ASSOCIATE-RQ within the request timeout, then the association."""
+        pending, deadline = self._admitted.pop(id(request))
+        host, port = str(client_address[0]), int(client_address[1])
+        sock = request
+        try:
+            if self.ssl_context is not None:
+                request.settimeout(max(deadline - time.monotonic(), 0.001))
+                try:
+                    sock = self.ssl_context.wrap_socket(request, server_side=True)
+                except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
+                    if isinstance(exc, TimeoutError):
+                        self.gate.report(host, port, "no TLS handshake within node.association_request_timeout",
+                                         logging.INFO)
+                    elif isinstance(exc, (ssl.SSLEOFError, ConnectionError)):  # a port probe: connect, close
+                        self.gate.report(host, port, "closed before its TLS handshake", logging.DEBUG)
+                    else:  # a certificate or protocol problem, worth an administrator's look
+                        self.gate.report(host, port, f"TLS handshake failed: {exc}")
+                    pending.settle()
+                    self.shutdown_request(request)
+                    return
+                sock.settimeout(None)  # blocking, as pynetdicom's own accept leaves it
+            seen = wait_for_request(sock, deadline, self._stopping)
+            if seen != REQUEST:
+                if seen == TIMED_OUT and not self._stopping.is_set():
+                    self.gate.report(host, port, "no A-ASSOCIATE-RQ within node.association_request_timeout",
+                                     logging.INFO)
+                pending.settle()
+                self.shutdown_request(sock)
+                return
+            # pynetdicom reads a PDU with blocking ``recv`` calls until it is whole: a peer that sent part of a
+            # PDU and then nothing held the DUL thread, and so an association slot, for ever. With a timeout the
+            # read fails and pynetdicom closes the connection; once associated, the association uses the network
+            # timeout instead (EventDrivenAssociation).
+            set_io_timeout(sock, max(deadline - time.monotonic(), 1.0))
+            self._handing_over.pending = (pending, deadline)
+            try:
+                self.finish_request(sock, client_address)
+            finally:
+                self._handing_over.pending = None
+        except Exception:
+            pending.settle()
+            self.handle_error(sock, client_address)
+            self.shutdown_request(sock)
+
+    def take_pending(self) -> tuple[PendingConnection, float] | None:
+        """The place and deadline of the connection this thread is turning into an association."""
+        return getattr(self._handing_over, "pending", None)
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        super().shutdown()
 
 
 def use_event_driven_requestors() -> None:

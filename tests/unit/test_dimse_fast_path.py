@@ -6,7 +6,7 @@ import pytest
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 
-from dicom_node.scp_reactor import command_p_data_tf, encode_c_store_rsp, encode_p_data
+from dicom_node.scp_reactor import command_p_data_tf, encode_c_store_rsp, encode_p_data, error_comment
 
 
 def _response(status: int, comment: str | None, sop_instance_uid: str) -> C_STORE:
@@ -108,3 +108,30 @@ def test_pdus_are_joined_into_blocks_in_order() -> None:
     assert b"".join(blocks) == b"".join(pdus)  # the same bytes in the same order
     assert [len(b) for b in blocks] == [30, 30, 10]  # each block reaches the limit, the last takes the rest
     assert list(joined([], 25)) == []
+
+
+@pytest.mark.parametrize("reason, expected", [
+    ("element (0028,0010) at byte 788 has unknown VR b'\\x01\\x02'",
+     "element (0028,0010) at byte 788 has unknown VR b'/x01/x02'"),
+    ("tab\tnew\nline  and  spaces", "tab new line and spaces"),
+    ("Ünïcode \x00 nul", "?n?code ? nul"),
+    ("x" * 100, "x" * 64),
+])
+def test_error_comment_is_one_printable_value_of_at_most_64_characters(reason: str, expected: str) -> None:
+    assert error_comment(reason) == expected
+
+
+def test_error_comment_of_several_values_is_joined() -> None:
+    from pydicom.multival import MultiValue
+
+    assert error_comment(MultiValue(str, ["a", "b", "c"])) == "a/b/c"
+
+
+def test_fast_path_sends_a_sanitised_error_comment() -> None:
+    """Whatever the handler put in the primitive, the encoded comment is one value (no backslash)."""
+    primitive = _response(0xC210, "unknown VR b'\\x01\\x02'", "1.2.3.4")
+    command = encode_c_store_rsp(primitive)
+    assert command is not None
+    at = command.index(b"\x00\x00\x02\x09")
+    length = int.from_bytes(command[at + 4:at + 8], "little")
+    assert command[at + 8:at + 8 + length].rstrip(b" ") == b"unknown VR b'/x01/x02'"
