@@ -25,8 +25,8 @@ from dicom_node.store.schema import AuditEvent
 
 LOGGER = logging.getLogger(__name__)
 
-#: Actions a configuration load records.
-CONFIG_ACTIONS = ("config.loaded", "config.changed")
+#: Actions that record the configuration a process runs with (a reload records the running one after it).
+CONFIG_ACTIONS = ("config.loaded", "config.changed", "config.reloaded")
 
 
 def record(conn: Connection, action: str, actor: str, now: dt.datetime, *, object_kind: str = "",
@@ -45,7 +45,8 @@ def cli_actor() -> str:
         return "cli:unknown"
 
 
-def _section_hashes(cfg: Config) -> dict[str, str]:
+def section_hashes(cfg: Config) -> dict[str, str]:
+    """A short hash of each section's values (never the values: they may hold password hashes)."""
     data = dataclasses.asdict(cfg)
     data.pop("source", None)
     return {key: hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -58,7 +59,7 @@ def record_config(conn: Connection, cfg: Config, now: dt.datetime) -> bool:
     The detail lists the changed sections (``web``, ``rules``...) and a hash per section, never values (they may
     hold password hashes). Returns whether an event was written.
     """
-    hashes = _section_hashes(cfg)
+    hashes = section_hashes(cfg)
     last = conn.execute(select(AuditEvent.detail).where(AuditEvent.action.in_(CONFIG_ACTIONS))
                         .order_by(AuditEvent.id.desc()).limit(1)).scalar()
     previous: dict[str, str] = {}

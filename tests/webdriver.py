@@ -74,6 +74,10 @@ class Browser:
     def screenshot(self, path: Path) -> None:
         path.write_bytes(base64.b64decode(self._call("GET", "/screenshot")))
 
+    def set_window_size(self, width: int, height: int) -> None:
+        """Resize the window; headless Chromium has no browser chrome, so the viewport gets this size."""
+        self._call("POST", "/window/rect", {"width": width, "height": height})
+
     def wait_for(self, css: str, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
         while True:

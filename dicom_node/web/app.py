@@ -1,9 +1,11 @@
 """The dashboard's WSGI application: routes, login, roles, CSRF, actions and the JSON API.
 
 Open without login: ``/login``, ``/metrics``, ``/healthz``, ``/readyz`` (they carry no patient data). Every other
-page needs a session (or a bearer token). Actions (retry, cancel, C-ECHO) are ``POST`` only, need the admin role
-and the session's CSRF token, and are written to the audit log with the user as actor. Answers are HTML for
-browsers and JSON for clients that send ``Accept: application/json``.
+page needs a session (or a bearer token); API requests that fail to authenticate get 401 with a ``Bearer``
+challenge, browsers the login page. Actions (retry, cancel, C-ECHO, unlock, reload, saving rules and destinations on
+the admin page) are ``POST`` only, need the admin role and the session's CSRF token, and are written to the audit
+log with the user as actor. Answers are HTML for browsers and JSON for clients that send
+``Accept: application/json``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import email.parser
 import email.policy
 import json
 import logging
+import time
 import urllib.parse
 from http import HTTPStatus
 from io import BytesIO
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from dicom_node import audit
@@ -88,12 +92,13 @@ class Request:
 
 
 class HTTPError(Exception):
-    """Answer with ``status`` and a short reason."""
+    """Answer with ``status``, a short reason and any extra ``headers``."""
 
-    def __init__(self, status: HTTPStatus, reason: str) -> None:
+    def __init__(self, status: HTTPStatus, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.headers = headers or []
 
 
 Response = tuple[HTTPStatus, list[tuple[str, str]], bytes]
@@ -116,9 +121,14 @@ class DashboardApp:
 
     def __init__(self, node: Any) -> None:
         self.node = node
-        self.cfg = node.cfg
         self.auth = Authenticator(self.cfg.web.users, self.cfg.web.tokens, self.cfg.web.session_hours)
         self.dashboard = "web" in node.roles
+        #: STOW-RS (dicom_node.dicomweb): served by processes that receive, when [dicomweb] is enabled.
+        self.stow = None
+        if getattr(node, "receiver", None) is not None and self.cfg.dicomweb.enabled:
+            from dicom_node.dicomweb.stow_receive import StowService
+
+            self.stow = StowService(node)
         self.routes: dict[tuple[str, str], Callable[[Request, Principal | None], Response]] = {
             ("GET", "/metrics"): self.metrics, ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz,
         }
@@ -129,19 +139,28 @@ class DashboardApp:
                 ("GET", "/rules"): self.rules_form, ("POST", "/rules"): self.rules_test,
                 ("GET", "/audit"): self.audit_log, ("POST", "/actions/retry"): self.action_job,
                 ("POST", "/actions/cancel"): self.action_job, ("POST", "/actions/echo"): self.action_echo,
+                ("GET", "/admin"): self.admin_page, ("POST", "/actions/unlock"): self.action_unlock,
+                ("POST", "/actions/reload"): self.action_reload, ("POST", "/admin/config"): self.admin_config_save,
             })
 
     # ------------------------------------------------------------------------------------------- plumbing
+
+    @property
+    def cfg(self) -> Any:
+        """The node's configuration now (a reload replaces it)."""
+        return self.node.cfg
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         request = Request(environ)
         try:
             status, headers, body = self.dispatch(request)
         except HTTPError as exc:
-            if request.wants_json or request.method != "GET":
+            if (request.wants_json or request.method != "GET" or request.path.startswith("/api/")
+                    or request.header("Authorization")):
                 status, headers, body = _json({"error": exc.reason}, exc.status)
             else:
                 status, headers, body = _html(f"<p>{pages.esc(exc.reason)}</p>", exc.status)
+            headers = [*headers, *exc.headers]
         except Exception:
             LOGGER.exception("web request %s %s failed", request.method, request.path)
             status, headers, body = _json({"error": "internal error"}, HTTPStatus.INTERNAL_SERVER_ERROR)
@@ -159,6 +178,11 @@ class DashboardApp:
 
     def dispatch(self, request: Request) -> Response:
         path = request.path
+        if self.stow is not None and path.startswith("/dicomweb/"):
+            from dicom_node.dicomweb.stow_receive import is_stow_path
+
+            if is_stow_path(path):
+                return self.stow(request.environ)  # its own authentication ([dicomweb] sources), no session
         handler = self.routes.get((request.method, path))
         if handler is None and request.method == "GET" and path.startswith("/preview/") and self.dashboard:
             handler = self.preview
@@ -171,6 +195,14 @@ class DashboardApp:
             return handler(request, None)
         principal = self.principal(request)
         if principal is None:
+            # API clients (an /api/ path, or any request that sent credentials in a header) get 401 and a
+            # challenge; only a browser without a session is sent to the login page.
+            sent_token = bool(request.header("Authorization"))
+            if sent_token or path.startswith("/api/"):
+                challenge = 'Bearer realm="dicom-node"' + (', error="invalid_token"' if sent_token else "")
+                raise HTTPError(HTTPStatus.UNAUTHORIZED,
+                                "invalid or unknown bearer token" if sent_token else "log in or send a bearer token",
+                                [("WWW-Authenticate", challenge)])
             if request.method == "GET" and not request.wants_json:
                 return _redirect("/login?next=" + urllib.parse.quote(path))
             raise HTTPError(HTTPStatus.UNAUTHORIZED, "log in first")
@@ -217,27 +249,61 @@ class DashboardApp:
                      HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
     def readyz(self, request: Request, _p: Principal | None) -> Response:
+        from dicom_node.health import overall_state
+
         checks = self._checks()
         ok = all(c.ok for c in checks)
-        return _json({"ok": ok, "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}},
+        # Degraded (a destination failing) answers 200: the node still receives and keeps everything.
+        return _json({"ok": ok, "status": overall_state(checks),
+                      "checks": {c.name: {"ok": c.ok, "state": c.state, "detail": c.detail} for c in checks}},
                      HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
     def login_form(self, request: Request, _p: Principal | None) -> Response:
-        return _html(pages.login_page(next_url=request.query.get("next", "/")))
+        return _html(pages.login_page(next_url=same_site_path(request.query.get("next", "/"))))
 
     def login(self, request: Request, _p: Principal | None) -> Response:
+        from dicom_node.web import throttle
+
         form = request.form()
         name, password = str(form.get("username", "")), str(form.get("password", ""))
+        address = str(request.environ.get("REMOTE_ADDR", "?"))
+        actor = f"user:{name[:64]}"
+        now = utcnow()
+        with self.node.engine.begin() as conn:
+            lock = throttle.active_lock(conn, name, address, now)
+            if lock is not None:
+                audit.record(conn, "login.failed", actor, now,
+                             detail=f"from {address}: refused, {lock.kind} locked until {lock.until:%Y-%m-%d %H:%M:%S}")
+        if lock is not None:
+            LOGGER.warning("dashboard login for %r from %s refused: %s %s is locked", name[:64], address, lock.kind,
+                           lock.subject)
+            return self._login_refused(request, throttle.describe(lock, now), HTTPStatus.TOO_MANY_REQUESTS,
+                                       [("Retry-After", str(max(1, int((lock.until - now).total_seconds()))))])
+        # The password is checked outside the transaction: PBKDF2 takes a while and must not hold the database.
         result = self.auth.login(name, password) if name else None
         now = utcnow()
         with self.node.engine.begin() as conn:
-            audit.record(conn, "login" if result else "login.failed", f"user:{name[:64]}", now,
-                         detail=f"from {request.environ.get('REMOTE_ADDR', '?')}")
+            if result is None:
+                failures, locks = throttle.record_failure(conn, throttle.Limits.from_settings(self.cfg.web),
+                                                          name, address, now)
+            else:
+                throttle.record_success(conn, name)
+            audit.record(conn, "login" if result else "login.failed", actor, now, detail=f"from {address}")
+            for new_lock in (locks if result is None else []):
+                audit.record(conn, "login.locked", f"{new_lock.kind}:{new_lock.subject}", now, object_kind="login",
+                             detail=f"too many failed logins (the last for {name[:64]!r} from {address}); "
+                                    f"locked until {new_lock.until:%Y-%m-%d %H:%M:%S}")
         if result is None:
-            LOGGER.warning("failed dashboard login for %r from %s", name[:64], request.environ.get("REMOTE_ADDR"))
-            if request.wants_json:
-                raise HTTPError(HTTPStatus.UNAUTHORIZED, "wrong user name or password")
-            return _html(pages.login_page("Wrong user name or password."), HTTPStatus.UNAUTHORIZED)
+            LOGGER.warning("failed dashboard login for %r from %s", name[:64], address)
+            for new_lock in locks:
+                LOGGER.warning("dashboard logins of %s %s locked until %s UTC after too many failures",
+                               new_lock.kind, new_lock.subject, f"{new_lock.until:%H:%M:%S}")
+            # Each failure of a name waits longer (up to a few seconds): guessing gets slow before it gets locked.
+            time.sleep(throttle.failure_delay(failures))
+            message = "Wrong user name or password."
+            if locks:
+                message += " " + throttle.describe(max(locks, key=lambda lk: lk.until), now)
+            return self._login_refused(request, message, HTTPStatus.UNAUTHORIZED)
         session_id, principal = result
         cookie = (f"{SESSION_COOKIE}={session_id}; Path=/; HttpOnly; SameSite=Strict; "
                   f"Max-Age={int(self.cfg.web.session_hours * 3600)}")
@@ -247,10 +313,14 @@ class DashboardApp:
             status, headers, body = _json({"user": principal.name, "role": principal.role,
                                            "csrf_token": principal.csrf})
             return status, [*headers, ("Set-Cookie", cookie)], body
-        target = str(form.get("next", "/"))
-        if not target.startswith("/") or target.startswith("//"):
-            target = "/"
-        return _redirect(target, [("Set-Cookie", cookie)])
+        return _redirect(same_site_path(str(form.get("next", "/"))), [("Set-Cookie", cookie)])
+
+    def _login_refused(self, request: Request, message: str, status: HTTPStatus,
+                       headers: list[tuple[str, str]] | None = None) -> Response:
+        if request.wants_json:
+            raise HTTPError(status, message, headers)
+        next_url = same_site_path(str(request.form().get("next", "/")))
+        return _html(pages.login_page(message, next_url), status, headers)
 
     # ------------------------------------------------------------------------------------------- logged in
 
@@ -347,6 +417,108 @@ class DashboardApp:
                          detail=text)
         return self._after_action(request, ok, text)
 
+    def admin_page(self, request: Request, principal: Principal | None) -> Response:
+        assert principal is not None
+        self._require_admin(principal)
+        return self._admin_response(request, principal, request.query.get("msg", ""))
+
+    def _config_file(self) -> tuple[str, str]:
+        """The configuration file's rules and destinations as TOML, and the digest of the whole file."""
+        import tomllib
+
+        from dicom_node.reload import file_digest, rules_and_destinations_toml
+
+        if self.cfg.source == "defaults":
+            return "", ""
+        try:
+            text = Path(self.cfg.source).read_text(encoding="utf-8")
+            return rules_and_destinations_toml(tomllib.loads(text)), file_digest(text)
+        except (OSError, ValueError) as exc:
+            LOGGER.warning("cannot read %s for the editor: %s", self.cfg.source, exc)
+            return "", ""
+
+    def _admin_response(self, request: Request, principal: Principal, message: str = "",
+                        problems: list[str] | None = None,
+                        edited: str | None = None, tested: tuple[list[str], str] | None = None) -> Response:
+        """The admin page: configuration (reload, rules and destinations editor, rules tester) and lock-outs."""
+        from dicom_node.store.overview import series_choices
+        from dicom_node.web import throttle
+
+        now = utcnow()
+        with self.node.engine.connect() as conn:
+            locks = throttle.active_locks(conn, now)
+            choices = series_choices(conn)
+        current, digest = self._config_file()
+        status = HTTPStatus.UNPROCESSABLE_ENTITY if problems else HTTPStatus.OK
+        if request.wants_json:
+            data = {"locks": [{"kind": lk.kind, "subject": lk.subject, "until": lk.until} for lk in locks],
+                    "config": {"source": self.cfg.source, "toml": current, "digest": digest}}
+            if problems:
+                data.update({"error": "; ".join(problems), "problems": problems})
+            return _json(data, status)
+        editor = {"source": self.cfg.source, "text": current if edited is None else edited, "digest": digest,
+                  "problems": problems or []}
+        body = pages.admin_page(principal, locks, now, editor, choices, tested)
+        _ok, headers, html = self._page("Admin", body, principal, message)
+        return status, headers, html
+
+    def action_reload(self, request: Request, principal: Principal | None) -> Response:
+        """Reload the configuration file (as SIGHUP does)."""
+        assert principal is not None
+        self._require_admin(principal)
+        from dicom_node.config import ConfigError
+        from dicom_node.reload import reload_node
+
+        try:
+            result = reload_node(self.node, principal.actor)
+        except ConfigError as exc:
+            LOGGER.warning("%s: configuration not reloaded: %s", principal.actor, exc)
+            return self._admin_response(request, principal, "Not reloaded: the file is invalid; the running "
+                                        "configuration is kept.", problems=exc.problems)
+        if request.wants_json:
+            return _json({"ok": True, "message": result.summary(), "changed": result.changed,
+                          "applied": result.applied, "needs_restart": result.needs_restart})
+        return _redirect("/admin?msg=" + urllib.parse.quote(result.summary()))
+
+    def admin_config_save(self, request: Request, principal: Principal | None) -> Response:
+        """Validate the edited rules and destinations, write them to the file (with a backup) and reload."""
+        assert principal is not None
+        self._require_admin(principal)
+        from dicom_node.reload import EditRefused, save_rules_and_destinations
+
+        form = request.form()
+        edited = str(form.get("toml", ""))
+        try:
+            result = save_rules_and_destinations(self.node, edited, str(form.get("digest", "")), principal.actor)
+        except EditRefused as exc:
+            LOGGER.warning("%s: edited rules and destinations refused: %s", principal.actor, exc)
+            return self._admin_response(request, principal, "Not saved: the running configuration and the file "
+                                        "are unchanged.", problems=exc.problems, edited=edited)
+        if request.wants_json:
+            return _json({"ok": True, "message": result.summary(), "changed": result.changed,
+                          "applied": result.applied, "needs_restart": result.needs_restart})
+        return _redirect("/admin?msg=" + urllib.parse.quote(result.summary()))
+
+    def action_unlock(self, request: Request, principal: Principal | None) -> Response:
+        assert principal is not None
+        self._require_admin(principal)
+        from dicom_node.web import throttle
+
+        form = request.form()
+        kind, subject = str(form.get("kind", "")), str(form.get("subject", ""))
+        if kind not in throttle.KINDS or not subject:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "kind must be user or address, and subject must be given")
+        now = utcnow()
+        with self.node.engine.begin() as conn:
+            was_locked = throttle.unlock(conn, kind, subject, now)
+            audit.record(conn, "login.unlocked", principal.actor, now, object_kind="login",
+                         detail=f"{kind} {subject}" + ("" if was_locked else " (was not locked; failures cleared)"))
+        LOGGER.info("%s unlocked dashboard logins of %s %s", principal.actor, kind, subject)
+        message = f"{kind} {subject}: " + ("unlocked" if was_locked else "was not locked; failed logins cleared")
+        if request.wants_json:
+            return _json({"ok": was_locked, "message": message})
+        return _redirect("/admin?msg=" + urllib.parse.quote(message))
+
     def rules_form(self, request: Request, principal: Principal | None) -> Response:
         assert principal is not None
         from dicom_node.store.overview import series_choices
@@ -385,12 +557,38 @@ class DashboardApp:
             label = f"series {row.series_uid} ({row.modality} {row.series_description!r})"
         else:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "pick a series or upload a DICOM file")
-        lines = explain(self.cfg.rules, attrs)
+        rules = self.cfg.rules
+        edited = form.get("toml")
+        if isinstance(edited, str):
+            # Sent from the admin page's editor: explain with the edited rules, before they are saved.
+            self._require_admin(principal)
+            rules, problems = self._edited_rules(edited)
+            if problems:
+                return self._admin_response(request, principal, "The edited rules are invalid.",
+                                            problems=problems, edited=edited)
+        lines = explain(rules, attrs)
         if request.wants_json:
             return _json({"series": label, "explanation": lines})
+        if isinstance(edited, str):
+            return self._admin_response(request, principal, edited=edited, tested=(lines, label + ", edited rules"))
         with self.node.engine.connect() as conn:
             choices = series_choices(conn)
         return self._page("Rules tester", pages.rules_page(principal, choices, lines, label), principal)
+
+    def _edited_rules(self, edited: str) -> tuple[list[Any], list[str]]:
+        """The rules of the editor's text as the node would load them, and the problems found (then no rules)."""
+        from dicom_node.config import ConfigError, config_from_mapping
+        from dicom_node.reload import EditRefused, edited_file_text
+
+        source = self.cfg.source
+        try:
+            old_text = Path(source).read_text(encoding="utf-8") if source != "defaults" else ""
+            _text, raw = edited_file_text(old_text, edited)
+            return config_from_mapping(raw, source).rules, []
+        except (EditRefused, ConfigError) as exc:
+            return [], exc.problems
+        except OSError as exc:
+            return [], [f"cannot read {source}: {exc.strerror or exc}"]
 
     def audit_log(self, request: Request, principal: Principal | None) -> Response:
         assert principal is not None
@@ -401,6 +599,19 @@ class DashboardApp:
         if request.wants_json:
             return _json([dict(e._mapping) for e in events])
         return self._page("Audit log", pages.audit_page(events, utcnow(), filters), principal)
+
+
+def same_site_path(target: str) -> str:
+    """``target`` when it is a path on this site, else ``/``: where to go after logging in.
+
+    Only a single leading ``/`` followed by printable ASCII is accepted: no ``//`` (another host), no backslash
+    anywhere (browsers read ``/\\host`` as ``//host``), no scheme, no control characters (browsers drop tabs and
+    newlines, so ``/\\t/host`` would become ``//host``).
+    """
+    if (not target.startswith("/") or target.startswith("//") or "\\" in target
+            or any(not 0x21 <= ord(ch) <= 0x7E for ch in target)):
+        return "/"
+    return target
 
 
 def _series_uid_of(conn: Any, kind: str, key: int) -> str:

@@ -85,6 +85,25 @@ class Authenticator:
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
 
+    def update(self, users: list[dict[str, Any]], tokens: list[dict[str, Any]], session_hours: float) -> int:
+        """Take reloaded ``[web]`` users and tokens; return how many sessions ended.
+
+        Sessions of users that were removed, or whose role or password hash changed, end at once; the others
+        keep their expiry.
+        """
+        new_users = {u["name"]: u for u in users}
+        with self._lock:
+            ended = [sid for sid, s in self._sessions.items()
+                     if (new := new_users.get(s.principal.name)) is None
+                     or new.get("role", ROLE_READ) != s.principal.role
+                     or new.get("password_hash") != self.users.get(s.principal.name, {}).get("password_hash")]
+            for sid in ended:
+                del self._sessions[sid]
+            self.users = new_users
+            self.tokens = {t["token_sha256"]: t for t in tokens}
+            self.session_seconds = session_hours * 3600
+        return len(ended)
+
     def login(self, name: str, password: str) -> tuple[str, Principal] | None:
         """Check a user's password; on success return a new session id and its principal."""
         user = self.users.get(name)

@@ -28,9 +28,11 @@ class QuietHandler(WSGIRequestHandler):
 class WebServer:
     """A started web server; :meth:`shutdown` stops it."""
 
-    def __init__(self, server: ThreadingWSGIServer, thread: threading.Thread) -> None:
+    def __init__(self, server: ThreadingWSGIServer, thread: threading.Thread, app: Any = None) -> None:
         self.server = server
         self.thread = thread
+        #: The :class:`~dicom_node.web.app.DashboardApp` (a configuration reload updates its users and tokens).
+        self.app = app
 
     @property
     def port(self) -> int:
@@ -60,4 +62,4 @@ def start_web(node: Any) -> WebServer:
     thread.start()
     what = "dashboard, /metrics" if app.dashboard else "/metrics"
     LOGGER.info("web: %s, /healthz, /readyz on http://%s:%d/", what, cfg.web.bind_address, server.server_address[1])
-    return WebServer(server, thread)
+    return WebServer(server, thread, app)

@@ -21,7 +21,63 @@ from dicom_node.web.auth import hash_password
 from tests.helpers import require_program
 from tests.integration.test_pipeline import CT_RULE, db_rows, orthanc_series, wait_until, write_config
 from tests.peers import dicom_node, free_port, orthanc_config, start_orthanc, stop_process, wait_for_port
-from tests.webdriver import chromium
+from tests.webdriver import Browser, chromium
+
+
+#: Widths the dashboard must fit without sideways scrolling: a laptop and a full-HD monitor.
+LAYOUT_WIDTHS = (1280, 1920)
+
+#: Horizontal overflow of the page and of each section (a section that scrolls sideways cuts its content).
+OVERFLOW_SCRIPT = """
+const doc = document.documentElement;
+const cut = [...document.querySelectorAll('section')].filter(s => s.scrollWidth > s.clientWidth + 1)
+    .map(s => (s.querySelector('h2') || s).textContent + ': ' + s.scrollWidth + ' > ' + s.clientWidth);
+return {scrollWidth: doc.scrollWidth, innerWidth: window.innerWidth, cut: cut};
+"""
+
+#: Where the preview image lies once scrolled into view, against the viewport.
+PREVIEW_SCRIPT = """
+const img = document.getElementById(arguments[0]);
+img.scrollIntoView({block: 'center', inline: 'nearest'});
+const r = img.getBoundingClientRect();
+return {left: r.left, right: r.right, top: r.top, bottom: r.bottom, width: r.width,
+        innerWidth: window.innerWidth, innerHeight: window.innerHeight};
+"""
+
+
+def check_layout(browser: Browser, base: str, out_dir: Path, label: str, preview_id: str,
+                 audit: bool) -> list[Path]:
+    """Load the dashboard (and the audit and admin pages) at each of :data:`LAYOUT_WIDTHS`: nothing may scroll
+    sideways and the preview must lie inside the viewport. Returns the screenshots taken (one per page and width)."""
+    shots = []
+    for width in LAYOUT_WIDTHS:
+        browser.set_window_size(width, 1000)
+        pages = [("dashboard", "/", "#series")]
+        if audit:
+            pages += [("audit", "/audit", "#audit"), ("admin", "/admin", "#config-toml")]
+        for name, path, ready in pages:
+            browser.get(base + path)
+            browser.wait_for(ready)
+            shot = out_dir / f"{label}-{name}-{width}px.png"
+            browser.screenshot(shot)
+            shots.append(shot)
+            print(f"screenshot: {shot}")
+            overflow = browser.script(OVERFLOW_SCRIPT)
+            assert overflow["innerWidth"] == width, overflow
+            assert overflow["scrollWidth"] <= overflow["innerWidth"], (name, width, overflow)
+            assert not overflow["cut"], (name, width, overflow["cut"])
+            if name == "dashboard":
+                box = browser.script(PREVIEW_SCRIPT, preview_id)
+                assert box["width"] > 100, box  # scaled to fit, not shrunk to nothing
+                assert 0 <= box["left"] and box["right"] <= box["innerWidth"], (width, box)
+                assert 0 <= box["top"] and box["bottom"] <= box["innerHeight"], (width, box)
+                timings = browser.script("const t = document.querySelector('#series .timings');"
+                                         "return t.getBoundingClientRect().height"
+                                         " / parseFloat(getComputedStyle(t).lineHeight);")
+                assert timings <= 2.6, f"the timings cell is {timings:.1f} lines high at {width} px"
+            elif name == "audit":
+                assert "{" not in browser.text("#audit"), "raw JSON on the audit page"
+    return shots
 
 
 def test_log_in_see_preview_retry_failed_export(tmp_path: Path) -> None:
@@ -76,6 +132,9 @@ def test_log_in_see_preview_retry_failed_export(tmp_path: Path) -> None:
                 assert "failed" in browser.text(f"#export-{export.id}")
                 assert "ORTHANC@127.0.0.1" in browser.text(f"#failure-export-{export.id}")
                 browser.screenshot(tmp_path / "dashboard-before-retry.png")
+                check_layout(browser, base, tmp_path, "failed", f"preview-{job.id}", audit=False)
+                browser.set_window_size(1400, 1000)
+                browser.get(base + "/")
                 browser.click(f"#retry-export-{export.id}")
                 browser.wait_for("#message")
                 assert "queued again" in browser.text("#message")
@@ -86,6 +145,7 @@ def test_log_in_see_preview_retry_failed_export(tmp_path: Path) -> None:
                     browser.get(base + "/")
                 assert browser.find_all("#no-failures")
                 browser.screenshot(tmp_path / "dashboard-delivered.png")
+                check_layout(browser, base, tmp_path, "delivered", f"preview-{job.id}", audit=True)
                 browser.get(base + "/audit")
                 assert "export.retry" in browser.text("#audit") and "user:admin" in browser.text("#audit")
             series = orthanc_series(pacs, study_uid)
