@@ -95,7 +95,8 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
                 f"directories = {json.dumps(args.models_dir)}", f"device = {json.dumps(args.device)}",
                 "[[destinations]]", 'name = "pacs"', f'ae_title = "{pacs.ae_title}"', 'host = "127.0.0.1"',
                 f"port = {pacs.port}",
-                "[[rules]]", 'name = "ct"', 'match = { Modality = "CT" }', f'model = "{args.model}"',
+                "[[rules]]", 'name = "ct"', 'match = { Modality = "CT", BodyPartExamined = "(?i)^(head|brain)$" }',
+                f'model = "{args.model}"',
                 'destinations = ["pacs"]', f"quiet_seconds = {args.quiet}",
             ]) + "\n")
             with dicom_node(root / "node", config=config) as node:

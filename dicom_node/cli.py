@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -34,12 +35,15 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Load the configuration named by ``--config`` or ``$DICOM_NODE_CONFIG``."""
+def config_from_args(args: argparse.Namespace, *, check_models: bool = False) -> Config:
+    """Load the configuration named by ``--config`` or ``$DICOM_NODE_CONFIG``.
+
+    ``check_models`` also checks the rules against the installed models (see :func:`load_config`).
+    """
     import os
 
     path = getattr(args, "config", None) or os.environ.get("DICOM_NODE_CONFIG") or None
-    return load_config(path)
+    return load_config(path, check_models=check_models)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -52,6 +56,21 @@ def setup_logging(level: str = "INFO") -> None:
     # pynetdicom logs every PDU at INFO; keep its association-level messages only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_repeated_connect_errors)
+
+
+#: pynetdicom's own ERROR lines for a destination that cannot be reached; the exporter and ``echo`` already log
+#: one line with the destination and the reason, so these only doubled every retry.
+_PYNETDICOM_CONNECT_ERRORS = ("Association request failed: unable to connect to remote",
+                              "TCP Initialisation Error")
+
+
+def _drop_repeated_connect_errors(record: logging.LogRecord) -> bool:
+    if not record.name.startswith("pynetdicom"):
+        return True
+    message = record.getMessage()
+    return not message.startswith(_PYNETDICOM_CONNECT_ERRORS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,12 +94,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return int(handler(args) or 0)
+        status = int(handler(args) or 0)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is handled below
+        return status
     except ConfigError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`dicom-node audit --json | head`): stop quietly, as other command-line tools do.
+        # What is still buffered for stdout would fail again when Python flushes it at exit, so send it nowhere.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # stdout is not a real file (tests capture it)
+            pass
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

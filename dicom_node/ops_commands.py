@@ -1,5 +1,5 @@
-"""Operator commands: ``db migrate-to``, ``db upgrade``, ``audit``, ``health``, ``web hash-password`` and
-``web new-token``."""
+"""Operator commands: ``db migrate-to``, ``db upgrade``, ``audit``, ``health``, ``web hash-password``,
+``web new-token`` and ``web unlock``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import secrets
 import sys
 
 from dicom_node.cli import add_config_argument, config_from_args, setup_logging
+from dicom_node.config import WEB_ROLES
 
 LOGGER = logging.getLogger(__name__)
 
@@ -71,53 +72,93 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([dict(e._mapping) for e in events], default=str, indent=1))
         return 0
+    rows = []
     for e in reversed(events):
-        obj = f"{e.object_kind} {e.object_id}" if e.object_id is not None else e.object_kind
-        print(f"{e.at:%Y-%m-%d %H:%M:%S} {e.actor[:28]:28} {e.action:18} {obj:12} {e.series_uid or '-'} "
-              f"{e.detail[:160]}")
+        obj = f"{e.object_kind} {e.object_id}" if e.object_id is not None else (e.object_kind or "-")
+        rows.append((f"{e.at:%Y-%m-%d %H:%M:%S}", e.actor, e.action, obj, e.series_uid or "-", e.detail[:160]))
+    if not rows:
+        return 0
+    # Columns as wide as their longest value: actors such as host:pid:worker must not be cut off.
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print(" ".join(f"{value:{width}}" for value, width in zip(row, widths)) + f" {row[4]} {row[5]}")
     return 0
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    import urllib.error
-    import urllib.request
+    from dicom_node.probe import ask_web, web_url
 
     url = args.url
     if not url:
         cfg = config_from_args(args)
-        host = cfg.web.bind_address if cfg.web.bind_address not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        url = f"http://{host}:{cfg.web.port}/{'readyz' if args.ready else 'healthz'}"
-    try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as rsp:
-            body, ok = rsp.read(), True
-    except urllib.error.HTTPError as exc:
-        body, ok = exc.read(), False
-    except OSError as exc:
-        print(f"dicom-node: {url}: {exc}", file=sys.stderr)
+        url = web_url(cfg, "/readyz" if args.ready else "/healthz")
+    answer = ask_web(url, args.timeout)
+    if not answer.reachable:
+        print(f"dicom-node: node not reachable at {url}: {answer.reason}", file=sys.stderr)
         return 1
+    checks = answer.checks()
     try:
-        checks = json.loads(body).get("checks", {})
         for name, check in checks.items():
             print(f"{name:9} {'ok' if check['ok'] else 'PROBLEM':8} {check['detail']}")
-    except (ValueError, AttributeError, KeyError):
-        print(body.decode(errors="replace")[:500])
-    return 0 if ok else 1
+    except (TypeError, KeyError):
+        checks = {}
+    if not checks:
+        print(answer.body.decode(errors="replace")[:500])
+    return 0 if answer.healthy else 1
 
 
 def _cmd_hash_password(args: argparse.Namespace) -> int:
     from dicom_node.web.auth import hash_password
 
-    if args.stdin:
+    password = _read_new_password(args.stdin)
+    if password is None:
+        return 1
+    print(hash_password(password))
+    return 0
+
+
+def _read_new_password(from_stdin: bool) -> str | None:
+    """A new password from standard input or asked twice; ``None`` after saying why it is refused."""
+    if from_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
         password = getpass.getpass("password: ")
         if getpass.getpass("again: ") != password:
             print("dicom-node: the passwords differ", file=sys.stderr)
-            return 1
+            return None
     if len(password) < 8:
         print("dicom-node: use at least 8 characters", file=sys.stderr)
+        return None
+    return password
+
+
+def _cmd_add_user(args: argparse.Namespace) -> int:
+    import os
+    from importlib import resources
+    from pathlib import Path
+
+    from dicom_node.config_edit import USER_NAME, ConfigEditError, add_web_user
+    from dicom_node.web.auth import hash_password
+
+    path = args.config or os.environ.get("DICOM_NODE_CONFIG")
+    if not path:
+        print("dicom-node: name the configuration file to add the user to: --config FILE", file=sys.stderr)
+        return 2
+    if not USER_NAME.match(args.name):  # before asking for a password
+        print(f"dicom-node: {args.name!r} is not a user name: 1-64 letters, digits, '.', '_', '@' or '-'",
+              file=sys.stderr)
+        return 2
+    password = _read_new_password(args.password_stdin)
+    if password is None:
         return 1
-    print(hash_password(password))
+    example = Path(str(resources.files("dicom_node").joinpath("example.toml")))
+    try:
+        backup = add_web_user(path, args.name, args.role, hash_password(password), refuse=example)
+    except ConfigEditError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    print(f"added {args.role} user {args.name!r} to {path} (the previous file is {backup}); "
+          "the dashboard accepts the login once the node is started (or restarted) with this file")
     return 0
 
 
@@ -127,6 +168,30 @@ def _cmd_new_token(_args: argparse.Namespace) -> int:
     token = secrets.token_urlsafe(32)
     print(f"token (give it to the client; it is not stored): {token}")
     print(f"token_sha256 (put it in [web] tokens):           {token_digest(token)}")
+    return 0
+
+
+def _cmd_unlock(args: argparse.Namespace) -> int:
+    from dicom_node import audit
+    from dicom_node.commands import open_existing_database
+    from dicom_node.store.database import utcnow
+    from dicom_node.web import throttle
+
+    if bool(args.user) == bool(args.address):
+        print("dicom-node: name a user or give --address ADDRESS", file=sys.stderr)
+        return 2
+    kind, subject = (throttle.ADDRESS, args.address) if args.address else (throttle.USER, args.user)
+    cfg = config_from_args(args)
+    engine = open_existing_database(cfg)
+    if engine is None:
+        return 1
+    now = utcnow()
+    with engine.begin() as conn:
+        was_locked = throttle.unlock(conn, kind, subject, now)
+        audit.record(conn, "login.unlocked", audit.cli_actor(), now, object_kind="login",
+                     detail=f"{kind} {subject}" + ("" if was_locked else " (was not locked; failures cleared)"))
+    engine.dispose()
+    print(f"{kind} {subject!r} {'unlocked' if was_locked else 'was not locked; its failed logins are cleared'}")
     return 0
 
 
@@ -167,5 +232,21 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     c = sub.add_parser("hash-password", help="print the password_hash of a [web] users entry")
     c.add_argument("--stdin", action="store_true", help="read the password from standard input")
     c.set_defaults(handler=_cmd_hash_password)
+    c = sub.add_parser("add-user", help="add a dashboard user to the configuration file's [web] users",
+                       description="Ask for the password twice (or read it from standard input) and add "
+                                   "{ name, role, password_hash } to [web] users of FILE. The rest of the file is "
+                                   "kept as it is, comments included; the previous file is kept as FILE.bak.")
+    c.add_argument("name", metavar="NAME", help="the login name")
+    c.add_argument("--role", choices=list(WEB_ROLES), required=True,
+                   help="read: sees everything but patient data; admin: may also retry, cancel and C-ECHO")
+    c.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input (for scripts)")
+    add_config_argument(c)
+    c.set_defaults(handler=_cmd_add_user)
     c = sub.add_parser("new-token", help="make an API token and print its token_sha256")
     c.set_defaults(handler=_cmd_new_token)
+    c = sub.add_parser("unlock", help="lift the lock-out of a user (or --address) after too many failed logins")
+    c.add_argument("user", nargs="?", metavar="USER", help="the user name whose logins are locked")
+    c.add_argument("--address", metavar="ADDRESS", help="unlock this client address instead")
+    add_config_argument(c)
+    c.set_defaults(handler=_cmd_unlock)

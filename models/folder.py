@@ -1,6 +1,6 @@
 """Model folders: ``weights.safetensors`` plus ``card.toml``, and the one loader that builds a network from them.
 
-A model folder describes itself, so loading never drifts from training (DESIGN.md, Models and training)::
+A model folder describes itself, so loading never drifts from training::
 
     ct-cnn/
         weights.safetensors     the state dict (safetensors: no pickle, so loading runs no code)
@@ -133,8 +133,10 @@ class ModelCard:
     architecture, arguments
         The registered architecture (:mod:`models.networks`) and its keyword arguments.
     modalities, body_parts
-        DICOM Modality values the model fits, and BodyPartExamined values it was trained on (informative;
-        an empty list means any).
+        DICOM Modality values the model fits, and BodyPartExamined values it was trained on (an empty list means
+        any; ``dicom-node config check`` refuses a rule that would send other body parts to the model).
+    strength_range
+        ``[low, high]`` within ``[0, 1]``: the strengths a rule may use with this model (``None``: any).
     normalization
         See :class:`Normalization`.
     noise
@@ -151,6 +153,7 @@ class ModelCard:
     arguments: dict[str, Any] = field(default_factory=dict)
     modalities: list[str] = field(default_factory=list)
     body_parts: list[str] = field(default_factory=list)
+    strength_range: list[float] | None = None
     normalization: Normalization = field(default_factory=Normalization)
     noise: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -174,6 +177,11 @@ class ModelCard:
         if not self.modalities:
             out.append("modalities: must list at least one DICOM Modality (for example [\"CT\"])")
         out.extend(self.normalization.problems())
+        r = self.strength_range
+        if r is not None and not (isinstance(r, list) and len(r) == 2
+                                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)
+                                  and 0.0 <= r[0] <= r[1] <= 1.0):
+            out.append(f"strength_range: must be [low, high] with 0 <= low <= high <= 1, not {r!r}")
         if self.normalization.input_unit == "HU" and any(m != "CT" for m in self.modalities):
             out.append("normalization.input_unit: HU only fits CT, but modalities lists "
                        + ", ".join(m for m in self.modalities if m != "CT"))
@@ -220,6 +228,8 @@ class ModelCard:
         norm = data["normalization"]
         if norm["clip"] is None:
             del norm["clip"]
+        if data["strength_range"] is None:
+            del data["strength_range"]
         return data
 
     def to_toml(self) -> str:
@@ -249,7 +259,7 @@ class ModelCard:
             raise CardError(f"{where} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
         norm = Normalization(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in raw_norm.items()})
         kwargs = {k: v for k, v in data.items() if k != "normalization"}
-        for key in ("modalities", "body_parts"):
+        for key in ("modalities", "body_parts", "strength_range"):
             if key in kwargs:
                 kwargs[key] = list(kwargs[key])
         card = cls(normalization=norm, **kwargs)

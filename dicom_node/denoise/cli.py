@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 LOGGER = logging.getLogger(__name__)
@@ -27,8 +28,12 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("input", metavar="INPUT", type=Path, help="DICOM file or folder (searched recursively)")
     p.add_argument("output", metavar="OUTPUT", type=Path, help="output folder (created)")
     p.add_argument("--model", "-m", default=None,
-                   help="model name or model folder (default: the first installed model that fits each series)")
-    p.add_argument("--strength", "-s", type=float, default=1.0, help="blend of output and input in [0, 1] (default 1)")
+                   help="model name or model folder (default: per series, the model the node would use: the "
+                        "matching rule's of --config, else the bundled model for the modality and device, "
+                        "ct-cnn-small on a CPU and ct-cnn on a GPU for CT)")
+    p.add_argument("--strength", "-s", type=float, default=None,
+                   help="blend of output and input in [0, 1] (default: the rule's strength, else the model's "
+                        "usual one: 0.5 for ct-cnn-small, 1 for the others)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: [models] device)")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: chosen from free memory)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -45,25 +50,98 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     ml.set_defaults(handler=run_models_list)
     ms = msub.add_parser("show", help="print a model's card, size and cost")
     ms.add_argument("name", metavar="NAME", help="model name or model folder")
+    shown = ms.add_mutually_exclusive_group()
+    shown.add_argument("--all", action="store_true", help="print the whole card (every measured metric) as TOML")
+    shown.add_argument("--json", action="store_true", help="print the whole card and the network's size as JSON")
     add_config_argument(ms)
     ms.set_defaults(handler=run_models_show)
 
 
-def _select_model(name: str | None, modality: str, unit: str | None, directories: list[str]) -> Path:
-    """The folder of the model to use: the named one, or the first installed model whose card fits."""
-    from models.folder import ModelMismatch, ModelNotFound, find_model, list_models
+#: The bundled model for a modality when no rule names one, per device type, with the strength it is used at.
+#: ct-cnn-small at 1.0 flattens grey-white contrast on a real head CT, hence 0.5 (README, "Models and training").
+DEFAULT_MODELS: dict[tuple[str, str], tuple[str, float]] = {
+    ("CT", "cpu"): ("ct-cnn-small", 0.5),
+    ("CT", "cuda"): ("ct-cnn", 1.0),
+    ("MR", "cpu"): ("mr-cnn", 1.0),
+    ("MR", "cuda"): ("mr-cnn", 1.0),
+    ("CR", "cpu"): ("xr-cnn", 1.0),
+    ("CR", "cuda"): ("xr-cnn", 1.0),
+    ("DX", "cpu"): ("xr-cnn", 1.0),
+    ("DX", "cuda"): ("xr-cnn", 1.0),
+}
+#: Strength of a model named with ``--model`` and no ``--strength``, when it is not 1.
+DEFAULT_STRENGTHS = {name: strength for name, strength in DEFAULT_MODELS.values()}
 
-    if name:
-        return find_model(name, directories)
+
+@dataclass
+class ModelChoice:
+    """The model folder and strength for one series, and why (printed, so the user knows what ran)."""
+
+    folder: Path
+    strength: float
+    why: str
+
+
+def choose_model(series, cfg, model: str | None, strength: float | None, device_type: str,  # type: ignore[no-untyped-def]
+                 use_rules: bool) -> ModelChoice:
+    """The model and strength for ``series``: as the node would pick them for this device.
+
+    ``--model`` wins; else, with a configuration (``use_rules``), the first matching rule's model and strength;
+    else the bundled default of :data:`DEFAULT_MODELS` for the modality and device type; else the first installed
+    model whose card fits. An explicit ``strength`` always wins.
+
+    Raises
+    ------
+    ModelNotFound
+        When no model fits the series.
+    """
+    from dicom_node.denoise.engine import series_unit
+    from models.folder import ModelMismatch, ModelNotFound, find_model, list_models, read_card
+
+    directories = cfg.models.directories
+    if model:
+        folder = find_model(model, directories)
+        chosen = strength if strength is not None else DEFAULT_STRENGTHS.get(read_card(folder).name, 1.0)
+        return ModelChoice(folder, chosen, "--model")
+    note = ""
+    if use_rules:
+        from dicom_node.receive import extract_facts
+        from dicom_node.routing import SeriesAttributes, route
+
+        try:
+            facts = extract_facts(series.first, "", "", cfg.node.ae_title)
+        except Exception as exc:  # a header the node would refuse: no rule applies, say so and go on
+            note = f"no rule applies ({exc})"
+        else:
+            decision = route(cfg.rules, SeriesAttributes.from_row(facts))
+            rule = decision.rule
+            if rule is not None and rule.model:
+                return ModelChoice(find_model(rule.model, directories),
+                                   strength if strength is not None else rule.strength,
+                                   f"rule {rule.name!r} of {cfg.source}")
+            note = (f"rule {rule.name!r} of {cfg.source} names no model" if rule is not None
+                    else f"{decision.note} in {cfg.source}")
+    unit = series_unit(series)
+    fitting = []
     for entry in list_models(directories):
         if entry.card is None:
             continue
         try:
-            entry.card.check_fits(modality, unit)
+            entry.card.check_fits(series.modality, unit)
         except ModelMismatch:
             continue
-        return entry.path
-    raise ModelNotFound(f"no installed model fits {modality} series; pass --model NAME or a model folder "
+        fitting.append(entry)
+    prefix = f"{note}; " if note else ""
+    default = DEFAULT_MODELS.get((series.modality, device_type))
+    if default is not None:
+        for entry in fitting:
+            if entry.card is not None and entry.card.name == default[0]:
+                return ModelChoice(entry.path, strength if strength is not None else default[1],
+                                   f"{prefix}the default for {series.modality} on {device_type}")
+    if fitting:
+        return ModelChoice(fitting[0].path, strength if strength is not None else 1.0,
+                           f"{prefix}the first installed model for {series.modality}")
+    raise ModelNotFound(f"no installed model fits {series.modality} series; pass --model NAME or a model folder "
                         "(see `dicom-node models list`)")
 
 
@@ -74,14 +152,14 @@ def run_denoise(args: argparse.Namespace) -> int:
 
     from dicom_node.cli import config_from_args
     from dicom_node.denoise.derived import DerivedSeriesSettings, new_series_uid
-    from dicom_node.denoise.engine import Engine, denoise_series, series_unit
+    from dicom_node.denoise.engine import Engine, denoise_series
     from dicom_node.denoise.errors import SeriesRefused
     from dicom_node.denoise.preview import preview_image, write_png
     from dicom_node.denoise.series import scan
-    from models.folder import ModelError, load_model_folder
+    from models.folder import ModelError, load_model_folder, resolve_device
 
     cfg = config_from_args(args)
-    if not 0.0 <= args.strength <= 1.0:
+    if args.strength is not None and not 0.0 <= args.strength <= 1.0:
         print(f"dicom-node denoise: --strength {args.strength} is outside [0, 1]", file=sys.stderr)
         return 2
     if args.threads:
@@ -93,7 +171,12 @@ def run_denoise(args: argparse.Namespace) -> int:
     if not args.input.exists():
         print(f"dicom-node denoise: {args.input} does not exist", file=sys.stderr)
         return 2
-    device = args.device or cfg.models.device
+    try:
+        device = resolve_device(args.device or cfg.models.device)
+    except ModelError as exc:
+        print(f"dicom-node denoise: {exc}", file=sys.stderr)
+        return 2
+    use_rules = cfg.source != "defaults"  # a configuration was given: pick as its rules do
     settings = DerivedSeriesSettings.from_config(cfg.derived)
     found = scan([args.input])
     if not found.series:
@@ -109,12 +192,15 @@ def run_denoise(args: argparse.Namespace) -> int:
     with tqdm(total=total, unit="slice", disable=args.no_progress, file=sys.stderr) as bar:
         for series in found.series:
             try:
-                folder = _select_model(args.model, series.modality, series_unit(series), cfg.models.directories)
-                if folder not in engines:
-                    engines[folder] = Engine(load_model_folder(folder, device), batch_size=args.batch_size)
-                engine = engines[folder]
+                choice = choose_model(series, cfg, args.model, args.strength, device.type, use_rules)
+                if choice.folder not in engines:
+                    engines[choice.folder] = Engine(load_model_folder(choice.folder, device),
+                                                    batch_size=args.batch_size)
+                engine = engines[choice.folder]
+                bar.write(f"{series.describe()}: model {engine.model.card.name} at strength {choice.strength:g} "
+                          f"on {device} ({choice.why})")
                 uid = new_series_uid()
-                result = denoise_series(series, engine, args.output / uid, strength=args.strength,
+                result = denoise_series(series, engine, args.output / uid, strength=choice.strength,
                                         settings=settings, series_instance_uid=uid, progress=bar.update,
                                         keep_preview=args.preview)
             except (SeriesRefused, ModelError) as exc:
@@ -152,8 +238,31 @@ def run_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metric_lines(metrics: dict, baseline: str) -> list[str]:
+    """One line per evaluated series: PSNR input -> model (gain, baseline), noise SD, edge ratio."""
+    lines = []
+    for name, row in metrics.items():
+        if not isinstance(row, dict):
+            continue
+        parts = []
+        if "input_psnr" in row and "model_psnr" in row:
+            gain = row["model_psnr"] - row["input_psnr"]
+            base = f"; {baseline} {row[f'{baseline}_psnr']:.2f}" if f"{baseline}_psnr" in row else ""
+            parts.append(f"PSNR {row['input_psnr']:.2f} -> {row['model_psnr']:.2f} dB ({gain:+.2f}{base})")
+        if "input_noise_sd_hu" in row and "model_noise_sd_hu" in row:
+            parts.append(f"noise SD {row['input_noise_sd_hu']:.2f} -> {row['model_noise_sd_hu']:.2f} HU")
+        if "model_edge_ratio" in row:
+            parts.append(f"edge ratio {row['model_edge_ratio']:.4f}")
+        if not parts:
+            parts = [f"{k} {v}" for k, v in list(row.items())[:4]]
+        lines.append(f"  {name}: " + ", ".join(parts))
+    return lines
+
+
 def run_models_show(args: argparse.Namespace) -> int:
-    """Handler of ``dicom-node models show NAME``."""
+    """Handler of ``dicom-node models show NAME``: a readable summary; ``--all`` the card, ``--json`` as JSON."""
+    import json
+
     from dicom_node.cli import config_from_args
     from models.folder import ModelError, find_model, read_card, sha256_file
     from models.networks import build_network, describe
@@ -165,11 +274,49 @@ def run_models_show(args: argparse.Namespace) -> int:
     except ModelError as exc:
         print(f"dicom-node models show: {exc}", file=sys.stderr)
         return 1
-    print(f"# {folder}")
-    print(card.to_toml(), end="")
     stats = describe(build_network(card.architecture, **card.arguments))
     weights = folder / "weights.safetensors"
     ok = weights.is_file() and sha256_file(weights) == card.sha256
-    print(f"\n# parameters: {stats['parameters']:,}; {stats['gflop_per_slice']:.1f} GFLOP per 512x512 slice; "
-          f"weights {'match' if ok else 'DO NOT MATCH'} the card's sha256")
+    if args.json:
+        print(json.dumps({"folder": str(folder), "card": card.to_dict(), "parameters": stats["parameters"],
+                          "gflop_per_slice": stats["gflop_per_slice"], "weights_match": ok}, indent=2, default=str))
+        return 0 if ok else 1
+    if args.all:
+        print(f"# {folder}")
+        print(card.to_toml(), end="")
+        print(f"\n# parameters: {stats['parameters']:,}; {stats['gflop_per_slice']:.1f} GFLOP per 512x512 slice; "
+              f"weights {'match' if ok else 'DO NOT MATCH'} the card's sha256")
+        return 0 if ok else 1
+    norm = card.normalization
+    scaling = (f"offset {norm.offset:g}, scale {norm.scale:g}" + (f", clip {norm.clip}" if norm.clip else "")
+               if norm.mode == "fixed" else f"percentiles {norm.percentiles}")
+    low, high = card.strength_range or (0.0, 1.0)
+    training = card.training
+    data = ", ".join(training.get("train", [])) if isinstance(training.get("train"), list) else ""
+    fields = {
+        "model": f"{card.name} {card.version}" + (f" (created {card.created})" if card.created else ""),
+        "folder": str(folder),
+        "what": card.description or "-",
+        "for": f"{', '.join(card.modalities)}; body parts {', '.join(card.body_parts) or 'any'}; "
+               f"strength {low:g} to {high:g}",
+        "network": f"{card.architecture}, {stats['parameters']:,} parameters, "
+                   f"{stats['gflop_per_slice']:.1f} GFLOP per 512x512 slice",
+        "input": f"{norm.input_unit}, {norm.mode} normalisation ({scaling})",
+        "trained": ", ".join(str(v) for v in (training.get("mode"), training.get("pairs") and
+                                              f"{training['pairs']} pairs",
+                             training.get("steps") and f"{training['steps']} steps", data and f"on {data}") if v)
+                   or "-",
+        "retrain": str(training.get("command", "-")),
+        "weights": f"sha256 {card.short_hash or '-'}: {'match the card' if ok else 'DO NOT MATCH the card'}",
+    }
+    width = max(len(k) for k in fields)
+    for key, value in fields.items():
+        print(f"{key:<{width}}  {value}")
+    metrics = card.metrics
+    rows = _metric_lines(metrics, str(metrics.get("baseline", "")))
+    if rows:
+        context = ", ".join(f"{k} {metrics[k]}" for k in ("dose_fraction", "baseline", "window_hu") if k in metrics)
+        print(f"measured ({context}):" if context else "measured:")
+        print("\n".join(rows))
+    print(f"(the whole card: dicom-node models show {args.name} --all, or --json)")
     return 0 if ok else 1

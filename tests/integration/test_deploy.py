@@ -113,9 +113,42 @@ def test_image_command_and_health_check_run_outside_docker(tmp_path: Path) -> No
         result = subprocess.run(health, env=env, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "database" in result.stdout and "ok" in result.stdout
-        # The same command says so when the node is not healthy (here: not running).
+        status = subprocess.run(["dicom-node", "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert status.stdout.startswith(f"node:    running (http://127.0.0.1:{web_port}/healthz: healthy; "
+                                        f"DICOM port 127.0.0.1:{dicom_port}: accepts connections)"), status.stdout
+        # The same commands say so when the node is not healthy (here: not running).
     finally:
         stop_process(proc)
         log.close()
     down = subprocess.run(health, env=env, capture_output=True, text=True, timeout=30)
     assert down.returncode == 1
+    assert down.stderr == f"dicom-node: node not reachable at http://127.0.0.1:{web_port}/healthz: connection refused\n"
+    status = subprocess.run(["dicom-node", "status"], env=env, capture_output=True, text=True, timeout=60)
+    assert status.stdout.startswith("node:    not running (")
+    # The start-up log said where the dashboard is, and that nobody can log in yet (the example has no users).
+    logged = (tmp_path / "node.log").read_text()
+    assert f"dashboard at http://127.0.0.1:{web_port}/ (and on every other address of this host), but no user " \
+           "can log in" in logged and "dicom-node web add-user NAME --role admin --config" in logged
+
+
+def test_unit_documentation_is_installed_by_the_documented_steps() -> None:
+    """The unit's Documentation= names a file the install steps (unit header, operator guide) put there."""
+    unit = (DEPLOY / "dicom-node.service").read_text()
+    guide = (PROJECT_ROOT / "docs" / "operator-guide.md").read_text()
+    documented = re.findall(r"^Documentation=file://(\S+)$", unit, re.M)
+    assert documented
+    for path in documented:
+        for text in (unit, guide):
+            found = re.search(rf"install -D -m 0644 (\S+) {re.escape(path)}$", text, re.M)
+            assert found, path
+            assert (PROJECT_ROOT / found.group(1)).is_file()
+
+
+def test_deployed_rules_use_ct_cnn_small_at_half_strength() -> None:
+    """ct-cnn-small at 1.0 flattens grey-white contrast on real head CT (README): no shipped rule runs it so."""
+    import tomllib
+
+    for name in ("production.toml", "compose-node.toml", "dicom-node.example.toml"):
+        for rule in tomllib.loads((DEPLOY / name).read_text()).get("rules", []):
+            if rule.get("model") == "ct-cnn-small":
+                assert rule.get("strength", 1.0) <= 0.5, (name, rule["name"])

@@ -139,3 +139,100 @@ def test_config_check_command_reports_bad_file(tmp_path: Path) -> None:
     assert result.returncode == 2 and "not valid TOML" in result.stderr
     result = subprocess.run([sys.executable, "-m", "dicom_node", "config", "example"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == example_config_text()
+
+
+# ------------------------------------------------------------------------------------ rules against the models
+
+
+def model_folder(root: Path, name: str, modalities: list[str], body_parts: list[str],
+                 strength_range: list[float] | None = None, weights: bool = True) -> Path:
+    """A model folder as far as the configuration check reads it: card.toml (and a weights file)."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    lines = [f'name = "{name}"', 'version = "1"', 'architecture = "unet-res-small"',
+             f"modalities = {modalities!r}".replace("'", '"'), f"body_parts = {body_parts!r}".replace("'", '"')]
+    if strength_range is not None:
+        lines.append(f"strength_range = {strength_range!r}")
+    (folder / "card.toml").write_text("\n".join(lines) + "\n")
+    if weights:
+        (folder / "weights.safetensors").write_bytes(b"not read by the check")
+    return folder
+
+
+def model_problems_of(rules: list[dict], models: Path, tmp_path: Path) -> list[str]:
+    raw = {"node": {"data_dir": str(tmp_path / "var")}, "models": {"directories": [str(models)]}, "rules": rules}
+    config_from_mapping(raw, "test", {})  # structurally valid: every problem below comes from the model check
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(raw, "test", {}, check_models=True)
+    return info.value.problems
+
+
+def test_rule_naming_an_unknown_model_is_refused_with_the_closest_name(tmp_path: Path) -> None:
+    problems = model_problems_of([{"name": "ok", "match": {"Modality": "CT", "BodyPartExamined": "(?i)head"},
+                                   "model": "ct-cnn-small", "strength": 0.5},
+                                  {"name": "typo", "match": {"Modality": "CT", "BodyPartExamined": "HEAD"},
+                                   "model": "ct-cnn-smal"}], tmp_path / "none", tmp_path)
+    assert problems == ["rules[1].model: unknown model 'ct-cnn-smal' (known: ct-cnn, ct-cnn-small, mr-cnn, xr-cnn; "
+                        "did you mean 'ct-cnn-small'?)"]
+
+
+def test_rule_must_fit_the_model_card(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    model_folder(models, "head", ["CT"], ["HEAD"], strength_range=[0.0, 0.6])
+    model_folder(models, "noweights", ["CT"], [], weights=False)
+    problems = model_problems_of([
+        {"name": "all-ct", "match": {"Modality": "CT"}, "model": "head", "strength": 0.5},
+        {"name": "mr", "match": {"Modality": ["CT", "MR"], "BodyPartExamined": "HEAD"}, "model": "head",
+         "strength": 0.5},
+        {"name": "any", "model": "head", "match": {"BodyPartExamined": "(?i)head"}, "strength": 0.5},
+        {"name": "wide", "match": {"Modality": "CT", "BodyPartExamined": ".*"}, "model": "head", "strength": 0.5},
+        {"name": "chest", "match": {"Modality": "CT", "BodyPartExamined": "CHEST"}, "model": "head",
+         "strength": 0.5},
+        {"name": "strong", "match": {"Modality": "CT", "BodyPartExamined": "(?i)^(head|brain)$"}, "model": "head",
+         "strength": 0.8},
+        {"name": "good", "match": {"Modality": "CT", "BodyPartExamined": "(?i)^(head|brain)$"}, "model": "head",
+         "strength": 0.6},
+        {"name": "w", "match": {"Modality": "CT"}, "model": "noweights"},
+    ], models, tmp_path)
+    assert problems[0].startswith("rules[0].match.BodyPartExamined: missing, so every body part goes to model "
+                                  "'head', whose card lists HEAD only")
+    assert problems[1] == "rules[1].match.Modality: model 'head' is made for CT series, not 'MR'"
+    assert problems[2].startswith("rules[2].match.Modality: missing") and 'add Modality = "CT"' in problems[2]
+    assert problems[3].startswith("rules[3].match.BodyPartExamined: '.*' also matches CHEST")
+    assert problems[4].startswith("rules[4].match.BodyPartExamined: 'CHEST' matches none of the body parts")
+    assert problems[5] == ("rules[5].strength: 0.8 is outside [0, 0.6], the range the card of model 'head' "
+                           "allows")
+    assert problems[6].startswith("rules[7].model: model 'noweights' has no weights.safetensors")
+    assert len(problems) == 7  # rules[6] fits
+
+
+def test_dashboard_on_the_dicom_port_is_refused(tmp_path: Path) -> None:
+    problems = problems_of({"node": {"port": 8080, "data_dir": str(tmp_path)}})
+    assert problems == ["web.port: 8080 is node.port too, on overlapping addresses (web.bind_address '127.0.0.1', "
+                        "node.bind_address '0.0.0.0'); give the dashboard another port, or 0 to turn it off"]
+    # Different addresses, or the dashboard off: no clash.
+    config_from_mapping({"node": {"port": 8080, "bind_address": "10.0.0.1", "data_dir": str(tmp_path)}}, "t", {})
+    config_from_mapping({"node": {"port": 8080, "data_dir": str(tmp_path)}, "web": {"port": 0}}, "t", {})
+
+
+def test_config_check_and_serve_refuse_a_misspelled_model(tmp_path: Path) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\nport = {11000 + os.getpid() % 1000}\n'
+                      "[web]\nport = 0\n[[rules]]\nname = \"ct\"\n"
+                      'match = { Modality = "CT", BodyPartExamined = "(?i)^(head|brain)$" }\n'
+                      'model = "ct-cnn-smal"\nstrength = 0.5\n')
+    expected = "rules[0].model: unknown model 'ct-cnn-smal'"
+    for command in (["config", "check", str(config)], ["serve", "--config", str(config)]):
+        result = subprocess.run([sys.executable, "-m", "dicom_node", *command], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert expected in result.stderr and "did you mean 'ct-cnn-small'?" in result.stderr
+    assert not (tmp_path / "var").exists()  # serve stopped before touching storage
+
+
+def test_the_example_rule_fits_its_model_and_the_old_one_did_not(tmp_path: Path) -> None:
+    load_config(PROJECT_ROOT / "deploy" / "dicom-node.example.toml", environ={}, check_models=True)
+    # The rule as it was: every CT body part to a model whose card says HEAD.
+    old_rule = {"name": "ct", "match": {"Modality": "CT"}, "model": "ct-cnn-small", "strength": 0.5}
+    problems = model_problems_of([old_rule], tmp_path / "none", tmp_path)
+    assert len(problems) == 1 and problems[0].startswith("rules[0].match.BodyPartExamined: missing")

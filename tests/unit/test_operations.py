@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -177,3 +178,136 @@ def test_health_checks(engine, tmp_path: Path) -> None:  # type: ignore[no-untyp
     assert not check_threads([dead]).ok and "worker" in check_threads([dead]).detail
     broken = make_engine("sqlite:////nonexistent-dir/x.sqlite3")
     assert not check_database(broken).ok
+
+
+# ------------------------------------------------------------------------ the administrator's command line
+
+
+def _site_config(tmp_path: Path) -> Path:
+    """A configuration whose SQLite database is in ``tmp_path`` (schema created)."""
+    config = tmp_path / "site.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path}"\n')
+    eng = make_engine(f"sqlite:///{tmp_path / 'dicom-node.sqlite3'}")
+    migrate(eng)
+    eng.dispose()
+    return config
+
+
+def test_jobs_retry_says_why_it_cannot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+    from dicom_node.store.schema import JobState
+
+    config = _site_config(tmp_path)
+    eng = make_engine(f"sqlite:///{tmp_path / 'dicom-node.sqlite3'}")
+    with eng.begin() as conn:
+        _instance(conn, 1)
+        job = enqueue_job(conn, 1, 1, "ct", "m", 1.0, utcnow())
+        conn.execute(Job.__table__.update().where(Job.id == job).values(state=JobState.succeeded))
+    eng.dispose()
+    assert main(["jobs", "retry", str(job), "--config", str(config)]) == 1
+    assert capsys.readouterr().err.strip() == (f"dicom-node: job {job} is succeeded; only a failed or cancelled "
+                                               "job can be retried")
+    assert main(["jobs", "cancel", "99", "--export", "--config", str(config)]) == 1
+    assert capsys.readouterr().err.strip() == "dicom-node: no export 99"
+
+
+def test_audit_columns_fit_the_longest_actor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+
+    config = _site_config(tmp_path)
+    actor = "a-rather-long-host-name.example.org:123456:worker"
+    eng = make_engine(f"sqlite:///{tmp_path / 'dicom-node.sqlite3'}")
+    with eng.begin() as conn:
+        audit.record(conn, "series.processed", actor, utcnow(), series_uid="1.2.3", detail="model m")
+        audit.record(conn, "job.retry", "cli:root", utcnow(), object_kind="job", object_id=7)
+    eng.dispose()
+    assert main(["audit", "--config", str(config)]) == 0
+    processed, retry = capsys.readouterr().out.splitlines()
+    assert f" {actor} series.processed " in processed
+    assert retry.index("job.retry") == processed.index("series.processed")  # one column, whatever the actor
+
+
+PASSWORD_HASH = "pbkdf2_sha256$1000$00$" + "0" * 64
+
+SITE_TEXT = '''# Our site. Keep this comment.
+[node]
+ae_title = "DENOISE"   # the scanners know it
+
+[web]
+port = 8080
+# Dashboard users, one line each.
+users = [
+    # { name = "alice", role = "admin", password_hash = "..." },
+    { name = "bob", role = "read", password_hash = "%s" }   # radiology
+]
+tokens = []
+
+[[rules]]
+name = "ct"
+match = { Modality = "CT" }
+forward_original = true
+''' % PASSWORD_HASH
+
+
+def test_add_user_edits_only_the_users_array(tmp_path: Path) -> None:
+    from dicom_node.config_edit import ConfigEditError, add_web_user
+
+    site = tmp_path / "site.toml"
+    site.write_text(SITE_TEXT)
+    site.chmod(0o640)
+    backup = add_web_user(site, "carol", "admin", PASSWORD_HASH.replace("0" * 64, "1" * 64))
+    text = site.read_text()
+    assert backup == tmp_path / "site.toml.bak" and backup.read_text() == SITE_TEXT
+    assert stat_mode(site) == 0o640
+    # Every line of the old file is still there, in order; the new user is the only line added (and a comma).
+    old_lines = SITE_TEXT.splitlines()
+    new_lines = text.splitlines()
+    assert [line for line in new_lines if "carol" not in line] == [
+        line.replace("}   # radiology", "},   # radiology") for line in old_lines]
+    cfg = config_from_mapping(tomllib.loads(text) | {"node": {"data_dir": str(tmp_path)}}, "site", environ={})
+    assert [(u["name"], u["role"]) for u in cfg.web.users] == [("bob", "read"), ("carol", "admin")]
+    with pytest.raises(ConfigEditError, match="already has a user or token named 'bob'"):
+        add_web_user(site, "bob", "read", PASSWORD_HASH)
+    assert site.read_text() == text  # refused: nothing written
+    # No [web] table at all, and an empty array with a comment: both get a multi-line array.
+    bare = tmp_path / "bare.toml"
+    bare.write_text('[node]\nport = 11112\n')
+    add_web_user(bare, "dave", "read", PASSWORD_HASH)
+    assert tomllib.loads(bare.read_text())["web"]["users"][0]["name"] == "dave"
+    empty = tmp_path / "empty.toml"
+    empty.write_text('[web]\nusers = []   # none yet\nport = 8081\n')
+    add_web_user(empty, "erin", "admin", PASSWORD_HASH)
+    assert empty.read_text().startswith('[web]\nusers = [   # none yet\n    { name = "erin", role = "admin"')
+    assert tomllib.loads(empty.read_text())["web"]["port"] == 8081
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_add_user_command_lets_the_user_log_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from dicom_node.cli import main
+    from dicom_node.config import load_config
+
+    site = tmp_path / "site.toml"
+    site.write_text(f'[node]\ndata_dir = "{tmp_path}"\n')
+    link = tmp_path / "link.toml"
+    link.symlink_to(site)
+    monkeypatch.setattr("sys.stdin", io.StringIO("correct horse battery\n"))
+    assert main(["web", "add-user", "alice", "--role", "admin", "--password-stdin", "--config", str(link)]) == 0
+    assert link.is_symlink()  # the file it points to was edited, the link kept
+    assert "added admin user 'alice'" in capsys.readouterr().out
+    cfg = load_config(link, environ={})
+    auth = Authenticator(cfg.web.users, cfg.web.tokens, session_hours=1)
+    assert auth.login("alice", "correct horse battery") is not None and auth.login("alice", "wrong") is None
+    # The annotated example shipped with the package is never edited (the README has you copy it first).
+    monkeypatch.setattr("sys.stdin", io.StringIO("correct horse battery\n"))
+    example = Path(__file__).resolve().parents[2] / "deploy" / "dicom-node.example.toml"
+    assert main(["web", "add-user", "bob", "--role", "read", "--password-stdin", "--config", str(example)]) == 1
+    assert "make your own copy first" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["web", "add-user", "carol", "--role", "read", "--password-stdin", "--config", str(site)]) == 1
+    assert "at least 8 characters" in capsys.readouterr().err
