@@ -249,6 +249,17 @@ def _transcoded(path: Path, offered: set[str]) -> Any:
     return ds
 
 
+def send_to_destination(cfg: Config, dest: Destination, files: list[tuple[int, str, Path]], on_status: Any) -> str:
+    """Send ``files`` to ``dest`` by its type: C-STORE (:func:`send_series`) or STOW-RS
+    (:func:`dicom_node.dicomweb.stow_send.send_series_stow`); both report through ``on_status(key, status, error)``
+    and return the attempt's error text ("" when every instance was answered)."""
+    if dest.type == "dicomweb":
+        from dicom_node.dicomweb.stow_send import send_series_stow
+
+        return send_series_stow(cfg, dest, files, on_status)
+    return send_series(cfg, dest, files, on_status)
+
+
 def copy_to_local(cfg: Config, files: list[tuple[int, str, Path]], on_status: Any) -> str:
     """The ``local`` destination: copy files to ``output/<study>/<series>/`` durably."""
     for key, sop, path in files:
@@ -306,7 +317,7 @@ def run_export(cfg: Config, engine: Engine, claimed: ClaimedExport, policy: Retr
                 error = f"destination removed from the configuration: {exc.args[0]}"
             else:
                 try:
-                    error = send_series(cfg, dest, files, on_status)
+                    error = send_to_destination(cfg, dest, files, on_status)
                 except Exception as exc:
                     LOGGER.exception("export %d: unexpected error", claimed.id)
                     error = f"{type(exc).__name__}: {exc}"

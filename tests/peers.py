@@ -133,6 +133,21 @@ def orthanc(storage: Path, ae_title: str = "ORTHANC", **options: object) -> Iter
         stop_process(peer.process)
 
 
+#: Where Debian's ``orthanc-dicomweb`` package puts the DICOMweb plugin.
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+@contextlib.contextmanager
+def orthanc_dicomweb(storage: Path, ae_title: str = "ORTHANC", **options: object) -> Iterator[Peer]:
+    """A private Orthanc with its DICOMweb plugin at ``http://127.0.0.1:<http_port>/dicom-web/`` (STOW-RS,
+    QIDO-RS, WADO-RS); fails naming the Debian package when the plugin is not installed."""
+    if not ORTHANC_DICOMWEB_PLUGIN.is_file():
+        raise RuntimeError(f"{ORTHANC_DICOMWEB_PLUGIN} is missing: install the Debian package orthanc-dicomweb")
+    with orthanc(storage, ae_title, Plugins=[str(ORTHANC_DICOMWEB_PLUGIN)],
+                 DicomWeb={"Enable": True, "Root": "/dicom-web/", "EnableWado": True}, **options) as peer:
+        yield peer
+
+
 def orthanc_get(peer: Peer, path: str) -> object:
     """GET a path of Orthanc's REST API and decode the JSON answer."""
     with urllib.request.urlopen(f"http://127.0.0.1:{peer.http_port}{path}", timeout=30) as rsp:
