@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dicom_node.cli import add_config_argument, config_from_args, setup_logging
 from dicom_node.config import Config, Destination, example_config_text, load_config
+from dicom_node.identity import application_entity
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -46,10 +47,9 @@ def echo_destination(cfg: Config, dest: Destination) -> tuple[bool, str]:
         from dicom_node.dicomweb.stow_send import echo_dicomweb
 
         return echo_dicomweb(dest)
-    from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    ae = AE(ae_title=dest.calling_ae_title or cfg.node.ae_title)
+    ae = application_entity(dest.calling_ae_title or cfg.node.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
     from dicom_node.export import client_ssl_context

@@ -33,6 +33,7 @@ from sqlalchemy import Engine
 from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config, Destination
 from dicom_node.doorbell import Doorbell
+from dicom_node.identity import application_entity
 from dicom_node.periodic import PeriodicTask
 from dicom_node.receive import set_no_delay
 from dicom_node.store.database import utcnow
@@ -193,9 +194,7 @@ def _send_over_one_association(cfg: Config, dest: Destination, contexts: list[An
     ``on_open()`` is called once the association is established. Returns whether it was established, and an
     error text ("" when it ran to its end).
     """
-    from pynetdicom import AE
-
-    ae = AE(ae_title=dest.calling_ae_title or cfg.node.ae_title)
+    ae = application_entity(dest.calling_ae_title or cfg.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
     ae.maximum_pdu_size = 0
     tls_args = (client_ssl_context(cfg), dest.host) if dest.tls else None

@@ -52,9 +52,14 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine
 
-from dicom_node import __version__
 from dicom_node.config import Config
 from dicom_node.dataset_check import MalformedDataset, check_dataset_structure, inflate
+from dicom_node.identity import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    NODE_MANUFACTURER,
+    application_entity,
+)
 from dicom_node.scp_reactor import ConnectionGate, EventDrivenServer, error_comment
 from dicom_node.store.database import utcnow
 from dicom_node.store.repository import InstanceFacts, forget_instance, record_instance
@@ -88,12 +93,6 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_INVALID_UID = 0xC211
 STATUS_UID_MISMATCH = 0xC212
 
-#: Implementation Class UID of dicom-node (PS3.7 D.3.3.2), under pydicom's UID root for implementations.
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.77701"
-IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
-
-#: Manufacturer written into ContributingEquipmentSequence of derived series; the loop guard looks for it.
-NODE_MANUFACTURER = "dicom-node"
 
 
 class StoreRefused(Exception):
@@ -514,7 +513,7 @@ def make_ssl_context(cfg: Config) -> ssl.SSLContext:
 
 def build_ae(cfg: Config) -> AE:
     """Build the SCP application entity: every storage SOP class with every accepted transfer syntax."""
-    ae = AE(ae_title=cfg.node.ae_title)
+    ae = application_entity(cfg.node.ae_title)
     ae.maximum_associations = cfg.node.max_associations
     ae.maximum_pdu_size = cfg.node.max_pdu_size
     ae.network_timeout = cfg.node.network_timeout

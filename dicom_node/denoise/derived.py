@@ -48,12 +48,12 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_ROOT_UID, UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from dicom_node import __version__
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, NODE_MANUFACTURER
 from dicom_node.denoise.pixels import PixelFormat
 from dicom_node.fsync import fsync_path
 
 LOGGER = logging.getLogger(__name__)
 
-NODE_MANUFACTURER = "dicom-node"
 #: CID 7203 Image Derivation.
 DERIVATION_CODE = ("113087", "DCM", "Smoothing")
 #: CID 7202 Source Image Purposes of Reference.
@@ -442,8 +442,8 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
     meta.MediaStorageSOPClassUID = source.SOPClassUID
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = _IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = f"DICOMNODE_{info.node_version}"[:16]
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     ds.file_meta = meta
     ds.preamble = b"\x00" * 128
     if info.transfer_syntax == "rle-lossless":
@@ -543,11 +543,6 @@ def _source_image_sequence(sop_class_uid: str, sop_instance_uid: str) -> RawData
     item += _explicit_header(0x0040A170, "SQ", purpose.length) + purpose.value  # type: ignore[operator]
     value = struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item
     return RawDataElement(Tag(0x00082112), "SQ", len(value), value, 0, False, True)
-
-
-#: The node's Implementation Class UID (PS3.7 D.3.3.2): a fixed, name-derived UID under pydicom's root (the root
-#: pydicom offers for UIDs made with ``generate_uid``), the same in every run.
-_IMPLEMENTATION_CLASS_UID = str(generate_uid(entropy_srcs=["dicom-node", "implementation class"]))
 
 
 #: VRs whose explicit-VR header has two reserved bytes and a 32-bit length (PS3.5 7.1.2).
