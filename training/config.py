@@ -70,6 +70,9 @@ class DataSection:
     validation_patches: int = 64
     noise_cache: str = ""  # folder to keep simulated noisy slices in (shared by runs with the same noise)
     workers: int = -1  # processes that cut patches; -1 = none on the CPU, up to 8 beside a GPU
+    # A patient-level split file (training/splits/ct.toml, or its name "ct"): train and validation then come from
+    # it (train: its "train" patients, plus its "noise" patients for self-supervised pairs); see training.splits.
+    split: str = ""
 
 
 @dataclass
@@ -79,7 +82,7 @@ class TrainSection:
     lr_min: float = 1e-6
     warmup: int = 100
     weight_decay: float = 0.0
-    loss: str = "l1"  # l1 | mse
+    loss: str = "l1"  # l1 | mse | multiscale-l1 (training.loops.pixel_loss)
     ema: float = 0.999
     grad_clip: float = 1.0
     amp: bool = True  # mixed precision (bfloat16) on CUDA only
@@ -179,8 +182,28 @@ def config_from_dict(data: dict[str, Any], source: str = "") -> TrainingConfig:
     if unknown:
         raise TrainingConfigError(f"{source or 'config'}: unknown key(s) {', '.join(unknown)}")
     cfg = TrainingConfig(**data, **sections, source=source)
+    apply_split(cfg)
     validate(cfg)
     return cfg
+
+
+def apply_split(cfg: TrainingConfig) -> None:
+    """Fill ``data.train`` and ``data.validation`` from ``data.split`` (they must not be given as well)."""
+    from training.splits import SplitError, load_split
+
+    if not cfg.data.split:
+        return
+    where = cfg.source or "config"
+    if cfg.data.train or cfg.data.validation:
+        raise TrainingConfigError(f"{where}: data.split gives train and validation; remove data.train and "
+                                  "data.validation (or data.split)")
+    try:
+        split = load_split(cfg.data.split)
+    except SplitError as exc:
+        raise TrainingConfigError(f"{where}: data.split: {exc}") from exc
+    roles = ("train", "noise") if cfg.data.pairs == "self-supervised" else ("train",)
+    cfg.data.train = split.folders(*roles)
+    cfg.data.validation = split.folders("validation")
 
 
 def load_config(path: str | os.PathLike) -> TrainingConfig:
@@ -200,8 +223,8 @@ def validate(cfg: TrainingConfig) -> None:
         problems.append(f"data.pairs: {cfg.data.pairs!r} is not simulated, real or self-supervised")
     if cfg.mode == "self-supervised" and cfg.data.pairs != "self-supervised":
         problems.append("mode self-supervised needs data.pairs = \"self-supervised\"")
-    if cfg.train.loss not in {"l1", "mse"}:
-        problems.append(f"train.loss: {cfg.train.loss!r} is not l1 or mse")
+    if cfg.train.loss not in {"l1", "mse", "multiscale-l1"}:
+        problems.append(f"train.loss: {cfg.train.loss!r} is not l1, mse or multiscale-l1")
     if cfg.train.steps < 1 or cfg.data.batch < 1 or cfg.data.patch < 8:
         problems.append("train.steps and data.batch must be >= 1, data.patch >= 8")
     if cfg.train.time_limit_minutes < 0:
@@ -211,6 +234,17 @@ def validate(cfg: TrainingConfig) -> None:
     lo, hi = cfg.noise.dose_range
     if not 0 < lo <= hi <= 1:
         problems.append(f"noise.dose_range: {cfg.noise.dose_range} must be within (0, 1]")
+    if cfg.noise.dose_sampling not in ("uniform", "log-uniform"):
+        problems.append(f"noise.dose_sampling: {cfg.noise.dose_sampling!r} is not uniform or log-uniform")
+    if cfg.noise.electronic_model not in ("scaled", "variance"):
+        problems.append(f"noise.electronic_model: {cfg.noise.electronic_model!r} is not scaled or variance")
+    if not 0 < cfg.noise.bowtie_edge <= 1:
+        problems.append(f"noise.bowtie_edge: {cfg.noise.bowtie_edge} must be within (0, 1]")
+    from training.noise import KERNELS
+
+    unknown_kernels = [k for k in cfg.noise.kernels if k not in KERNELS]
+    if unknown_kernels:
+        problems.append(f"noise.kernels: unknown {', '.join(unknown_kernels)} (known: {', '.join(KERNELS)})")
     if cfg.mode == "gan" and not cfg.model.init:
         problems.append("mode gan needs model.init (the trained CNN's model folder)")
     if problems:
@@ -235,6 +269,8 @@ def config_to_toml(cfg: TrainingConfig) -> str:
     """The full config (with defaults filled in) as TOML: what the run folder keeps."""
     d = dataclasses.asdict(cfg)
     d.pop("source", None)
+    if d["data"].get("split"):  # train and validation come from the split file again when this is read back
+        d["data"]["train"], d["data"]["validation"] = [], []
     lines = []
     for key, value in d.items():
         if key not in _SECTIONS and value is not None:

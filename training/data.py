@@ -26,7 +26,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -58,6 +58,12 @@ class Series:
     @property
     def name(self) -> str:
         return Path(self.source).name
+
+    @property
+    def key(self) -> str:
+        """Unique among the series read: the folder name, plus the SeriesInstanceUID (a folder may hold several
+        series, e.g. one patient's axial slices and reformats)."""
+        return f"{self.name}/{self.uid}"
 
     def __repr__(self) -> str:  # keep the volume out of reprs
         return f"Series({self.name!r}, {self.modality}, {self.volume.shape}, {self.pixel_mm:.3f} mm)"
@@ -111,6 +117,28 @@ def _pixel_mm(ds) -> float:
     return float(ps[0]) if ps else 1.0
 
 
+def _ct_series_in_hu(uid: str, path: Path, items: list) -> bool:
+    """Whether a CT series' rescaled values are Hounsfield units, as the node decides it
+    (:func:`dicom_node.denoise.pixels.ct_rescale_unit`): misspellings such as ``Houndsfield Unit`` are accepted
+    and logged once for the series; another unit (``US``) leaves the series out with a warning."""
+    from dicom_node.denoise.pixels import ct_rescale_unit
+
+    units, quirks = set(), set()
+    for _, ds in items:
+        unit, as_written = ct_rescale_unit(getattr(ds, "RescaleType", None))
+        units.add(unit)
+        if as_written:
+            quirks.add(as_written)
+    if quirks:
+        LOGGER.warning("%s series %s: RescaleType %s read as HU (CT rescaled values are Hounsfield units, "
+                       "PS3.3 C.8.2.1)", path, uid, ", ".join(repr(q) for q in sorted(quirks)))
+    if units != {"HU"}:
+        LOGGER.warning("%s series %s: CT rescale type %s is not Hounsfield units; skipped", path, uid,
+                       ", ".join(sorted(units - {"HU"})))
+        return False
+    return True
+
+
 def read_series(path: str | os.PathLike) -> list[Series]:
     """Read every series in a folder (or one file) into :class:`Series`, sorted by position along the normal.
 
@@ -133,6 +161,8 @@ def read_series(path: str | os.PathLike) -> list[Series]:
     for uid, items in groups.items():
         slices = []
         first = items[0][1]
+        if str(getattr(first, "Modality", "")) == "CT" and not _ct_series_in_hu(uid, path, items):
+            continue
         normal = _orientation(first)
         for f, ds in items:
             try:
@@ -294,6 +324,16 @@ class NoiseSettings:
     sigma_range: tuple[float, float] = (0.02, 0.08)
     gain_range: tuple[float, float] = (0.002, 0.01)
     seed: int = 0
+    # Body CT physics (training.noise.CTNoiseSimulator); the defaults are the original head-CT simulator.
+    dose_sampling: str = "uniform"  # uniform | log-uniform (5-100 % dose: as many samples per octave of dose)
+    bowtie_edge: float = 1.0  # bowtie transmission at the edge of bowtie_fov_mm (1: no bowtie)
+    bowtie_fov_mm: float = 500.0
+    tcm_strength: float = 0.0  # per-view tube current ~ attenuation^strength (0: none, 0.5: noise-optimal)
+    tcm_range: tuple[float, float] | None = None  # draw the modulation strength per realisation
+    electronic_model: str = "scaled"  # scaled (original) | variance (fixed electronic SD, dominates at low flux)
+    electronic_range: tuple[float, float] | None = None  # draw the electronic SD (quanta) per realisation
+    kernels: tuple[str, ...] = ()  # draw a reconstruction kernel (training.noise.KERNELS) per realisation
+    noise_sd_max: float = 0.0  # > 0: cap the input's total noise SD (HU, over the body) at this (lower dose -> SD)
 
 
 def ct_simulator(settings: NoiseSettings):
@@ -301,8 +341,35 @@ def ct_simulator(settings: NoiseSettings):
 
     return CTNoiseSimulator(
         geometry=ParallelBeam(n_views=settings.n_views, window=settings.window, cutoff=settings.cutoff),
-        electronic_sd=settings.electronic_sd,
+        electronic_sd=settings.electronic_sd, bowtie_edge=settings.bowtie_edge,
+        bowtie_fov_mm=settings.bowtie_fov_mm, tcm_strength=settings.tcm_strength,
+        electronic_model=settings.electronic_model,
     )
+
+
+def draw_dose(settings: NoiseSettings, rng: np.random.Generator) -> float:
+    """A dose fraction from ``dose_range``: uniform, or log-uniform (``dose_sampling = "log-uniform"``)."""
+    lo, hi = settings.dose_range
+    if settings.dose_sampling == "log-uniform":
+        return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    return float(rng.uniform(lo, hi))
+
+
+def draw_ct_realisation(settings: NoiseSettings, rng: np.random.Generator, pixel_mm: float):
+    """``(simulator, description)`` for one noise realisation: the kernel, tube current modulation and electronic
+    noise drawn from the ranges in ``settings`` (the settings themselves when no range is given)."""
+    from training.noise import kernel
+
+    changes: dict[str, object] = {}
+    if settings.kernels:
+        k = kernel(str(settings.kernels[int(rng.integers(len(settings.kernels)))]))
+        changes["cutoff"] = k.cutoff_fraction(pixel_mm)
+        changes["window"] = k.window
+    if settings.tcm_range:
+        changes["tcm_strength"] = float(rng.uniform(*settings.tcm_range))
+    if settings.electronic_range:
+        changes["electronic_sd"] = float(rng.uniform(*settings.electronic_range))
+    return (ct_simulator(dataclasses.replace(settings, **changes)) if changes else ct_simulator(settings)), changes
 
 
 def series_noise_sd(series: Series, max_slices: int = 7) -> float:
@@ -323,14 +390,18 @@ def series_noise_sd(series: Series, max_slices: int = 7) -> float:
     return float(np.median(sds)) if sds else float("nan")
 
 
-def calibrate_series_flux(series: Series, settings: NoiseSettings, max_slices: int = 3) -> tuple[float, float, float]:
-    """Self-calibration: ``(I0, measured SD, simulated SD)`` so the simulator's full-dose noise matches the scan."""
+def calibrate_series_flux(series: Series, settings: NoiseSettings, max_slices: int = 3,
+                          device: str | torch.device | None = None) -> tuple[float, float, float]:
+    """Self-calibration: ``(I0, measured SD, simulated SD)`` so the simulator's full-dose noise matches the scan
+    (projections and FBPs on ``device``)."""
     from training.noise import calibrate_flux, flat_mask
 
     target = series_noise_sd(series)
     if not math.isfinite(target):
         raise ValueError(f"{series.name}: no flat region to measure noise on; set noise.flux")
-    idx = np.linspace(len(series.volume) * 0.25, len(series.volume) * 0.75, max_slices).round().astype(int)
+    n = len(series.volume)
+    # (n - 1): a single-slice series (the body CT slices) must give index 0, not 1
+    idx = np.unique(np.linspace((n - 1) * 0.25, (n - 1) * 0.75, max_slices).round().astype(int))
     slices, masks = [], []
     for i in idx:
         m = flat_mask(series.volume[i])
@@ -341,7 +412,7 @@ def calibrate_series_flux(series: Series, settings: NoiseSettings, max_slices: i
         slices = [series.volume[len(series.volume) // 2]]
         masks = [flat_mask(slices[0])]
     flux, sim = calibrate_flux(ct_simulator(settings), slices, series.pixel_mm, target, masks, iterations=1,
-                               seed=settings.seed)
+                               seed=settings.seed, device=device)
     return flux, target, sim
 
 
@@ -359,7 +430,7 @@ class NoisyCache:
 
             key = _json.dumps({"settings": {k: (list(v) if isinstance(v, tuple) else v)
                                              for k, v in vars(settings).items()},
-                               "series": [(s.source, s.uid, s.volume.shape, (slices or {}).get(s.name))
+                               "series": [(s.source, s.uid, s.volume.shape, (slices or {}).get(s.key))
                                           for s in series]}, sort_keys=True, default=str)
             disk = disk / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
             if disk.exists():
@@ -375,26 +446,30 @@ class NoisyCache:
         self.settings = settings
         self.entries: list[tuple[int, int, list[np.ndarray]]] = []  # (series index, slice index, noisy versions)
         self.flux: dict[str, float] = {}
+        self.own_sd: dict[str, float] = {}  # each series' own flat-region noise SD (HU)
         rng = np.random.default_rng(settings.seed)
         gen = torch.Generator().manual_seed(settings.seed)
         jobs = []
         for si, s in enumerate(series):
-            chosen = slices.get(s.name) if slices else None
+            chosen = slices.get(s.key) if slices else None
             chosen = chosen if chosen is not None else list(range(len(s.volume)))
             jobs.extend((si, k) for k in chosen)
         simulator = ct_simulator(settings) if settings.kind == "ct" else None
-        if simulator is not None:
-            for s in series:
-                if settings.flux is not None:
-                    self.flux[s.name] = float(settings.flux)
-                else:
-                    flux, measured, simulated = calibrate_series_flux(s, settings)
-                    LOGGER.info("flux for %s: I0=%.3g (flat-region SD measured %.2f HU, simulated %.2f HU)",
-                                s.name, flux, measured, simulated)
-                    self.flux[s.name] = flux
         # Projection and FBP of 512x512 slices dominate; a GPU does them in milliseconds. The counts are still
         # drawn from the CPU generator, so a seed gives the same noise on either device.
         device = torch.device(device or ("cuda" if torch.cuda.is_available() and simulator is not None else "cpu"))
+        if simulator is not None:
+            for s in series:
+                if settings.flux is not None:
+                    self.flux[s.key] = float(settings.flux)
+                    if settings.noise_sd_max:
+                        self.own_sd[s.key] = series_noise_sd(s)
+                else:
+                    flux, measured, simulated = calibrate_series_flux(s, settings, device=device)
+                    LOGGER.info("flux for %s: I0=%.3g (flat-region SD measured %.2f HU, simulated %.2f HU)",
+                                s.name, flux, measured, simulated)
+                    self.flux[s.key] = flux
+                    self.own_sd[s.key] = measured
         for si, k in tqdm(jobs, desc="simulating noise", disable=not progress, leave=False):
             s = series[si]
             clean = torch.from_numpy(s.volume[k]).to(device)
@@ -403,16 +478,24 @@ class NoisyCache:
             p = simulator.line_integrals(clean, s.pixel_mm) if simulator is not None else None
             for _ in range(settings.realisations):
                 if settings.kind == "ct":
-                    d = float(rng.uniform(*settings.dose_range))
+                    d = draw_dose(settings, rng)
                     j = math.exp(rng.uniform(math.log(settings.flux_jitter[0]), math.log(settings.flux_jitter[1])))
-                    sim_k, flux_k = simulator, self.flux[s.name] * j
-                    if settings.cutoff_range:
+                    sim_k, flux_k = simulator, self.flux[s.key] * j
+                    if settings.kernels or settings.tcm_range or settings.electronic_range:
+                        # Body CT: the kernel changes the noise level at a given dose as it does on a scanner.
+                        sim_k, _ = draw_ct_realisation(settings, rng, s.pixel_mm)
+                    elif settings.cutoff_range:
                         # Another kernel: noise SD scales about as cutoff^1.5 at a given flux, so scale the flux
                         # by (c / c_nominal)^3 to keep the calibrated noise level while the texture changes.
                         c = float(rng.uniform(*settings.cutoff_range))
                         sim_k = ct_simulator(dataclasses.replace(settings, cutoff=c))
                         flux_k *= (c / settings.cutoff) ** 3
                     noise = sim_k.added_noise(clean, s.pixel_mm, flux_k, d, gen, p=p)
+                    if settings.noise_sd_max:
+                        from training.noise import limit_noise_sd
+
+                        noise, _ = limit_noise_sd(noise, clean, self.own_sd.get(s.key, float("nan")),
+                                                  settings.noise_sd_max)
                     versions.append((clean + noise).cpu().numpy().astype(np.float32))
                 elif settings.kind == "rician":
                     from training.noise import rician

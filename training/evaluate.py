@@ -42,7 +42,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -223,7 +223,8 @@ def _simulate_input(series: Series, slices: list[int], card_noise: dict, dose: f
     gen = torch.Generator().manual_seed(seed)
     if series.modality == "CT":
         settings = NoiseSettings(kind="ct", seed=seed)
-        for k in ("electronic_sd", "n_views", "window", "cutoff"):
+        for k in ("electronic_sd", "n_views", "window", "cutoff", "bowtie_edge", "bowtie_fov_mm", "tcm_strength",
+                  "electronic_model"):
             if k in card_noise:
                 setattr(settings, k, card_noise[k])
         if fbp_cutoff is not None:
@@ -252,13 +253,23 @@ def _simulate_input(series: Series, slices: list[int], card_noise: dict, dose: f
     return noisy, {"noise": kind}
 
 
+def _quiet(_message: str) -> None:
+    """The default progress callback: say nothing."""
+
+
 def evaluate_series(network, card, series: Series, dose: float, window, baseline: str, max_slices: int,
                     seed: int, cache_dir: Path | None, reference: Series | None = None,
-                    real: bool = False, fbp_cutoff: float | None = None) -> tuple[SeriesResult, dict[str, np.ndarray]]:
-    """Score one series. ``real``: the series itself is the (real) noisy input and has no reference."""
+                    real: bool = False, fbp_cutoff: float | None = None,
+                    progress: Callable[[str], None] = _quiet) -> tuple[SeriesResult, dict[str, np.ndarray]]:
+    """Score one series. ``real``: the series itself is the (real) noisy input and has no reference.
+
+    ``progress`` is called with a short line before each step (the baseline, slow on a CPU, once per slice).
+    """
     from training.noise import flat_mask, noise_sd
 
     slices = pick_slices(series, max_slices)
+    if not real:
+        progress(f"{series.name}: simulating dose {dose:g} on {len(slices)} slice(s)")
     is_ct = series.modality == "CT"
     win = tuple(window) if (is_ct and window) else None
     if real:
@@ -268,11 +279,13 @@ def evaluate_series(network, card, series: Series, dose: float, window, baseline
     else:
         inputs, info = _simulate_input(series, slices, card.noise, dose, seed, fbp_cutoff)
         refs = [series.volume[k] for k in slices]
+    progress(f"{series.name}: {card.name} on {len(inputs)} slice(s)")
     outputs = [denoise_image(network, x, card.normalization) for x in inputs]
     methods = {"input": inputs, "model": outputs}
     if baseline != "none":
         base = []
-        for k, x, r in zip(slices, inputs, refs or [None] * len(inputs)):
+        for n, (k, x, r) in enumerate(zip(slices, inputs, refs or [None] * len(inputs)), 1):
+            progress(f"{series.name}: {baseline} baseline, slice {n}/{len(inputs)}")
             if r is not None:
                 body = body_mask(r) if is_ct else np.ones_like(r, bool)
                 sigma = float(np.std((x - r)[body]))
@@ -283,6 +296,7 @@ def evaluate_series(network, card, series: Series, dose: float, window, baseline
             base.append(baseline_denoise(baseline, x, sigma, cache_dir, key))
         methods[baseline] = base
     result = SeriesResult(series.name, "real-low-dose" if real else "simulated", slices, extra=info)
+    progress(f"{series.name}: metrics")
 
     # Masks from the reference (or the smoothed real input).
     basis = refs if refs is not None else [_smooth(x, 2.0).astype(np.float32) for x in inputs]
@@ -431,12 +445,19 @@ def evaluate(model: str | os.PathLike, data: Sequence[str], out_dir: str | os.Pa
              real_low_dose: Sequence[str] = (), nps_reference: str | None = None, dose: float = 0.25,
              window: Sequence[float] | None = (-160.0, 240.0), baseline: str = "bm3d", max_slices: int = 8,
              seed: int = 1234, cache_dir: str | os.PathLike | None = None, write_card: bool = False,
-             figures: bool = True, fbp_cutoff: float | None = None) -> dict[str, Any]:
+             figures: bool = True, fbp_cutoff: float | None = None,
+             progress: Callable[[str], None] = _quiet, detectability: Any = None,
+             detectability_slices: int = 1) -> dict[str, Any]:
     """Score the model folder ``model`` on ``data`` (simulated dose) and ``real_low_dose`` series.
 
     Writes ``metrics.json``, ``table.md``, ``table.csv`` and one figure per series into ``out_dir`` (plus
     ``training_curves.png`` when the model sits in a run folder), and returns the metrics. ``write_card``
-    stores the summary in the model's card (same weights, same sha256).
+    stores the summary in the model's card (same weights, same sha256). ``progress`` is called with a short line
+    per series and per step (``dicom-node evaluate`` prints them to stderr).
+
+    ``detectability`` (a :class:`training.detectability.LCDSettings`) also runs the low-contrast detectability
+    test on up to ``detectability_slices`` slices of the CT ``data`` series (one per series, in order), writing
+    ``detectability.md`` and ``detectability.json`` and adding its summary to the metrics.
     """
     from models.folder import load_model_folder, save_model_folder
 
@@ -450,17 +471,22 @@ def evaluate(model: str | os.PathLike, data: Sequence[str], out_dir: str | os.Pa
         found = read_series(resolve_data_path(nps_reference))
         reference = found[0] if found else None
     results: list[SeriesResult] = []
-    for paths, real in ((data, False), (real_low_dose, True)):
-        for p in paths:
-            for series in read_series(resolve_data_path(p)):
-                LOGGER.info("evaluating %s on %s (%s)", card.name, series.name, "real" if real else "simulated")
-                res, images = evaluate_series(network, card, series, dose, window, baseline, max_slices, seed,
-                                              cache, reference=reference, real=real, fbp_cutoff=fbp_cutoff)
-                results.append(res)
-                if figures:
-                    shown = display_window(images) if series.modality == "CT" else None
-                    save_figure(out / f"{series.name}-{res.kind}.png", f"{card.name}: {series.name} ({res.kind})",
-                                images, shown)
+    jobs = [(p, real) for paths, real in ((data, False), (real_low_dose, True)) for p in paths]
+    for number, (p, real) in enumerate(jobs, 1):
+        progress(f"folder {number}/{len(jobs)}: reading {p}")
+        for series in read_series(resolve_data_path(p)):
+            LOGGER.info("evaluating %s on %s (%s)", card.name, series.name, "real" if real else "simulated")
+            res, images = evaluate_series(network, card, series, dose, window, baseline, max_slices, seed,
+                                          cache, reference=reference, real=real, fbp_cutoff=fbp_cutoff,
+                                          progress=progress)
+            results.append(res)
+            if figures:
+                shown = display_window(images) if series.modality == "CT" else None
+                save_figure(out / f"{series.name}-{res.kind}.png", f"{card.name}: {series.name} ({res.kind})",
+                            images, shown)
+    lcd = None
+    if detectability is not None:
+        lcd = run_detectability(network, card, data, detectability, detectability_slices, out, progress)
     table = table_markdown(results)
     (out / "table.md").write_text(table)
     with open(out / "table.csv", "w", newline="") as fh:
@@ -475,6 +501,8 @@ def evaluate(model: str | os.PathLike, data: Sequence[str], out_dir: str | os.Pa
         "series": [{"name": r.name, "kind": r.kind, "slices": r.slices, "extra": r.extra, "rows": r.rows}
                    for r in results],
     }
+    if lcd is not None:
+        metrics["detectability"] = lcd
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     run_log = Path(model).resolve().parent / "log.csv"
     plot_training_curves(run_log, out / "training_curves.png")
@@ -482,6 +510,31 @@ def evaluate(model: str | os.PathLike, data: Sequence[str], out_dir: str | os.Pa
         card.metrics = card_metrics(metrics)
         save_model_folder(network, card, model)
     return metrics
+
+
+def run_detectability(network, card, data: Sequence[str], settings, max_slices: int, out: Path,
+                      progress: Callable[[str], None] = _quiet) -> dict[str, Any]:
+    """The low-contrast detectability test (:mod:`training.detectability`) on up to ``max_slices`` slices of the CT
+    series in ``data`` (the middle slice of each series with room for every insert in flat tissue)."""
+    from training.detectability import network_denoiser, run_slice, summarise, table_markdown as lcd_table
+
+    denoise = network_denoiser(network, card.normalization)
+    results = []
+    for p in data:
+        for series in read_series(resolve_data_path(p)):
+            if len(results) >= max_slices or series.modality != "CT":
+                continue
+            k = len(series.volume) // 2
+            try:
+                results.append(run_slice(series.volume[k], series.pixel_mm, denoise, settings, progress=progress,
+                                         name=f"{series.name} {series.description}#{k}".strip()))
+            except ValueError as exc:  # no room for the inserts in this slice's flat tissue
+                LOGGER.info("detectability: %s", exc)
+    summary = summarise(results, settings)
+    summary["slices"] = results
+    (out / "detectability.md").write_text(lcd_table(results))
+    (out / "detectability.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
 
 
 def card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

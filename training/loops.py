@@ -97,7 +97,7 @@ def build_datasets(cfg: TrainingConfig, progress: bool = True):
         if d.pairs == "self-supervised":
             return SelfSupervisedPairs(series, d.patch, n, norm, method=d.self_supervised, seed=seed,
                                        augment=augment), {}
-        slices = {s.name: _even(len(s.volume), d.max_slices) for s in series}
+        slices = {s.key: _even(len(s.volume), d.max_slices) for s in series}
         settings = copy.copy(cfg.noise)
         settings.seed = seed
         cache = NoisyCache(series, settings, slices=slices, progress=progress, cache_dir=d.noise_cache or None)
@@ -193,8 +193,30 @@ def cosine_schedule(optimizer, steps: int | Callable[[], int], warmup: int, lr: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+#: Scales of ``multiscale-l1``: the L1 of the output and target average-pooled by each factor, summed.
+MULTISCALE_FACTORS = (1, 2, 4, 8)
+
+
 def pixel_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.l1_loss(output, target) if kind == "l1" else F.mse_loss(output, target)
+    """``l1``, ``mse``, or ``multiscale-l1``: L1 at full resolution plus L1 of 2x, 4x and 8x average-pooled images.
+
+    Pooling averages white noise away but keeps low-frequency noise, blotches of lesion size and HU shifts, so the
+    coarse terms weigh the low frequencies a plain L1 leaves behind (where low-contrast lesions live).
+    """
+    if kind == "l1":
+        return F.l1_loss(output, target)
+    if kind == "mse":
+        return F.mse_loss(output, target)
+    if kind == "multiscale-l1":
+        total = output.new_zeros(())
+        for k in MULTISCALE_FACTORS:
+            if k > 1 and min(output.shape[-2:]) < 2 * k:
+                break
+            a = output if k == 1 else F.avg_pool2d(output, k)
+            b = target if k == 1 else F.avg_pool2d(target, k)
+            total = total + F.l1_loss(a, b)
+        return total
+    raise ValueError(f"unknown loss {kind!r} (l1, mse, multiscale-l1)")
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

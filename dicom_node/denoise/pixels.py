@@ -12,7 +12,8 @@ or strength 0, gives back exactly the input pixels, and padding pixels are never
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,11 @@ class PixelFormat:
     slope, intercept
         Modality rescale (identity when the image has none).
     rescale_type
-        (0028,1054), or ``"HU"`` for CT without it, or ``None``.
+        (0028,1054), or ``"HU"`` for CT without it (or with a misspelling of it, see :func:`ct_rescale_unit`),
+        or ``None``.
+    rescale_type_as_written
+        The RescaleType written in the file when it was read as ``"HU"`` under another spelling (a quirk to log
+        once per series), else ``None``.
     padding_value, padding_limit
         Pixel Padding Value (0028,0120) and Pixel Padding Range Limit (0028,0121), in stored values.
     """
@@ -51,6 +56,7 @@ class PixelFormat:
     rescale_type: str | None = None
     padding_value: int | None = None
     padding_limit: int | None = None
+    rescale_type_as_written: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.bits_allocated not in (8, 16):
@@ -106,6 +112,37 @@ def _number(value: Any, default: float) -> float:
     return float(value)
 
 
+#: RescaleType values seen on CT images that mean Hounsfield units (compared in upper case without spaces, dots,
+#: underscores or hyphens): GE LightSpeed reformats write ``Houndsfield Unit``.
+_HOUNSFIELD_SPELLINGS = frozenset({"HU", "HOUNSFIELD", "HOUNSFIELDUNIT", "HOUNSFIELDUNITS", "HOUNDSFIELD",
+                                   "HOUNDSFIELDUNIT", "HOUNDSFIELDUNITS", "HOUNSFIELDSUNIT", "HOUNSFIELDSUNITS"})
+
+
+def ct_rescale_unit(rescale_type: Any) -> tuple[str | None, str | None]:
+    """The unit of a CT image's rescaled values, and the RescaleType as written when that is a quirk.
+
+    For CT images the rescaled values are Hounsfield units unless RescaleType says another defined unit
+    (PS3.3 C.8.2.1.1 and C.11.1.1.2): an absent or empty RescaleType, ``HU``, or a recognisable spelling of
+    Hounsfield units (``Houndsfield Unit``, ``HOUNSFIELD UNITS``) all mean ``"HU"``. Any other value (``US``,
+    ``OD``, free text) is returned as it is, so a model that expects HU refuses the series.
+
+    Returns
+    -------
+    tuple
+        ``(unit, as_written)``: ``as_written`` is the original value when it was read as ``"HU"`` under another
+        spelling, else ``None``.
+    """
+    text = str(rescale_type or "").strip()
+    if not text:
+        return "HU", None
+    if text == "HU":
+        return "HU", None
+    key = re.sub(r"[\s._\-]", "", text).upper()
+    if key in _HOUNSFIELD_SPELLINGS:
+        return "HU", text
+    return text, None
+
+
 def pixel_format_from_dataset(ds: Any, frame_rescale: tuple[float, float, str | None] | None = None) -> PixelFormat:
     """Read a :class:`PixelFormat` from a pydicom dataset's Image Pixel and Modality LUT attributes.
 
@@ -141,8 +178,9 @@ def pixel_format_from_dataset(ds: Any, frame_rescale: tuple[float, float, str | 
         intercept = _number(ds.get("RescaleIntercept"), 0.0)
         rescale_type = ds.get("RescaleType") or None
     modality = str(ds.get("Modality", ""))
-    if rescale_type is None and modality == "CT":
-        rescale_type = "HU"
+    as_written = None
+    if modality == "CT":
+        rescale_type, as_written = ct_rescale_unit(rescale_type)
     padding = ds.get("PixelPaddingValue")
     limit = ds.get("PixelPaddingRangeLimit")
     return PixelFormat(
@@ -153,6 +191,7 @@ def pixel_format_from_dataset(ds: Any, frame_rescale: tuple[float, float, str | 
         slope=slope,
         intercept=intercept,
         rescale_type=str(rescale_type) if rescale_type else None,
+        rescale_type_as_written=as_written,
         padding_value=None if padding is None else _padding_int(padding, bits_allocated, pixel_representation),
         padding_limit=None if limit is None else _padding_int(limit, bits_allocated, pixel_representation),
     )

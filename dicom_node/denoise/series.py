@@ -272,7 +272,24 @@ def group_series(instances: Iterable[Instance]) -> list[Series]:
         by_uid.setdefault(uid, Series(uid)).instances.append(inst)
     for series in by_uid.values():
         sort_series(series)
+        log_rescale_quirks(series)
     return list(by_uid.values())
+
+
+def log_rescale_quirks(series: Series) -> None:
+    """Warn once for a series whose RescaleType was read as Hounsfield units under another spelling.
+
+    Real CT files write for example ``Houndsfield Unit`` (GE reformats); the values are HU all the same
+    (:func:`dicom_node.denoise.pixels.ct_rescale_unit`), so the series is accepted and the quirk is logged here,
+    once per series rather than once per instance.
+    """
+    written = sorted({fmt.rescale_type_as_written for inst in series.instances for fmt in inst.formats
+                      if fmt.rescale_type_as_written})
+    if written:
+        count = sum(1 for inst in series.instances if any(f.rescale_type_as_written for f in inst.formats))
+        LOGGER.warning("%s %s: RescaleType %s read as HU (CT rescaled values are Hounsfield units, PS3.3 C.8.2.1); "
+                       "%d of %d instances", series.describe(), series.series_instance_uid,
+                       ", ".join(repr(w) for w in written), count, len(series.instances))
 
 
 class HeaderCache:

@@ -124,3 +124,71 @@ def test_unsupported_formats_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(SeriesRefused, match=match):
         PixelFormat(**base)
 
+
+
+@pytest.mark.parametrize("written,unit,quirk", [
+    (None, "HU", None),
+    ("", "HU", None),
+    ("HU", "HU", None),
+    ("Houndsfield Unit", "HU", "Houndsfield Unit"),  # GE LightSpeed reformats (COVID-19-NY-SBU)
+    ("HOUNSFIELD UNITS", "HU", "HOUNSFIELD UNITS"),
+    ("hu", "HU", "hu"),
+    ("US", "US", None),  # unspecified: not Hounsfield units, a HU model must refuse it
+    ("OD", "OD", None),
+    ("Hounsfield-ish", "Hounsfield-ish", None),
+])
+def test_ct_rescale_unit_reads_spellings_of_hounsfield_units(written: str | None, unit: str, quirk: str | None) -> None:
+    from dicom_node.denoise.pixels import ct_rescale_unit
+
+    assert ct_rescale_unit(written) == (unit, quirk)
+
+
+def _ct_slice(rescale_type: str | None, series_uid: str, number: int):
+    from dicom_node.denoise.testing import make_image
+
+    ds = make_image(np.full((8, 8), 1000, np.int16), series_uid=series_uid, study_uid="1.2.3",
+                    frame_of_reference_uid="1.2.3.4", position=(0.0, 0.0, float(number)), instance_number=number)
+    if rescale_type is not None:
+        ds.RescaleType = rescale_type
+    return ds
+
+
+def test_misspelt_hounsfield_series_fits_a_hu_model_and_is_logged_once(tmp_path, caplog) -> None:
+    """22 real GE slices write RescaleType 'Houndsfield Unit'; the node refused them ("expects Hounsfield units")."""
+    import logging
+
+    from dicom_node.denoise.engine import series_unit
+    from dicom_node.denoise.series import scan
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for k in range(3):
+        _ct_slice("Houndsfield Unit", "1.2.3.5", k + 1).save_as(folder / f"{k}.dcm", enforce_file_format=True)
+    with caplog.at_level(logging.WARNING, logger="dicom_node.denoise.series"):
+        (series,) = scan([folder]).series
+    assert series_unit(series) == "HU"
+    quirk_logs = [r for r in caplog.records if "RescaleType" in r.getMessage()]
+    assert len(quirk_logs) == 1 and "'Houndsfield Unit'" in quirk_logs[0].getMessage()
+    assert quirk_logs[0].levelno == logging.WARNING
+    card = _hu_card()
+    card.check_fits("CT", series_unit(series))  # no ModelMismatch
+
+
+def test_ct_series_in_another_unit_is_still_refused_by_a_hu_model(tmp_path) -> None:
+    from dicom_node.denoise.engine import series_unit
+    from dicom_node.denoise.series import scan
+    from models.folder import ModelMismatch
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    _ct_slice("US", "1.2.3.6", 1).save_as(folder / "0.dcm", enforce_file_format=True)
+    (series,) = scan([folder]).series
+    with pytest.raises(ModelMismatch, match="rescale type is US"):
+        _hu_card().check_fits("CT", series_unit(series))
+
+
+def _hu_card():
+    from models.folder import ModelCard
+
+    return ModelCard(name="hu", version="1", architecture="unet-res", modalities=["CT"],
+                     normalization=Normalization(input_unit="HU", mode="fixed", offset=0.0, scale=1000.0))

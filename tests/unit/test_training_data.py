@@ -134,3 +134,33 @@ def test_neighbor2neighbor_subsampling_takes_adjacent_pixels_of_each_cell():
             ya, xa, yb, xb = a // 8, a % 8, b // 8, b % 8
             assert (ya // 2, xa // 2) == (yb // 2, xb // 2) == (i, j)  # same 2x2 cell
             assert abs(ya - yb) + abs(xa - xb) == 1  # edge neighbours
+
+
+@pytest.mark.parametrize("rescale_type,kept", [("Houndsfield Unit", True), ("HU", True), ("US", False)])
+def test_read_series_accepts_misspelt_hounsfield_units_and_logs_once(tiny, tmp_path, caplog, rescale_type, kept):
+    import logging
+
+    import pydicom
+
+    for f in sorted(tiny["a"].iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.RescaleType = rescale_type
+        ds.save_as(tmp_path / f.name)
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        found = read_series(tmp_path)
+    assert len(found) == (1 if kept else 0)
+    quirks = [r for r in caplog.records if "read as HU" in r.getMessage()]
+    assert len(quirks) == (1 if rescale_type == "Houndsfield Unit" else 0)
+    if kept:
+        np.testing.assert_allclose(found[0].volume, np.round(tiny["vol"]), atol=0.5)
+
+
+def test_flux_calibrates_on_a_single_slice_series(tiny):
+    """The body CT of COVID-19-NY-SBU comes as single-slice series; calibration indexed past the only slice."""
+    from training.data import calibrate_series_flux
+
+    series = read_one_series(tiny["a"])
+    one = type(series)(uid=series.uid, modality="CT", volume=series.volume[1:2], pixel_mm=series.pixel_mm,
+                       positions=series.positions[1:2], thickness=series.thickness, source=series.source)
+    flux, measured, simulated = calibrate_series_flux(one, NoiseSettings(n_views=90))
+    assert flux > 0 and measured > 0 and simulated > 0

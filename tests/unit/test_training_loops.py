@@ -180,3 +180,17 @@ def test_time_limit_plans_the_steps_that_fit_and_still_anneals(data_root, tmp_pa
 
     card = load_model_folder(result.model_dir, "cpu").card
     assert card.training["steps"] == result.steps and card.training["time_limit_minutes"] == 0.25
+
+
+def test_multiscale_l1_weighs_low_frequency_errors_more_than_l1() -> None:
+    from training.loops import pixel_loss
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.zeros(4, 1, 64, 64)
+    white = torch.randn(4, 1, 64, 64, generator=gen) * 0.1
+    blotch = torch.nn.functional.interpolate(torch.randn(4, 1, 8, 8, generator=gen), size=64, mode="bilinear")
+    blotch = blotch * (white.abs().mean() / blotch.abs().mean())  # the same plain L1 as the white noise
+    assert float(pixel_loss("l1", blotch, target)) == pytest.approx(float(pixel_loss("l1", white, target)), rel=1e-4)
+    assert float(pixel_loss("multiscale-l1", blotch, target)) > 2 * float(pixel_loss("multiscale-l1", white, target))
+    with pytest.raises(ValueError, match="unknown loss"):
+        pixel_loss("ssim", white, target)

@@ -161,3 +161,96 @@ def test_fbp_window_cutoff_sets_the_noise_texture():
         out[c] = (float((f * ps).sum() / ps.sum()), float(noise[:, m].std()))
     assert out[0.4][0] < 0.7 * out[1.0][0]
     assert out[0.4][1] == pytest.approx(out[1.0][1], rel=0.35)
+
+
+# ------------------------------------------------------------------------------------------ body CT physics
+
+
+def ellipse(size: int = SIZE, ax: float = 0.45, ay: float = 0.25) -> torch.Tensor:
+    yy, xx = np.mgrid[:size, :size]
+    x = (xx - (size - 1) / 2) / (ax * size)
+    y = (yy - (size - 1) / 2) / (ay * size)
+    return torch.from_numpy(np.where(x * x + y * y < 1, 0.0, -1000.0).astype(np.float32))
+
+
+def test_tube_current_follows_the_attenuation_and_keeps_the_dose() -> None:
+    sim = CTNoiseSimulator(ParallelBeam(n_views=60), tcm_strength=0.5)
+    p = sim.line_integrals(ellipse(), PIXEL_MM)
+    m = sim.view_current(p)
+    assert float(m.mean()) == pytest.approx(1.0, rel=1e-5)
+    lateral = int(np.argmax(torch.quantile(p, 0.98, dim=1).numpy()))  # the view through the long axis
+    assert int(torch.argmax(m)) == lateral and float(m.max() / m.min()) > 1.5
+    flat = CTNoiseSimulator(ParallelBeam(n_views=60)).view_current(p)
+    assert torch.equal(flat, torch.ones_like(flat))
+
+
+def test_bowtie_gives_the_periphery_fewer_quanta() -> None:
+    sim = CTNoiseSimulator(bowtie_edge=0.1, bowtie_fov_mm=200.0)
+    b = sim.bowtie(101, 2.0)
+    assert float(b[50]) == pytest.approx(1.0) and float(b[0]) == pytest.approx(0.1)
+    assert float(b[25]) < 1.0 and float(b[25]) > 0.1
+
+
+def test_electronic_noise_dominates_at_low_flux_in_the_variance_model() -> None:
+    """With a fixed electronic SD the noise grows faster than 1/sqrt(dose) when the counts get few."""
+    hu = ellipse()
+    gen = torch.Generator().manual_seed(0)
+
+    def sd(sim, flux, dose):
+        n = sim.added_noise(hu, PIXEL_MM, flux, dose, gen)
+        return float(n[centre_mask()].std())
+
+    quantum = CTNoiseSimulator(ParallelBeam(n_views=120), electronic_sd=0.0, electronic_model="variance")
+    electronic = CTNoiseSimulator(ParallelBeam(n_views=120), electronic_sd=30.0, electronic_model="variance")
+    high_flux, low_flux = 1e6, 2e3
+    # At high flux the electronic term is negligible ...
+    assert sd(electronic, high_flux, 0.25) == pytest.approx(sd(quantum, high_flux, 0.25), rel=0.1)
+    # ... at low flux it dominates.
+    assert sd(electronic, low_flux, 0.1) > 1.5 * sd(quantum, low_flux, 0.1)
+    # Dose 1 adds nothing in either model.
+    assert float(electronic.added_noise(hu, PIXEL_MM, low_flux, 1.0, gen).abs().max()) == 0.0
+
+
+def test_added_variance_matches_the_dose_for_quantum_noise() -> None:
+    """The variance model adds (1/d - 1) times the full-dose variance, like the original one."""
+    hu = water_disk()
+    sim = CTNoiseSimulator(ParallelBeam(n_views=120), electronic_sd=0.0, electronic_model="variance")
+    gen = torch.Generator().manual_seed(1)
+    full = np.mean([float(sim.full_dose_noise(hu, PIXEL_MM, 1e5, gen)[centre_mask()].var()) for _ in range(4)])
+    added = np.mean([float(sim.added_noise(hu, PIXEL_MM, 1e5, 0.25, gen)[centre_mask()].var()) for _ in range(4)])
+    assert added / full == pytest.approx(3.0, rel=0.15)
+
+
+def test_roi_reconstruction_is_the_same_window_of_the_full_image() -> None:
+    sim = CTNoiseSimulator(ParallelBeam(n_views=60))
+    hu = water_disk()
+    q = sim.geometry.filter(sim.projection_noise(sim.line_integrals(hu, PIXEL_MM), 1e5, 1.0,
+                                                 torch.Generator().manual_seed(3), PIXEL_MM), PIXEL_MM)
+    full = sim.geometry.backproject(q, (SIZE, SIZE), PIXEL_MM)
+    window = sim.geometry.backproject(q, (SIZE, SIZE), PIXEL_MM, (10, 20, 30, 40))
+    np.testing.assert_allclose(window.numpy(), full[10:40, 20:60].numpy(), atol=1e-4)
+
+
+def test_kernels_are_ordered_smooth_to_sharp_and_follow_the_pixel_size() -> None:
+    from training.noise import KERNELS, kernel
+
+    assert kernel("smooth").cutoff_fraction(0.5) == pytest.approx(0.28)
+    assert kernel("ge-standard").cutoff_fraction(1.5) == 1.0  # above Nyquist: full bandwidth
+    order = list(KERNELS)
+    assert order[0] == "smooth" and order[-1] == "sharp"
+    with pytest.raises(ValueError, match="unknown kernel"):
+        kernel("bone")
+
+
+def test_limit_noise_sd_caps_the_total_and_keeps_the_texture() -> None:
+    from training.noise import limit_noise_sd
+
+    hu = water_disk()
+    noise = torch.randn(SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 400.0
+    capped, total = limit_noise_sd(noise, hu, 30.0, 150.0)
+    body = hu > -500
+    assert math.hypot(30.0, float(capped[body].std())) == pytest.approx(150.0, rel=1e-3)
+    assert total == 150.0
+    assert float(torch.corrcoef(torch.stack([capped.flatten(), noise.flatten()]))[0, 1]) == pytest.approx(1.0)
+    same, _ = limit_noise_sd(noise * 0.01, hu, 30.0, 150.0)
+    assert torch.equal(same, noise * 0.01)
