@@ -5,6 +5,9 @@ time is the wall time of ``storescu`` (association, 300 C-STOREs, release). Prin
 the node's ratio against each peer measured in the same run.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--runs 3]
+
+``--only node --only node-stock`` measures the event-driven reactor alone: ``node-stock`` is the node with
+``node.dimse_fast_path = false`` (stock pynetdicom), started and measured in the same runs.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", choices=["node", "storescp", "orthanc"], action="append")
+    parser.add_argument("--only", choices=["node", "node-stock", "storescp", "orthanc"], action="append")
     args = parser.parse_args()
     require("storescu", "storescp", "Orthanc")
     receivers = args.only or ["node", "storescp", "orthanc"]
@@ -50,6 +53,8 @@ def main() -> int:
                 storage = root / f"{name}-{run}"
                 if name == "node":
                     peer_cm = dicom_node(storage)
+                elif name == "node-stock":
+                    peer_cm = dicom_node(storage, extra_env={"DICOM_NODE_NODE__DIMSE_FAST_PATH": "false"})
                 elif name == "storescp":
                     peer_cm = storescp(storage)
                 else:
@@ -63,7 +68,7 @@ def main() -> int:
         for name, rate in medians.items():
             print(f"  {name:9s} {rate:7.1f}")
         if "node" in medians:
-            for peer in ("storescp", "orthanc"):
+            for peer in ("node-stock", "storescp", "orthanc"):
                 if peer in medians:
                     print(f"ratio node/{peer}: {medians['node'] / medians[peer]:.2f}")
     return 0

@@ -101,15 +101,15 @@ def _configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings for sending (idempotent).
 
     - Files are sent as stored: ``send_c_store(path)`` streams the dataset's bytes after the file meta instead of
-      decoding and re-encoding every element (transcoding passes a decoded dataset and is not affected).
-    - Requestor associations use the event-driven reactor (see :mod:`dicom_node.scp_reactor`).
+      decoding and re-encoding every element (transcoding passes a decoded dataset and is not affected). This is
+      a pynetdicom option, used on both paths.
+
+    Which association class ``AE.associate`` builds is decided once, by ``Node.start`` (``node.dimse_fast_path``,
+    see :func:`dicom_node.scp_reactor.use_event_driven_requestors`), never here.
     """
     from pynetdicom import _config
 
-    from dicom_node.scp_reactor import use_event_driven_requestors
-
     _config.STORE_SEND_CHUNKED_DATASET = True
-    use_event_driven_requestors()
 
 
 #: A series gets one association per this many instances, up to the destination's ``associations``: opening

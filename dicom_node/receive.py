@@ -60,7 +60,7 @@ from dicom_node.identity import (
     NODE_MANUFACTURER,
     application_entity,
 )
-from dicom_node.scp_reactor import ConnectionGate, EventDrivenServer, error_comment
+from dicom_node.scp_reactor import AllowListServer, ConnectionGate, EventDrivenServer, error_comment
 from dicom_node.store.database import utcnow
 from dicom_node.store.repository import InstanceFacts, forget_instance, record_instance
 from dicom_node.store.spool import Spool, is_valid_uid
@@ -547,14 +547,16 @@ def start_scp(cfg: Config, receiver: Receiver) -> tuple[AE, Any]:
     if not any(isinstance(f, _NoTracebackForPeerErrors) for f in dul_logger.filters):
         dul_logger.addFilter(_NoTracebackForPeerErrors())
     ssl_context = make_ssl_context(cfg) if cfg.security.tls else None
-    # ae.start_server(block=False) with pynetdicom's polling reactors replaced by event-driven ones
+    # ae.start_server(block=False), with pynetdicom's polling reactors replaced by event-driven ones on the fast
+    # path; on the stock path pynetdicom's own server, with the allow-list checked at accept.
+    server_class = EventDrivenServer if cfg.node.dimse_fast_path else AllowListServer
     server = ae.make_server((cfg.node.bind_address, cfg.node.port), evt_handlers=handlers,
-                            ssl_context=ssl_context, server_class=EventDrivenServer, gate=gate)
+                            ssl_context=ssl_context, server_class=server_class, gate=gate)
     thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
     thread.start()
     ae._servers.append(server)  # so ae.shutdown() stops it, as for start_server
-    LOGGER.info("listening as %s on %s:%d%s", cfg.node.ae_title, cfg.node.bind_address, cfg.node.port,
-                " (TLS)" if ssl_context else "")
+    LOGGER.info("listening as %s on %s:%d%s%s", cfg.node.ae_title, cfg.node.bind_address, cfg.node.port,
+                " (TLS)" if ssl_context else "", "" if cfg.node.dimse_fast_path else " (stock pynetdicom)")
     return ae, server
 
 

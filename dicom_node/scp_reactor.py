@@ -15,8 +15,14 @@ This module keeps pynetdicom's loops and state machine and replaces only the wai
 
 Both waits are bounded (``MAX_WAIT_SECONDS``) so pynetdicom's timers (ARTIM, network idle timeout) are still
 checked. The two loop bodies are copies of pynetdicom 3.0's ``Association._run_reactor`` and
-``DULServiceProvider.run_reactor`` with only the wait changed; ``pyproject.toml`` pins pynetdicom below 3.1 so a
-new release is looked at before these copies meet it.
+``DULServiceProvider.run_reactor`` with only the wait changed, and ``RequestHandler._create_association`` is
+copied too. :data:`UPSTREAM_SOURCE_SHA256` records the source hash of every pynetdicom original this module copies
+or overrides, as of :data:`UPSTREAM_PYNETDICOM_VERSION` (the exact version ``pyproject.toml`` pins);
+``tests/unit/test_pynetdicom_fence.py`` fails, naming the method, when an installed pynetdicom differs.
+
+All of it is optional: with ``node.dimse_fast_path = false`` the node runs stock pynetdicom (its own server,
+associations and encoders), only the host allow-list being checked at accept (:class:`AllowListServer`).
+:func:`use_event_driven_requestors` is called once, by ``Node.start``, when the fast path is on.
 
 The server (:class:`EventDrivenServer`) also decides which TCP connections may become associations
 (:class:`ConnectionGate`: host allow-list, a cap per host and a timeout for connections that have not associated
@@ -55,6 +61,74 @@ _PYNETDICOM_LOGGER = logging.getLogger("pynetdicom")
 
 #: Longest a reactor waits without news, so that pynetdicom's timers are still checked often enough.
 MAX_WAIT_SECONDS = 0.01
+
+#: The pynetdicom release whose sources :data:`UPSTREAM_SOURCE_SHA256` was taken from and the copies below were
+#: checked against; ``pyproject.toml`` pins exactly this version.
+UPSTREAM_PYNETDICOM_VERSION = "3.0.4"
+
+#: SHA-256 of ``inspect.getsource`` of each pynetdicom function this module copies (``Association._run_reactor``,
+#: ``DULServiceProvider.run_reactor``, ``RequestHandler._create_association``), overrides, or depends on the body
+#: of (the ``__init__`` whose attributes the subclasses replace; ``AE.associate``, which builds the association by
+#: the module-level name :func:`use_event_driven_requestors` replaces). To move to a new pynetdicom: read the
+#: upstream change of each method whose hash differs, port it here, then update its hash and the version above.
+UPSTREAM_SOURCE_SHA256: dict[str, str] = {
+    "pynetdicom.ae.ApplicationEntity.associate":
+        "dbc8cf47090386b2068817f6e65e39ca2c0d5b8fd80f6b9b7a322d37b85b2985",
+    "pynetdicom.association.Association.__init__":
+        "eb07516b8009ad8fa338201dea39578380fbf9f2c59fa5e368e20250eb97c4ea",
+    "pynetdicom.association.Association._run_reactor":
+        "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
+    "pynetdicom.association.Association.kill":
+        "8f9713666a7f4cffd840899f023090e9786668945a7c844f99d7a834077c3972",
+    "pynetdicom.association.Association.run_reactor":
+        "ed8bbbe3b3d6ddaee3e8673ba25b2ab2a4c45f25bc1d8ae7b48ebafd09499e6d",
+    "pynetdicom.dimse.DIMSEServiceProvider.send_msg":
+        "a839cf2fb46976d9da29cf06fea41c04416b38d14fab612af12e5d869bd5b3f0",
+    "pynetdicom.dul.DULServiceProvider.__init__":
+        "c82dafa9438ddf70685917cb15d2bfbc814aa0ad5233ffb0ae650faedc7570f0",
+    "pynetdicom.dul.DULServiceProvider._send":
+        "a850a7919e68484ef6751ee7a199b3ba4a911b5cbf0c2928bf796c55539254d4",
+    "pynetdicom.dul.DULServiceProvider.kill_dul":
+        "5ceccf8dd01c2072c377d18bb1be284941a345bd40f03bd1e03a864ab0817842",
+    "pynetdicom.dul.DULServiceProvider.run_reactor":
+        "e3a10eb3a0931e4854af33b9496e92d9679522aca26b0e04da8967559b9e2803",
+    "pynetdicom.dul.DULServiceProvider.stop_dul":
+        "28a7e0be126e7b306369cc1b131daec8e907d21d0f5692930133b6599b8c6e5f",
+    "pynetdicom.transport.AssociationServer.__init__":
+        "edacb98bdfb7b9744194698d47fa51d4e2d5c9ed02ef5fb5181f381b31118423",
+    "pynetdicom.transport.AssociationServer.get_request":
+        "925a4f3a3042f6e4b944505d06dc19c41e10ff7dec5385c794d62d31fd000300",
+    "pynetdicom.transport.AssociationServer.shutdown":
+        "e8e2c3a41009886d8544d17ce01118a81bac81b612a1d17f30fc200971f41db9",
+    "pynetdicom.transport.RequestHandler._create_association":
+        "05c8d12b79863cdbdb901ce37187b7030a0434c5cd89d219ed0bedbda679a61e",
+    "pynetdicom.transport.ThreadedAssociationServer.process_request_thread":
+        "9e76e9b9c8a3d8b18bb1df7ac652c86f21b4aaaf39e10deca9312f91a7c21a8a",
+}
+
+
+def upstream_source_sha256(qualified_name: str) -> str:
+    """SHA-256 (hex) of the installed source of ``qualified_name`` (``module.Class.method``), as recorded in
+    :data:`UPSTREAM_SOURCE_SHA256`.
+
+    Parameters
+    ----------
+    qualified_name : str
+        For example ``"pynetdicom.dul.DULServiceProvider.run_reactor"``; the method must be defined in that class
+        itself, not inherited.
+
+    Returns
+    -------
+    str
+        The hex digest of ``inspect.getsource`` of the function, encoded as UTF-8.
+    """
+    import hashlib
+    import importlib
+    import inspect
+
+    module_name, class_name, attribute = qualified_name.rsplit(".", 2)
+    function = vars(getattr(importlib.import_module(module_name), class_name))[attribute]
+    return hashlib.sha256(inspect.getsource(function).encode("utf-8")).hexdigest()
 
 
 class WakingQueue(queue.Queue):
@@ -800,13 +874,38 @@ class EventDrivenServer(ThreadedAssociationServer):
         super().shutdown()
 
 
+class AllowListServer(ThreadedAssociationServer):
+    """pynetdicom's own threaded server (the stock path, ``node.dimse_fast_path = false``) that checks only the
+    gate's host allow-list at accept.
+
+    Only ``socketserver``'s ``verify_request`` hook is overridden: pynetdicom's accept loop, TLS handshake (in
+    the accept loop), association threads and ACSE timeout are unchanged, so the gate's per-host cap on
+    connections not yet associated and its request timeout do not apply on this path.
+    """
+
+    def __init__(self, *args: Any, gate: ConnectionGate | None = None, **kwargs: Any) -> None:
+        self.gate = gate or ConnectionGate([], 1 << 30, 30.0)
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Close connections from hosts outside ``security.allowed_hosts`` before any thread is started."""
+        host, port = str(client_address[0]), int(client_address[1])
+        if self.gate.is_allowed(host):
+            return True
+        self.gate.report(host, port, "host not in security.allowed_hosts")
+        return False
+
+
 def use_event_driven_requestors() -> None:
-    """Make pynetdicom's ``AE.associate`` build :class:`EventDrivenAssociation` objects (for the exporters).
+    """Make pynetdicom's ``AE.associate`` build :class:`EventDrivenAssociation` objects (idempotent).
 
     As a requestor, ``send_c_store`` pauses the reactor and waits for the response on the DIMSE queue itself;
     the polling DUL still added up to 1 ms on each side of every C-STORE. ``AE.associate`` has no hook for the
-    association class, so the name it uses is replaced, once, for the whole process.
+    association class, so the name it uses is replaced for the whole process. Called only by ``Node.start``
+    when ``node.dimse_fast_path`` is on, before any stage runs, so every association the process opens (exports,
+    the dashboard's C-ECHO) is of the same kind from the start; one-shot commands keep stock pynetdicom.
     """
     import pynetdicom.ae
 
-    pynetdicom.ae.Association = EventDrivenAssociation  # type: ignore[misc]
+    if pynetdicom.ae.Association is not EventDrivenAssociation:
+        pynetdicom.ae.Association = EventDrivenAssociation  # type: ignore[misc]

@@ -35,6 +35,7 @@ from dicom_node.doorbell import Doorbell
 from dicom_node.export import Exporter, StalledExportSweeper, destinations_to_serve
 from dicom_node.retention import RetentionSweeper
 from dicom_node.receive import Receiver, reindex_spool, start_scp
+from dicom_node.scp_reactor import use_event_driven_requestors
 from dicom_node.store.database import make_engine, migrate, utcnow
 from dicom_node.lease import LeaseKeeper, start_lease, stop_lease
 from dicom_node.store.queue import ProcessIdentity
@@ -108,6 +109,9 @@ class Node:
             else is touched, and again where each server binds.
         """
         check_listen_ports(self.cfg, self.roles)
+        if self.cfg.node.dimse_fast_path:
+            # Before any stage runs, so every association this process opens is of one kind (see scp_reactor).
+            use_event_driven_requestors()
         runs_models = "worker" in self.roles and self.cfg.worker.enabled
         if runs_models and self.cfg.models.keep_freed_cpu_memory:
             keep_freed_memory()  # before any thread starts: a thread keeps the malloc arena it first used

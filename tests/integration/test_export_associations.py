@@ -5,6 +5,7 @@ its own process as a real peer would be."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -16,6 +17,7 @@ import pytest
 
 from dicom_node.config import Config, Destination
 from dicom_node.export import send_series
+from dicom_node.scp_reactor import use_event_driven_requestors
 from dicom_node.synthetic import make_ct_series
 from tests.peers import free_port, stop_process
 
@@ -42,6 +44,17 @@ class StorageSCP:
 
     def close(self) -> None:
         stop_process(self.process)
+
+
+@pytest.fixture(autouse=True)
+def association_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The associations ``Node.start`` would set up: event-driven unless DICOM_NODE_NODE__DIMSE_FAST_PATH is
+    false (CI's second pass); pynetdicom's own name is restored afterwards, so no other test inherits it."""
+    import pynetdicom.ae
+
+    monkeypatch.setattr(pynetdicom.ae, "Association", pynetdicom.ae.Association)
+    if os.environ.get("DICOM_NODE_NODE__DIMSE_FAST_PATH", "true").strip().lower() != "false":
+        use_event_driven_requestors()
 
 
 @pytest.fixture

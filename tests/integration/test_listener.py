@@ -24,6 +24,10 @@ from tests.peers import DCMTK_ENV, free_port, node_command, storescu
 #: A second loopback address, so "another host" can connect without a network (Linux routes all of 127/8 to lo).
 OTHER_HOST = "127.0.0.2"
 
+#: What only the fast path does (scp_reactor.EventDrivenServer: per-host cap, request timeout, TLS off the accept
+#: loop, I/O timeouts): these tests run it even in CI's stock-pynetdicom pass, which lacks it (see the README).
+FAST_PATH = {"DICOM_NODE_NODE__DIMSE_FAST_PATH": "true"}
+
 
 def idle_connections(port: int, count: int, source: str = OTHER_HOST) -> list[socket.socket]:
     """Open ``count`` TCP connections to the node from ``source`` that never send anything."""
@@ -78,7 +82,7 @@ def test_idle_connections_from_an_unlisted_host_are_closed_at_accept(node_factor
 
 def test_pending_connections_are_capped_per_host(node_factory) -> None:
     env = {"DICOM_NODE_SECURITY__MAX_PENDING_PER_HOST": "4",
-           "DICOM_NODE_NODE__ASSOCIATION_REQUEST_TIMEOUT": "60"}
+           "DICOM_NODE_NODE__ASSOCIATION_REQUEST_TIMEOUT": "60", **FAST_PATH}
     with node_factory(extra_env=env) as node:
         sockets = idle_connections(node.port, 16)
         try:
@@ -100,7 +104,7 @@ def test_pending_connections_are_capped_per_host(node_factory) -> None:
 
 def test_a_connection_without_association_request_is_closed_after_the_timeout(node_factory) -> None:
     # pynetdicom waited 30 s (its ACSE timeout) for the A-ASSOCIATE-RQ; the node now waits this setting.
-    env = {"DICOM_NODE_NODE__ASSOCIATION_REQUEST_TIMEOUT": "1"}
+    env = {"DICOM_NODE_NODE__ASSOCIATION_REQUEST_TIMEOUT": "1", **FAST_PATH}
     with node_factory(extra_env=env) as node:
         silent = idle_connections(node.port, 1, source="127.0.0.1")[0]
         partial = idle_connections(node.port, 1, source="127.0.0.1")[0]
@@ -127,7 +131,7 @@ def test_a_connection_without_association_request_is_closed_after_the_timeout(no
 
 
 def test_an_association_stalled_in_the_middle_of_a_pdu_ends_after_the_network_timeout(node_factory) -> None:
-    env = {"DICOM_NODE_NODE__NETWORK_TIMEOUT": "2", "DICOM_NODE_NODE__MAX_ASSOCIATIONS": "1"}
+    env = {"DICOM_NODE_NODE__NETWORK_TIMEOUT": "2", "DICOM_NODE_NODE__MAX_ASSOCIATIONS": "1", **FAST_PATH}
     with node_factory(extra_env=env) as node:
         ae = AE(ae_title="STALLER")
         ae.add_requested_context(Verification)
@@ -154,7 +158,7 @@ def test_an_idle_connection_does_not_stall_tls_handshakes(node_factory, tmp_path
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(certs / "node.key"),
                     "-out", str(certs / "node.crt")], check=True, capture_output=True)
     env = {"DICOM_NODE_SECURITY__TLS": "true", "DICOM_NODE_SECURITY__CERTIFICATE": str(certs / "node.crt"),
-           "DICOM_NODE_SECURITY__PRIVATE_KEY": str(certs / "node.key")}
+           "DICOM_NODE_SECURITY__PRIVATE_KEY": str(certs / "node.key"), **FAST_PATH}
     with node_factory(extra_env=env) as node:
         # One connection that never starts its TLS handshake; the handshake used to run in the accept loop.
         idle = idle_connections(node.port, 1, source="127.0.0.1")[0]
