@@ -248,6 +248,7 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
                       "attempts": row.attempts, "worker": row.worker_id, "created": row.created_at,
                       "started": row.started_at, "finished": row.finished_at, "heartbeat": row.heartbeat_at,
                       "derived series": row.output_series_uid or "-", "last error": row.last_error or "-",
+                      "trust": _trust_line(row),
                       "exports": ", ".join(f"{e.id} to {e.destination}: {e.state.value}" for e in exports) or "-"}
         else:
             row = conn.execute(select(Export.__table__).where(Export.id == args.id)).one_or_none()
@@ -267,6 +268,23 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
     for key, value in fields.items():
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _trust_line(job: Any) -> str:
+    """``fail 0.00 (edge_ratio 4.12, bias 0.3, blob_z 3.1): edge_ratio 4.12 (fail at 3)`` or ``-``."""
+    if not job.trust_verdict:
+        return "-"
+    import json
+
+    try:
+        detail = json.loads(job.trust_detail or "{}")
+    except ValueError:
+        detail = {}
+    checks = detail.get("checks", {})
+    numbers = ", ".join(f"{k} {checks[k]:g}" for k in ("edge_ratio", "bias", "blob_z") if k in checks)
+    reasons = "; ".join(detail.get("reasons", []))
+    score = f" {job.trust_score:.2f}" if job.trust_score is not None else ""
+    return f"{job.trust_verdict}{score}" + (f" ({numbers})" if numbers else "") + (f": {reasons}" if reasons else "")
 
 
 def _cmd_jobs_action(args: argparse.Namespace) -> int:

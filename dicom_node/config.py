@@ -75,6 +75,8 @@ class NodeSettings:
     network_timeout: float = 60.0
     #: Seconds a new connection has for its TLS handshake and its A-ASSOCIATE-RQ before it is closed.
     association_request_timeout: float = 5.0
+    #: The event-driven association reactor and direct DIMSE encoders (scp_reactor.py); false: stock pynetdicom.
+    dimse_fast_path: bool = True
     log_level: str = "INFO"
 
 
@@ -164,6 +166,10 @@ class WorkerSettings:
     #: A process renews its lease every third of this; once a lease has run out, the process is taken for dead
     #: and the jobs and exports it was running are taken over by the others (or by its successor at start-up).
     lease_seconds: float = 15.0
+    #: What a derived series that fails the trust check does: ``send`` (export it, with a warning), ``hold``
+    #: (export nothing; the job fails with "held by the trust check" until ``dicom-node jobs retry`` releases it)
+    #: or ``send-source`` (export the original series instead).
+    trust_policy: str = "send"
 
 
 @dataclass
@@ -591,6 +597,8 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     for key in ("heartbeat_seconds", "stall_timeout_seconds", "poll_seconds"):
         if getattr(cfg.worker, key) <= 0:
             problems.append(f"worker.{key}: must be positive")
+    if cfg.worker.trust_policy not in {"send", "hold", "send-source", "off"}:
+        problems.append("worker.trust_policy: must be send, hold, send-source or off")
     if cfg.worker.stall_timeout_seconds < 3 * cfg.worker.heartbeat_seconds:
         problems.append("worker.stall_timeout_seconds: must be at least three heartbeats")
     for key in ("backoff_base_seconds", "backoff_max_seconds", "stall_timeout_seconds", "poll_seconds"):

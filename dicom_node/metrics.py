@@ -36,6 +36,10 @@ EXPORTS_DELIVERED = Counter("dicom_node_exports_delivered", "Series delivered co
                             ["destination"], registry=REGISTRY)
 JOBS_FINISHED = Counter("dicom_node_jobs_finished", "Denoising jobs finished by this process, by outcome",
                         ["outcome"], registry=REGISTRY)
+TRUST_VERDICTS = Counter("dicom_node_trust_verdicts", "Trust checks of derived series, by verdict",
+                         ["verdict"], registry=REGISTRY)
+TRUST_SCORE = Histogram("dicom_node_trust_score", "Trust check score of each derived series (1: only noise removed)",
+                        registry=REGISTRY, buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0))
 STAGE_SECONDS = Histogram(
     "dicom_node_stage_duration_seconds",
     "Seconds per series and stage: receive (first to last instance), denoise (job run), "

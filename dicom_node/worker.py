@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
 from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config
@@ -39,12 +39,16 @@ from dicom_node.store.queue import (
     series_by_pk,
     series_instance_paths,
 )
-from dicom_node.store.schema import Job, JobState, Series, SeriesState
+from dicom_node.store.schema import Instance, Job, JobState, Series, SeriesState
 
 LOGGER = logging.getLogger(__name__)
 
 #: The before/after/difference image of a job's middle slice, in ``outbox/job-<id>/``.
 PREVIEW_NAME = "preview.png"
+#: Frames of each series the trust check looks at (evenly spaced; dicom_node.denoise.trust).
+TRUST_FRAMES = 16
+#: The start of a held job's last_error (policy ``hold``); a `jobs retry` of such a job releases it.
+HELD_PREFIX = "held by the trust check"
 #: An idle worker reads ahead the headers of a series that will be denoised once no instance of it has arrived for
 #: this long (its quiet time is running), so the job's scan finds them read (see ``HeaderCache``).
 PREFETCH_AFTER_SECONDS = 0.5
@@ -159,33 +163,116 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
                 settings.description_suffix += derived_series_label(conn, job.series_pk, derived_uid)
             result = denoise_series(paths, model_engine, out_dir, strength=job.strength, settings=settings,
                                     series_instance_uid=derived_uid, keep_preview=True, durable=True,
-                                    headers=headers)
+                                    headers=headers, keep_samples=TRUST_FRAMES)
         except (SeriesRefused, ModelError) as exc:
             raise JobFailed(str(exc)) from exc
     finally:
         stop_beat.set()
         beater.join()
     write_preview(out_dir, result)
+    # "off": no check at all (it costs 0.1-1.5 s of CPU per series, which matters beside a GPU's 3 s).
+    trust = trust_check(result) if cfg.worker.trust_policy != "off" else None
     # Derived files are named <SOPInstanceUID>.dcm (denoise_series), so the UIDs need no second read.
     instances = [(path.stem, path.relative_to(cfg.data_path).as_posix()) for path in result.paths]
+    export_uid = result.series_instance_uid
     destinations = _rule_destinations(cfg, job.rule)
+    policy = cfg.worker.trust_policy
+    with engine.connect() as conn:
+        earlier_error = conn.execute(select(Job.last_error).where(Job.id == job.id)).scalar_one()
+    # An administrator's `jobs retry` of a held job releases it: it is sent as the "send" policy would.
+    released = policy != "send" and earlier_error.startswith(HELD_PREFIX)
+    held = None
+    if trust is not None and trust.verdict == "fail":
+        if policy == "send" or released:
+            LOGGER.warning("job %d: the derived series failed the trust check (%s); sent anyway%s", job.id,
+                           trust.describe(), " (released by an administrator)" if released else "")
+        elif policy == "hold":
+            held = f"{HELD_PREFIX}: {trust.describe()}"
+            LOGGER.warning("job %d: %s; nothing exported (`dicom-node jobs retry %d` releases it)", job.id, held,
+                           job.id)
+            destinations = []
+        else:  # send-source: the reader gets the original series, unchanged
+            LOGGER.warning("job %d: the derived series failed the trust check (%s); the original series is sent "
+                           "instead", job.id, trust.describe())
+            with engine.connect() as conn:
+                instances = [(uid, path) for uid, path in conn.execute(
+                    select(Instance.sop_instance_uid, Instance.path).where(
+                        Instance.series_pk == job.series_pk,
+                        *([Instance.id <= job.last_instance_pk] if job.last_instance_pk is not None else []))
+                    .order_by(Instance.id))]
+            export_uid = series.series_uid
+    elif trust is not None:
+        LOGGER.info("job %d: trust check %s", job.id, trust.describe())
     with engine.begin() as conn:
-        if not finish_job(conn, job.id, worker_id, result.series_instance_uid, utcnow()):
+        # A held job fails for good, so that it shows among the failed jobs and `jobs retry` can release it.
+        done = (finish_job(conn, job.id, worker_id, result.series_instance_uid, utcnow()) if held is None
+                else fail_job(conn, job.id, held, utcnow(), None, worker_id))
+        if not done:
             LOGGER.warning("job %d was cancelled or taken over while running; its output is discarded", job.id)
             return result.series_instance_uid
+        if trust is not None or held is not None:
+            conn.execute(update(Job).where(Job.id == job.id).values(
+                output_series_uid=result.series_instance_uid,
+                trust_score=trust.score if trust is not None else None,
+                trust_verdict=trust.verdict if trust is not None else "",
+                trust_detail=trust.to_json() if trust is not None else ""))
+        if held is not None:
+            audit.record(conn, "trust.held", worker_id, utcnow(), object_kind="job", object_id=job.id,
+                         series_uid=series.series_uid, detail=held[:1000])
         for destination in destinations:
-            enqueue_export(conn, result.series_instance_uid, destination, instances, utcnow(), job_pk=job.id)
+            # The original series' exports too belong to the job (its page and the dashboard show them there).
+            enqueue_export(conn, export_uid, destination, instances, utcnow(), job_pk=job.id)
+        if trust is not None and trust.verdict == "fail" and held is None:
+            action = ("released by an administrator" if released else
+                      "original series sent instead" if export_uid != result.series_instance_uid else "sent anyway")
+            audit.record(conn, "trust.failed", worker_id, utcnow(), object_kind="job", object_id=job.id,
+                         series_uid=series.series_uid, detail=f"{action}: {trust.describe()}"[:1000])
         audit.record(conn, "series.processed", worker_id, utcnow(), object_kind="job", object_id=job.id,
                      series_uid=series.series_uid,
                      detail=f"model {job.model}, strength {job.strength:g}, {result.frames} frames in "
-                            f"{result.seconds:.1f} s, derived series {result.series_instance_uid}")
+                            f"{result.seconds:.1f} s, derived series {result.series_instance_uid}"
+                            + (f", trust {trust.summary()}" if trust is not None else ""))
     metrics.observe_stage("denoise", result.seconds)
+    if held is not None:
+        metrics.JOBS_FINISHED.labels("held").inc()
+        return result.series_instance_uid
     metrics.JOBS_FINISHED.labels("succeeded").inc()
     LOGGER.info("job %d: series %s denoised with %s in %.1f s (%d frames) -> %s, exports to %s", job.id,
                 series.series_uid, job.model, result.seconds, result.frames, result.series_instance_uid,
                 ", ".join(destinations))
     LOGGER.info("job %d stages: %s", job.id, result.describe_stages())
     return result.series_instance_uid
+
+
+def trust_check(result: Any) -> Any:
+    """Run the trust check on the frames ``denoise_series`` kept; log and count it; ``None`` when it cannot run.
+
+    The check never fails a job: an error in it is logged and the series goes on as if unchecked.
+    """
+    samples = getattr(result, "samples", None)
+    if not samples:
+        return None
+    from dicom_node.denoise.pixels import stored_to_physical
+    from dicom_node.denoise.trust import check_frames
+
+    try:
+        shapes = {before.shape for before, _after, _fmt in samples}
+        if len(shapes) != 1:  # frames of mixed sizes: check those of the first size
+            samples = [s for s in samples if s[0].shape == samples[0][0].shape]
+        valid = []
+        for before, _after, fmt in samples:
+            mask = fmt.padding_mask(before)
+            valid.append(None if mask is None else ~mask)
+        trust = check_frames([stored_to_physical(b, f) for b, _a, f in samples],
+                             [stored_to_physical(a, f) for _b, a, f in samples],
+                             hu=samples[0][2].rescale_type == "HU", pixel_spacing_mm=result.pixel_spacing_mm,
+                             valid=valid)
+    except Exception:  # noqa: BLE001 - a check that cannot run is no reason to lose the series
+        LOGGER.exception("the trust check could not run")
+        return None
+    metrics.TRUST_VERDICTS.labels(trust.verdict).inc()
+    metrics.TRUST_SCORE.observe(trust.score)
+    return trust
 
 
 def derived_series_label(conn: Any, series_pk: int, derived_uid: str) -> str:

@@ -23,7 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -328,6 +328,10 @@ class DenoiseResult:
     seconds: float
     preview: tuple[np.ndarray, np.ndarray, PixelFormat] | None = None
     stages: dict[str, float] = field(default_factory=dict)
+    #: ``(before, after, format)`` of up to ``keep_samples`` evenly spaced frames (stored values), for the trust
+    #: check; and the row pixel spacing (mm) of the series when its first instance has PixelSpacing.
+    samples: list[tuple[np.ndarray, np.ndarray, PixelFormat]] = field(default_factory=list)
+    pixel_spacing_mm: float | None = None
 
     def describe_stages(self) -> str:
         """``scan 0.4 s, wait_decode 1.2 s, model 80.1 s, wait_write 0.3 s``."""
@@ -407,6 +411,7 @@ def denoise_series(
     keep_preview: bool = False,
     durable: bool = False,
     headers: HeaderCache | None = None,
+    keep_samples: int = 0,
 ) -> DenoiseResult:
     """Denoise one series and write its derived series into ``output_dir``.
 
@@ -436,6 +441,8 @@ def denoise_series(
     headers
         Headers read ahead of time (the worker reads them while the series is quiet); used instead of reading
         those files' headers again.
+    keep_samples
+        Keep this many evenly spaced frames before and after (``samples``), for the trust check.
 
     Raises
     ------
@@ -472,6 +479,10 @@ def denoise_series(
     batch = engine.batch_for(rows, cols)
     middle = series.frame_count // 2
     preview = None
+    sample_at = set(np.linspace(0, series.frame_count - 1, min(keep_samples, series.frame_count)).round().astype(int)
+                    .tolist()) if keep_samples > 0 and series.frame_count else set()
+    samples: list[tuple[np.ndarray, np.ndarray, PixelFormat]] = []
+    pixel_spacing: float | None = None
     written: list[Path] = []
     frames_done = 0
     chunks = list(_chunks(series.instances, batch))
@@ -505,6 +516,11 @@ def denoise_series(
                     if keep_preview and preview is None and frames_done <= middle < frames_done + inst.frames:
                         k = middle - frames_done
                         preview = (stored[k].copy(), new[k].copy(), inst.formats[k])
+                    for k in range(inst.frames):
+                        if frames_done + k in sample_at:
+                            samples.append((stored[k].copy(), new[k].copy(), inst.formats[k]))
+                    if sample_at and pixel_spacing is None:
+                        pixel_spacing = _row_spacing(ds)
                     frames_done += inst.frames
                 mark = time.perf_counter()
                 if writing is not None:
@@ -526,5 +542,18 @@ def denoise_series(
     LOGGER.info("wrote %d derived instances (%d frames) in %.1f s", len(written), frames_done, seconds)
     return DenoiseResult(paths=written, series_instance_uid=info.series_instance_uid,
                          source_series_instance_uid=series.series_instance_uid, frames=frames_done,
-                         seconds=seconds, preview=preview, stages=stages)
+                         seconds=seconds, preview=preview, stages=stages, samples=samples,
+                         pixel_spacing_mm=pixel_spacing)
+
+
+def _row_spacing(ds: Any) -> float | None:
+    """PixelSpacing's row spacing (mm), also from a multi-frame's shared functional groups; ``None`` if absent."""
+    try:
+        value = ds.get("PixelSpacing")
+        if value is None:
+            value = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        spacing = float(value[0])
+        return spacing if spacing > 0 else None
+    except Exception:  # noqa: BLE001 - a missing or odd spacing only changes the lesion scale
+        return None
 

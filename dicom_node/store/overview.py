@@ -68,6 +68,9 @@ class SeriesView:
     exports: list[dict[str, Any]] = field(default_factory=list)
     patient_name: str = ""
     patient_id: str = ""
+    #: The trust check of the derived series ("" and ``None`` when not run).
+    trust_verdict: str = ""
+    trust_score: float | None = None
 
 
 def recent_series(conn: Connection, limit: int = 20, with_patient: bool = False) -> list[SeriesView]:
@@ -115,6 +118,8 @@ def recent_series(conn: Connection, limit: int = 20, with_patient: bool = False)
                       "next_attempt": e.not_before if e.state == ExportState.queued else None,
                       "seconds": _seconds(e.finished_at, e.created_at)} for e in exports],
         )
+        if job is not None:
+            view.trust_verdict, view.trust_score = job.trust_verdict, job.trust_score
         if with_patient and s.patient_pk is not None:
             patient = conn.execute(select(Patient.patient_name, Patient.patient_id)
                                    .where(Patient.id == s.patient_pk)).first()

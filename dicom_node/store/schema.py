@@ -179,6 +179,11 @@ class Job(Base):
     instance_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
     #: SHA-256 of the sorted SOP Instance UIDs of the version: an unchanged re-send has the same digest.
     instances_digest: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    #: The trust check of the derived series (dicom_node.denoise.trust): score in [0, 1], ``pass``/``warn``/
+    #: ``fail`` ("" before a run), and its numbers as JSON.
+    trust_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    trust_verdict: Mapped[str] = mapped_column(String(8), default="", server_default="")
+    trust_detail: Mapped[str] = mapped_column(Text, default="", server_default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

@@ -25,6 +25,8 @@ border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:top;overflow-wrap
 table.wide{width:100%} table.fixed{table-layout:fixed}
 .ok{color:#176b1e}.bad{color:#a11}.warn{color:#a15c00;font-weight:600}.state-failed{color:#a11;font-weight:600}.state-succeeded{color:#176b1e}
 .state-running{color:#a60}.state-queued{color:#555}.state-retrying{color:#a60;font-weight:600}
+.trust{font-size:.9em}.trust-pass{color:#176b1e}.trust-warn{color:#a15c00;font-weight:600}
+.trust-fail{color:#a11;font-weight:600}
 img.preview{display:block;width:100%;height:auto;image-rendering:pixelated}
 .timings{font-size:.9em;line-height:1.3} .timings span,.nowrap{white-space:nowrap}
 .wrap,code{overflow-wrap:anywhere} .detail{overflow-wrap:anywhere;font-size:.9em}
@@ -185,6 +187,11 @@ def dashboard(ctx: dict[str, Any], principal: Principal, show_patient: bool) -> 
             preview = (f'<a href="/preview/{s.job_id}.png"><img class="preview" id="preview-{s.job_id}" '
                        f'src="/preview/{s.job_id}.png" alt="before, after and difference of the middle slice">'
                        f'</a>')
+        if s.trust_verdict and s.job_id:
+            score = f" {s.trust_score:.2f}" if s.trust_score is not None else ""
+            preview += (f'<div class="trust trust-{esc(s.trust_verdict)}" id="trust-{s.job_id}" title="trust check: '
+                        f'is what the model removed only noise? (dicom-node jobs show job {s.job_id})">'
+                        f'trust: {esc(s.trust_verdict)}{score}</div>')
         srows.append(f'<tr id="series-{esc(s.series_uid)}"><td>{age(s.received_at, now)}</td>'
                      f'<td>{esc(s.modality)} {esc(s.description)}{patient}<br><code>{esc(s.series_uid)}</code></td>'
                      f'<td class="num">{s.instances}</td><td class="wrap">{esc(s.rule or "-")}</td>'
