@@ -88,6 +88,19 @@ class Browser:
                 raise AssertionError(f"no element {css!r} on {self.url} after {timeout:.0f} s")
             time.sleep(0.2)
 
+    def wait_for_image(self, element_id: str, timeout: float = 30.0) -> int:
+        """Wait until the ``<img id=element_id>`` has loaded; return its natural width in pixels."""
+        self.wait_for(f"#{element_id}", timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            width = self.script(f"const i = document.getElementById('{element_id}');"
+                                "return i.complete ? i.naturalWidth : 0;")
+            if width:
+                return int(width)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the image {element_id!r} did not load on {self.url}")
+            time.sleep(0.2)
+
 
 @contextlib.contextmanager
 def chromium(chromedriver: str, chromium_binary: str) -> Iterator[Browser]:

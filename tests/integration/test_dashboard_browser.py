@@ -122,13 +122,7 @@ def test_log_in_see_preview_retry_failed_export(tmp_path: Path) -> None:
                 browser.wait_for("#series")
                 assert "BROWSER TEST" in browser.text("#series")
                 assert f"job {job.id} succeeded" in browser.text(f"#job-state-{job.id}")
-                browser.wait_for(f"#preview-{job.id}")
-                deadline = time.monotonic() + 30
-                while not browser.script(f"const i = document.getElementById('preview-{job.id}');"
-                                         "return i.complete && i.naturalWidth;"):
-                    assert time.monotonic() < deadline, "the preview image did not load"
-                    time.sleep(0.2)
-                assert browser.script(f"return document.getElementById('preview-{job.id}').naturalWidth;") == width
+                assert browser.wait_for_image(f"preview-{job.id}") == width
                 assert "failed" in browser.text(f"#export-{export.id}")
                 assert "ORTHANC@127.0.0.1" in browser.text(f"#failure-export-{export.id}")
                 browser.screenshot(tmp_path / "dashboard-before-retry.png")

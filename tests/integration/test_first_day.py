@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from pydicom import dcmread
@@ -93,12 +92,7 @@ def test_first_day_from_the_readme(tmp_path: Path) -> None:
             browser.click("#login")
             browser.wait_for("#series")
             assert "HEAD ROUTINE" in browser.text("#series")
-            browser.wait_for(f"#preview-{job.id}")
-            deadline = time.monotonic() + 30
-            while not browser.script(f"const i = document.getElementById('preview-{job.id}');"
-                                     "return i.complete && i.naturalWidth;"):
-                assert time.monotonic() < deadline, "the preview image did not load"
-                time.sleep(0.2)
+            assert browser.wait_for_image(f"preview-{job.id}") > 0
             browser.screenshot(tmp_path / "first-day-dashboard.png")
             print(f"screenshot: {tmp_path / 'first-day-dashboard.png'}")
 
