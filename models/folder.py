@@ -145,6 +145,13 @@ class ModelCard:
         Data summary and measured metrics (free-form tables).
     sha256
         Hex digest of ``weights.safetensors``; written by :func:`save_model_folder`.
+    samples_per_pixel
+        1: the network sees grey values (MONOCHROME1/2, or the grey B-mode of an ultrasound image); 3: colour, as
+        RGB (YBR and palette sources are converted to RGB first).
+    context
+        Neighbouring slices or frames fed on each side of the one denoised (0: one frame alone). The network's
+        input then has ``(2 * context + 1) * samples_per_pixel`` channels, frames in order; at the ends of a
+        series the nearest frame is repeated.
     """
 
     name: str
@@ -160,6 +167,8 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     sha256: str = ""
+    samples_per_pixel: int = 1
+    context: int = 0
     created: str = ""
     format: int = CARD_FORMAT
 
@@ -185,6 +194,10 @@ class ModelCard:
         if self.normalization.input_unit == "HU" and any(m != "CT" for m in self.modalities):
             out.append("normalization.input_unit: HU only fits CT, but modalities lists "
                        + ", ".join(m for m in self.modalities if m != "CT"))
+        if self.samples_per_pixel not in (1, 3):
+            out.append(f"samples_per_pixel: must be 1 (grey) or 3 (colour), not {self.samples_per_pixel!r}")
+        if not isinstance(self.context, int) or isinstance(self.context, bool) or not 0 <= self.context <= 8:
+            out.append(f"context: must be an integer from 0 to 8 (neighbouring frames per side), not {self.context!r}")
         if self.sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
             out.append(f"sha256: {self.sha256!r} is not a lowercase hex sha256 digest")
         if self.format != CARD_FORMAT:
@@ -379,6 +392,20 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def check_channels(card: ModelCard, network: nn.Module) -> None:
+    """Raise :class:`CardError` unless ``network``'s image channels fit the card's ``samples_per_pixel``/``context``.
+
+    A grey network run on colour, or a 3-slice network fed one slice, would fail deep inside torch (or, worse, run
+    on the wrong channels); the card is the contract the engine reads, so the two must agree.
+    """
+    expected_in = (2 * card.context + 1) * card.samples_per_pixel
+    channels = (getattr(network, "in_channels", 1), getattr(network, "out_channels", 1))
+    if channels != (expected_in, card.samples_per_pixel):
+        raise CardError(f"model {card.name}: the network takes {channels[0]} channel(s) and gives {channels[1]}, but "
+                        f"the card (samples_per_pixel {card.samples_per_pixel}, context {card.context}) needs "
+                        f"{expected_in} and {card.samples_per_pixel}")
+
+
 def save_model_folder(network: nn.Module, card: ModelCard, path: str | os.PathLike[str]) -> ModelCard:
     """Write ``network``'s weights and ``card`` (with the weights' sha256) to the folder ``path``.
 
@@ -402,6 +429,7 @@ def save_model_folder(network: nn.Module, card: ModelCard, path: str | os.PathLi
         raise ModelIntegrityError(
             f"the network's weights do not fit {card.architecture} with arguments {card.arguments}: {exc}"
         ) from exc
+    check_channels(card, probe)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (WEIGHTS_FILE + ".tmp")
@@ -469,6 +497,7 @@ def load_model_folder(path: str | os.PathLike[str], device: str | torch.device =
         network = build_network(card.architecture, **card.arguments)
     except (UnknownArchitecture, TypeError, ValueError) as exc:
         raise CardError(f"model {card.name}: cannot build {card.architecture} with {card.arguments}: {exc}") from exc
+    check_channels(card, network)
     try:
         state = load_file(str(weights))
         network.load_state_dict(state, strict=True)

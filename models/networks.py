@@ -199,6 +199,10 @@ class ResUNet(nn.Module):
         Residual blocks per level in the encoder and in the decoder (the bottom level has ``blocks`` in all).
     bias
         Whether convolutions have biases.
+    in_channels, out_channels
+        Image channels in and out: 1 and 1 for a grey slice; 3 and 3 for colour; ``(2k + 1) * c`` in and ``c`` out
+        for a frame with ``k`` neighbours on each side (frames in order, each frame's ``c`` samples together).
+        The output is the centre frame minus the predicted residual, so the network still learns only noise.
 
     Notes
     -----
@@ -209,10 +213,16 @@ class ResUNet(nn.Module):
     """
 
     def __init__(self, channels: tuple[int, ...] | list[int] = (32, 64, 128, 256), blocks: int = 2,
-                 bias: bool = True, unshuffle: int = 1) -> None:
+                 bias: bool = True, unshuffle: int = 1, in_channels: int = 1, out_channels: int = 1) -> None:
         super().__init__()
         if unshuffle < 1:
             raise ValueError("unshuffle must be >= 1")
+        if out_channels < 1 or in_channels < out_channels or in_channels % out_channels \
+                or (in_channels // out_channels) % 2 == 0:
+            raise ValueError("in_channels must be an odd multiple (2k + 1) of out_channels")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        # The centre frame's channels: what the residual is subtracted from.
+        self.centre = slice((in_channels - out_channels) // 2, (in_channels + out_channels) // 2)
         self.unshuffle = int(unshuffle)
         channels = tuple(int(c) for c in channels)
         if len(channels) < 1 or min(channels) < 1 or blocks < 1:
@@ -221,7 +231,7 @@ class ResUNet(nn.Module):
         self.levels = len(channels)
         self.size_multiple = 2 ** (self.levels - 1) * self.unshuffle
         u2 = self.unshuffle**2
-        self.head = nn.Conv2d(u2, channels[0], 3, padding=1, bias=bias)
+        self.head = nn.Conv2d(u2 * self.in_channels, channels[0], 3, padding=1, bias=bias)
         self.down_blocks = nn.ModuleList()
         self.downs = nn.ModuleList()
         self.ups = nn.ModuleList()
@@ -233,7 +243,7 @@ class ResUNet(nn.Module):
             self.ups.append(nn.ConvTranspose2d(c_next, c, 2, stride=2, bias=bias))
             self.up_blocks.append(nn.Sequential(*[ResBlock(c, bias) for _ in range(blocks)]))
         self.bottom = nn.Sequential(*[ResBlock(channels[-1], bias) for _ in range(blocks)])
-        self.tail = nn.Conv2d(channels[0], u2, 3, padding=1, bias=bias)
+        self.tail = nn.Conv2d(channels[0], u2 * self.out_channels, 3, padding=1, bias=bias)
         nn.init.zeros_(self.tail.weight)
         if self.tail.bias is not None:
             nn.init.zeros_(self.tail.bias)
@@ -276,34 +286,37 @@ class ResUNet(nn.Module):
         return r[..., :h_in, :w_in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.residual(x)
+        return x[:, self.centre] - self.residual(x)
 
 
 @register_architecture("unet-res")
 def _build_unet_res(channels: tuple[int, ...] | list[int] = (32, 64, 128, 256), blocks: int = 2,
-                    bias: bool = True, unshuffle: int = 1) -> nn.Module:
+                    bias: bool = True, unshuffle: int = 1, in_channels: int = 1, out_channels: int = 1) -> nn.Module:
     """The main CNN: 4.26 M parameters, 142 GFLOP per 512x512 slice (RED-CNN: 917)."""
-    return ResUNet(channels=channels, blocks=blocks, bias=bias, unshuffle=unshuffle)
+    return ResUNet(channels=channels, blocks=blocks, bias=bias, unshuffle=unshuffle, in_channels=in_channels,
+                   out_channels=out_channels)
 
 
 @register_architecture("unet-res-small")
 def _build_unet_res_small(channels: tuple[int, ...] | list[int] = (32, 64, 128), blocks: int = 1,
-                          bias: bool = True, unshuffle: int = 2) -> nn.Module:
+                          bias: bool = True, unshuffle: int = 2, in_channels: int = 1, out_channels: int = 1) -> nn.Module:
     """The CPU variant: a 2x pixel-unshuffle stem (as in FFDNet) then three levels at 1/2, 1/4, 1/8 resolution.
 
     0.56 M parameters, 13.5 GFLOP per 512x512 slice.
     """
-    return ResUNet(channels=channels, blocks=blocks, bias=bias, unshuffle=unshuffle)
+    return ResUNet(channels=channels, blocks=blocks, bias=bias, unshuffle=unshuffle, in_channels=in_channels,
+                   out_channels=out_channels)
 
 
 @register_architecture("gan-generator")
 def _build_gan_generator(channels: tuple[int, ...] | list[int] = (32, 64, 128, 256), blocks: int = 2,
-                         bias: bool = True, unshuffle: int = 1) -> nn.Module:
+                         bias: bool = True, unshuffle: int = 1, in_channels: int = 1, out_channels: int = 1) -> nn.Module:
     """The GAN's generator: a :class:`ResUNet` with ``unet-res``'s defaults, so it loads the CNN's weights.
 
     4.26 M parameters, 142 GFLOP per 512x512 slice.
     """
-    return ResUNet(channels=channels, blocks=blocks, bias=bias, unshuffle=unshuffle)
+    return ResUNet(channels=channels, blocks=blocks, bias=bias, unshuffle=unshuffle, in_channels=in_channels,
+                   out_channels=out_channels)
 
 
 # ---------------------------------------------------------------------------------------------------------------

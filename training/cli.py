@@ -179,6 +179,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"[{time.monotonic() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
 
     progress(f"evaluating {args.model}; report in {out}")
+    recipe = _recipe_of_model(args.model)
+    if recipe is not None:  # MR, X-ray, ultrasound, endoscopy: their own images, noise and baselines
+        recipe.evaluate(args.model, data, out, seed=args.seed, max_images=args.slices, progress=progress,
+                        write_card=args.write_card)
+        print((out / "table.md").read_text())
+        print(f"report in {out}")
+        return 0
     from training.evaluate import evaluate
 
     lcd = None
@@ -195,6 +202,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print((out / "detectability.md").read_text())
     print(f"report in {out}")
     return 0
+
+
+def _recipe_of_model(model: str):  # noqa: ANN202 - a recipe module or None
+    """The :mod:`training.modalities` recipe that scores ``model`` (by its card's first modality), or ``None``."""
+    from models.folder import read_card
+    from training.modalities import recipe_for_modality
+
+    card = read_card(model)
+    return recipe_for_modality(card.modalities[0]) if card.modalities else None
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

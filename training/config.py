@@ -136,6 +136,7 @@ class TrainingConfig:
     train: TrainSection = field(default_factory=TrainSection)
     gan: GanSection = field(default_factory=GanSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    recipe: dict[str, Any] = field(default_factory=dict)  # modality-specific settings (training.modalities)
     source: str = ""  # the file it was read from (not a TOML key)
 
     def data_root(self) -> Path:

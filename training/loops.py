@@ -83,6 +83,11 @@ def normalization_for(cfg: TrainingConfig):
 def build_datasets(cfg: TrainingConfig, progress: bool = True):
     """``(train dataset, validation dataset or None, data summary)`` for ``cfg``."""
     from training.data import NoisyCache, RealPairs, SelfSupervisedPairs, SimulatedPairs
+    from training.modalities import recipe_for
+
+    recipe = recipe_for(cfg.noise.kind)
+    if recipe is not None:
+        return recipe.build_datasets(cfg, progress=progress)
 
     norm = normalization_for(cfg)
     d = cfg.data

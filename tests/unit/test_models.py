@@ -190,3 +190,35 @@ def test_docstring_sizes_are_true(name: str, params: float, gflop: float) -> Non
     assert abs(count_parameters(net) - params) / params < 0.01
     assert abs(count_flops(net) / 1e9 - gflop) / gflop < 0.01
     assert f"{gflop:g}" in networks.__doc__  # the module's table states the same figure
+
+
+def test_context_network_subtracts_its_residual_from_the_centre_frame() -> None:
+    net = build_network("unet-res-small", channels=[4, 8], blocks=1, in_channels=3, out_channels=1).eval()
+    x = torch.randn(2, 3, 17, 23)
+    with torch.no_grad():
+        assert torch.equal(net(x), x[:, 1:2])  # the zero-initialised tail predicts no noise yet
+        net.tail.bias.fill_(0.5)
+        assert torch.allclose(net(x), x[:, 1:2] - 0.5)
+
+
+def test_colour_network_keeps_three_channels() -> None:
+    net = build_network("unet-res", channels=[4, 8], blocks=1, in_channels=3, out_channels=3).eval()
+    with torch.no_grad():
+        assert net(torch.rand(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+
+
+def test_channels_must_be_an_odd_multiple() -> None:
+    with pytest.raises(ValueError, match="odd multiple"):
+        build_network("unet-res-small", channels=[4, 8], in_channels=2, out_channels=1)
+
+
+def test_card_and_network_channels_must_agree(tmp_path: Path) -> None:
+    args = {**TINY["unet-res-small"], "in_channels": 3, "out_channels": 1}
+    card = dataclasses.replace(tiny_card(), arguments=args)  # context 0 claims one slice in
+    with pytest.raises(CardError, match="context 0"):
+        save_model_folder(build_network("unet-res-small", **args), card, tmp_path / "m")
+    good = dataclasses.replace(card, context=1)
+    save_model_folder(build_network("unet-res-small", **args), good, tmp_path / "m")
+    assert load_model_folder(tmp_path / "m").card.context == 1
+    with pytest.raises(CardError, match="samples_per_pixel"):
+        ModelCard.from_dict({**good.to_dict(), "samples_per_pixel": 2})
