@@ -9,8 +9,10 @@ Information in the place of the C-STORE request's; the calling AE title recorded
 Order of checks, each answered before any byte of the body is read:
 
 ====  ==============================================================================================
+429   the client's address, or the basic user name it claims, is locked by the login throttle
+      (:mod:`dicom_node.web.throttle`, the dashboard's limits; the name counted as ``dicomweb:NAME``)
 401   no or wrong credentials (bearer token or HTTP basic of a ``[dicomweb] sources`` entry); audited as
-      ``login.failed`` and logged, like a failed dashboard login
+      ``login.failed``, logged and counted by the login throttle, like a failed dashboard login
 415   the Content-Type is not ``multipart/related; type="application/dicom"``
 411   no Content-Length (chunked request bodies are not accepted)
 413   the body is larger than ``dicomweb.max_request_gb``
@@ -36,6 +38,7 @@ import hashlib
 import hmac
 import logging
 import threading
+import time
 from http import HTTPStatus
 from io import BytesIO
 from typing import Any
@@ -47,6 +50,7 @@ from dicom_node.dicomweb.status import InstanceOutcome
 from dicom_node.receive import ACCEPTED_TRANSFER_SYNTAXES, StoreRefused, store_instance
 from dicom_node.store.database import utcnow
 from dicom_node.store.spool import is_valid_uid
+from dicom_node.web import throttle
 from dicom_node.web.auth import _DUMMY_HASH, token_digest, verify_password
 
 LOGGER = logging.getLogger(__name__)
@@ -130,6 +134,18 @@ def authenticate(sources: list[dict[str, Any]], authorization: str,
     return None, "", "no credentials" if not authorization.strip() else "unsupported authorization scheme"
 
 
+def basic_user_name(authorization: str) -> str:
+    """The user name an HTTP basic ``Authorization`` header claims ("" for other schemes or malformed ones)."""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return ""
+    try:
+        name, sep, _password = base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    return name[:64] if sep else ""
+
+
 def source_ae_title(source: dict[str, Any]) -> str:
     """The calling AE title recorded for instances a source stores."""
     return str(source.get("ae_title") or source["name"])[:16]
@@ -187,10 +203,16 @@ class StowService:
         study = path[len(PREFIX) + 1:] if path != PREFIX else ""
         if study and (not is_valid_uid(study) or "/" in study):
             return self._refuse(environ, HTTPStatus.NOT_FOUND, "the path is not /dicomweb/studies[/{valid UID}]")
-        source, claimed, why = authenticate(self.cfg.dicomweb.sources, str(environ.get("HTTP_AUTHORIZATION", "")),
-                                            self.basic_cache)
+        authorization = str(environ.get("HTTP_AUTHORIZATION", ""))
+        refused = self._locked_out(environ, address, authorization)
+        if refused is not None:
+            return refused
+        source, claimed, why = authenticate(self.cfg.dicomweb.sources, authorization, self.basic_cache)
         if source is None:
             return self._unauthorized(environ, address, claimed, why)
+        if claimed and authorization.strip().lower().startswith("basic"):
+            with self.node.engine.begin() as conn:
+                throttle.record_success(conn, throttle.stow_subject(claimed))
         media_type, params = parse_media_type(str(environ.get("CONTENT_TYPE", "")))
         if media_type != "multipart/related" or params.get("type", "").lower() != "application/dicom":
             return self._refuse(environ, HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
@@ -329,11 +351,45 @@ class StowService:
         status_, plain_headers, body = _plain(status, reason)
         return status_, plain_headers + extra, body
 
+    def _locked_out(self, environ: dict[str, Any], address: str, authorization: str) -> Response | None:
+        """429 when the address, or the basic user name claimed, is locked by the login throttle; else ``None``.
+
+        Checked before the password, as for dashboard logins: while locked even the right password is refused,
+        and guessing costs the node no PBKDF2 work.
+        """
+        claimed = basic_user_name(authorization)
+        now = utcnow()
+        with self.node.engine.begin() as conn:
+            lock = throttle.active_lock(conn, throttle.stow_subject(claimed) if claimed else "", address, now)
+            if lock is not None:
+                audit.record(conn, "login.failed", f"dicomweb:{claimed or '?'}", now,
+                             detail=f"STOW-RS from {address}: refused, {lock.kind} {lock.subject} locked until "
+                                    f"{lock.until:%Y-%m-%d %H:%M:%S}")
+        if lock is None:
+            return None
+        LOGGER.warning("STOW-RS from %s refused: %s %s is locked", address, lock.kind, lock.subject)
+        retry = str(max(1, int((lock.until - now).total_seconds())))
+        return self._refuse(environ, HTTPStatus.TOO_MANY_REQUESTS, throttle.describe(lock, now),
+                            [("Retry-After", retry)])
+
     def _unauthorized(self, environ: dict[str, Any], address: str, claimed: str, why: str) -> Response:
         actor = f"dicomweb:{claimed or '?'}"
         LOGGER.warning("STOW-RS from %s refused: %s%s", address, why, f" (user {claimed!r})" if claimed else "")
+        now = utcnow()
         with self.node.engine.begin() as conn:
-            audit.record(conn, "login.failed", actor, utcnow(), detail=f"STOW-RS from {address}: {why}")
+            audit.record(conn, "login.failed", actor, now, detail=f"STOW-RS from {address}: {why}")
+            failures, locks = throttle.record_failure(conn, throttle.Limits.from_settings(self.cfg.web),
+                                                      throttle.stow_subject(claimed) if claimed else None,
+                                                      address, now)
+            for lock in locks:
+                audit.record(conn, "login.locked", f"{lock.kind}:{lock.subject}", now, object_kind="login",
+                             detail=f"too many failed STOW-RS logins (the last from {address}); locked until "
+                                    f"{lock.until:%Y-%m-%d %H:%M:%S}")
+        for lock in locks:
+            LOGGER.warning("STOW-RS and dashboard logins of %s %s locked until %s UTC after too many failures",
+                           lock.kind, lock.subject, f"{lock.until:%H:%M:%S}")
+        # Each failure of a name (or, for tokens, of the address) waits longer: guessing gets slow, then locked.
+        time.sleep(throttle.failure_delay(failures))
         challenge = [("WWW-Authenticate", 'Bearer realm="dicom-node STOW-RS"'),
                      ("WWW-Authenticate", 'Basic realm="dicom-node STOW-RS", charset="UTF-8"')]
         return self._refuse(environ, HTTPStatus.UNAUTHORIZED, f"authentication failed: {why}", challenge)

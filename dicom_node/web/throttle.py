@@ -1,4 +1,4 @@
-"""Login rate limit: failed dashboard logins slow the answer down, then lock the user name or the client address.
+"""Login rate limit: failed dashboard and STOW-RS logins slow the answer down, then lock the name or the address.
 
 Failures are counted per user name (as typed, known or not, so a lock-out reveals nothing about which names exist)
 and per client address, in the ``login_throttle`` table, so a lock-out survives a restart and holds for every web
@@ -7,6 +7,10 @@ name for ``web.login_lockout_minutes``; ``web.login_max_failures_per_address`` f
 names) lock that address. While a name or an address is locked even the right password is refused. Each failed
 answer is delayed a little more than the one before (:func:`failure_delay`). An administrator unlocks on the
 dashboard's admin page or with ``dicom-node web unlock NAME``.
+
+STOW-RS clients (``[dicomweb] sources``) share the table and the limits: their names are counted as
+``dicomweb:NAME`` (:func:`stow_subject`), apart from dashboard users of the same name, and their addresses with
+everyone's, so a host guessing passwords on both doors is locked on both.
 
 Every function works in the caller's transaction; the caller writes the audit events.
 """
@@ -60,6 +64,11 @@ def _subject(text: str) -> str:
     return text[:128]
 
 
+def stow_subject(name: str) -> str:
+    """The throttle's user name for the STOW-RS source ``name`` (kept apart from dashboard user names)."""
+    return f"dicomweb:{name}"
+
+
 def active_lock(conn: Connection, user: str, address: str, now: dt.datetime) -> Lock | None:
     """The lock-out that refuses this login (of the user name or of the address), or ``None``."""
     rows = conn.execute(select(LoginThrottle.kind, LoginThrottle.subject, LoginThrottle.locked_until).where(
@@ -86,9 +95,10 @@ def _row_for_update(conn: Connection, kind: str, subject: str, now: dt.datetime)
                         .with_for_update()).one()
 
 
-def record_failure(conn: Connection, limits: Limits, user: str, address: str,
+def record_failure(conn: Connection, limits: Limits, user: str | None, address: str,
                    now: dt.datetime) -> tuple[int, list[Lock]]:
-    """Count a failed login of ``user`` from ``address``.
+    """Count a failed login of ``user`` from ``address`` (``user`` ``None``: no name was claimed, as with a wrong
+    bearer token; only the address is counted, so one stranger's guesses cannot lock every token out).
 
     Returns
     -------
@@ -98,7 +108,8 @@ def record_failure(conn: Connection, limits: Limits, user: str, address: str,
     """
     started: list[Lock] = []
     user_failures = 0
-    for kind, subject in ((USER, _subject(user)), (ADDRESS, _subject(address))):
+    counted = ((USER, _subject(user)),) if user is not None else ()
+    for kind, subject in (*counted, (ADDRESS, _subject(address))):
         row = _row_for_update(conn, kind, subject, now)
         failures, window_start = row.failures, row.window_start
         if window_start <= now - limits.window:
@@ -157,7 +168,7 @@ def describe(lock: Lock, now: dt.datetime) -> str:
     """What a refused login is told: who is locked, until when, and how to get unlocked."""
     minutes = max(1, round((lock.until - now).total_seconds() / 60))
     who = f"user {lock.subject!r}" if lock.kind == USER else f"address {lock.subject}"
-    how = (f"`dicom-node web unlock {lock.subject}`" if lock.kind == USER
+    how = (f"`dicom-node web unlock '{lock.subject}'`" if lock.kind == USER
            else f"`dicom-node web unlock --address {lock.subject}`")
     return (f"Too many failed logins: {who} is locked until {lock.until:%H:%M} UTC (about {minutes} min). "
             f"An administrator can unlock it on the Admin page or with {how}.")

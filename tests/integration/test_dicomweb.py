@@ -8,10 +8,12 @@ send its body.
 
 from __future__ import annotations
 
+import base64
 import email.parser
 import email.policy
 import http.client
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -292,3 +294,38 @@ def test_stow_body_from_multipart_stream_is_what_orthanc_stores(tmp_path: Path) 
                                headers={"Content-Type": body.content_type, "Accept": "application/dicom+json"})
         assert answer.status_code == 200
         assert set(sequence_uids(answer.json(), "00081199")) == {str(dcmread(p).SOPInstanceUID) for p in ct}
+
+
+def test_stow_basic_password_guessing_is_slowed_then_locked(tmp_path: Path) -> None:
+    """HTTP basic on STOW-RS shares the dashboard's login throttle: five wrong passwords lock the source's name,
+    the right password is then refused (429) until an administrator unlocks it."""
+    from dicom_node.web.auth import hash_password
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[dicomweb]\nenabled = true\nsources = [{{ name = "cloud", password_hash = '
+                      f'"{hash_password("right", iterations=1000)}" }}]\n')
+    web_port = free_port()
+    ct = make_ct_series(tmp_path / "ct", n_slices=1, rows=16, cols=16)
+    with dicom_node(tmp_path / "node", config=config, extra_env={"DICOM_NODE_WEB__PORT": str(web_port)}) as node:
+        wait_until(lambda: _answers(web_port), 30, "the web port")
+        url = f"http://127.0.0.1:{web_port}/dicomweb/studies"
+
+        def post(password: str) -> requests.Response:
+            headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b',
+                       "Authorization": "Basic " + base64.b64encode(f"cloud:{password}".encode()).decode()}
+            body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + ct[0].read_bytes() + b"\r\n--b--\r\n"
+            return requests.post(url, data=body, headers=headers, timeout=60)
+
+        assert [post("guess").status_code for _ in range(5)] == [401] * 5
+        locked = post("right")
+        assert locked.status_code == 429 and int(locked.headers["Retry-After"]) > 0
+        assert "dicomweb:cloud" in locked.text and "unlock" in locked.text
+        assert rows(node.storage, Instance) == []
+        events = [e.action for e in rows(node.storage, AuditEvent)]
+        assert "login.locked" in events and events.count("login.failed") == 6
+
+        unlock = subprocess.run([*node_command(), "web", "unlock", "dicomweb:cloud", "--config", str(config)],
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "DICOM_NODE_NODE__DATA_DIR": str(node.storage)})
+        assert unlock.returncode == 0, unlock.stdout + unlock.stderr
+        assert post("right").status_code == 200
