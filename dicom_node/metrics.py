@@ -34,6 +34,10 @@ EXPORT_FAILURES = Counter("dicom_node_export_failures", "Export attempts that di
                           ["destination"], registry=REGISTRY)
 EXPORTS_DELIVERED = Counter("dicom_node_exports_delivered", "Series delivered completely to a destination",
                             ["destination"], registry=REGISTRY)
+CONNECTIONS_CLOSED = Counter("dicom_node_connections_closed",
+                             "TCP connections to the DICOM port closed before they associated, by reason "
+                             "(host_not_allowed, too_many_pending, request_timeout, closed_by_peer, tls_failed)",
+                             ["reason"], registry=REGISTRY)
 JOBS_FINISHED = Counter("dicom_node_jobs_finished", "Denoising jobs finished by this process, by outcome",
                         ["outcome"], registry=REGISTRY)
 TRUST_VERDICTS = Counter("dicom_node_trust_verdicts", "Trust checks of derived series, by verdict",
@@ -58,6 +62,11 @@ def observe_stage(stage: str, seconds: float) -> None:
 def count_association(outcome: str) -> None:
     """Count an association event (``accepted``, ``rejected``, ``aborted``, ``released``)."""
     ASSOCIATIONS.labels(outcome).inc()
+
+
+def count_closed_connection(reason: str) -> None:
+    """Count a connection the SCP closed before it associated (see ``scp_reactor.ConnectionGate``)."""
+    CONNECTIONS_CLOSED.labels(reason).inc()
 
 
 def record_export(destination: str, state: str, seconds: float) -> None:

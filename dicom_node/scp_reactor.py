@@ -631,7 +631,9 @@ class ConnectionGate:
     - closes connections from a host that already has ``max_pending_per_host`` not yet associated;
     - gives each admitted connection ``request_timeout`` seconds for its TLS handshake and its A-ASSOCIATE-RQ.
 
-    Refusals are logged at WARNING, at most once a minute per host and reason, with the number left unlogged.
+    Refusals are logged at WARNING, at most once a minute per host and reason, with the number left unlogged,
+    and each is passed to ``on_close`` (the service counts them for ``/metrics``) with its kind
+    (:data:`CLOSE_KINDS`).
 
     Parameters
     ----------
@@ -655,6 +657,8 @@ class ConnectionGate:
         self._pending: dict[str, int] = {}
         #: (host, reason) -> (monotonic time of the last line, refusals since then)
         self._reports: dict[tuple[str, str], tuple[float, int]] = {}
+        #: Called with the kind of every connection closed before associating (set by the service).
+        self.on_close: Callable[[str], None] = lambda _kind: None
 
     def is_allowed(self, host: str) -> bool:
         """Whether ``host`` (an IP address as text) is in the allow-list; any host when it is empty."""
@@ -671,7 +675,7 @@ class ConnectionGate:
     def admit(self, host: str, port: int) -> PendingConnection | None:
         """Take a place for a connection just accepted from ``host``; ``None``: close it now."""
         if not self.is_allowed(host):
-            self.report(host, port, "host not in security.allowed_hosts")
+            self.report(host, port, "host not in security.allowed_hosts", kind="host_not_allowed")
             return None
         with self._lock:
             pending = self._pending.get(host, 0)
@@ -679,7 +683,7 @@ class ConnectionGate:
                 self._pending[host] = pending + 1
                 return PendingConnection(self, host)
         self.report(host, port, f"{pending} connection(s) from this host not associated yet "
-                                f"(security.max_pending_per_host)")
+                                f"(security.max_pending_per_host)", kind="too_many_pending")
         return None
 
     def pending(self, host: str) -> int:
@@ -698,8 +702,10 @@ class ConnectionGate:
             else:
                 self._pending.pop(connection.host, None)
 
-    def report(self, host: str, port: int, reason: str, level: int = logging.WARNING) -> None:
-        """Log that a connection from ``host`` was closed before associating, throttled per host and reason."""
+    def report(self, host: str, port: int, reason: str, level: int = logging.WARNING, *, kind: str) -> None:
+        """Log that a connection from ``host`` was closed before associating, throttled per host and reason,
+        and count it under ``kind`` (one of :data:`CLOSE_KINDS`)."""
+        self.on_close(kind)
         now = time.monotonic()
         key = (host, reason)
         with self._lock:
@@ -731,6 +737,9 @@ def set_io_timeout(sock: socket.socket, seconds: float) -> None:
 #: is usually under 10 KiB, and the kernel's receive buffer (128 KiB by default on Linux) holds this much.
 MAX_REQUEST_PEEK = 65536
 
+
+#: Why a connection was closed before it associated (the ``reason`` label of ``dicom_node_connections_closed``).
+CLOSE_KINDS = ("host_not_allowed", "too_many_pending", "request_timeout", "closed_by_peer", "tls_failed")
 
 #: What :func:`wait_for_request` saw.
 REQUEST, CLOSED, TIMED_OUT = "request", "closed", "timed out"
@@ -833,11 +842,12 @@ class EventDrivenServer(ThreadedAssociationServer):
                 except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
                     if isinstance(exc, TimeoutError):
                         self.gate.report(host, port, "no TLS handshake within node.association_request_timeout",
-                                         logging.INFO)
+                                         logging.INFO, kind="request_timeout")
                     elif isinstance(exc, (ssl.SSLEOFError, ConnectionError)):  # a port probe: connect, close
-                        self.gate.report(host, port, "closed before its TLS handshake", logging.DEBUG)
+                        self.gate.report(host, port, "closed before its TLS handshake", logging.DEBUG,
+                                         kind="closed_by_peer")
                     else:  # a certificate or protocol problem, worth an administrator's look
-                        self.gate.report(host, port, f"TLS handshake failed: {exc}")
+                        self.gate.report(host, port, f"TLS handshake failed: {exc}", kind="tls_failed")
                     pending.settle()
                     self.shutdown_request(request)
                     return
@@ -846,7 +856,10 @@ class EventDrivenServer(ThreadedAssociationServer):
             if seen != REQUEST:
                 if seen == TIMED_OUT and not self._stopping.is_set():
                     self.gate.report(host, port, "no A-ASSOCIATE-RQ within node.association_request_timeout",
-                                     logging.INFO)
+                                     logging.INFO, kind="request_timeout")
+                elif seen == CLOSED:
+                    self.gate.report(host, port, "closed before its A-ASSOCIATE-RQ", logging.DEBUG,
+                                     kind="closed_by_peer")
                 pending.settle()
                 self.shutdown_request(sock)
                 return
@@ -892,7 +905,7 @@ class AllowListServer(ThreadedAssociationServer):
         host, port = str(client_address[0]), int(client_address[1])
         if self.gate.is_allowed(host):
             return True
-        self.gate.report(host, port, "host not in security.allowed_hosts")
+        self.gate.report(host, port, "host not in security.allowed_hosts", kind="host_not_allowed")
         return False
 
 

@@ -119,9 +119,10 @@ class Node:
         self.engine = engine
         from dicom_node import audit
 
+        receiver: Receiver | None = None  # role "receive" only
         if "receive" in self.roles:
-            self.receiver = Receiver(spool, engine, int(self.cfg.node.min_free_disk_gb * 1024**3))
-            reindex_spool(self.receiver)
+            receiver = self.receiver = Receiver(spool, engine, int(self.cfg.node.min_free_disk_gb * 1024**3))
+            reindex_spool(receiver)
         roles_text = ",".join(r for r in ROLES if r in self.roles)
         orphans = start_lease(engine, self.identity, roles_text, self.cfg.worker.lease_seconds)
         if orphans:
@@ -150,10 +151,9 @@ class Node:
         for thread in threads:
             thread.start()
         self.threads.extend(threads)
-        if "receive" in self.roles:
-            assert self.receiver is not None
+        if receiver is not None:
             try:
-                _, self.server = start_scp(self.cfg, self.receiver)
+                _, self.server = start_scp(self.cfg, receiver)
             except OSError as exc:
                 if (error := listen_error("node.port", self.cfg.node.bind_address, self.cfg.node.port, exc)):
                     raise error from exc
@@ -276,10 +276,13 @@ def check_listen_ports(cfg: Config, roles: frozenset[str]) -> None:
 
 
 def _count_associations(server: Any) -> None:
-    """Count associations for ``/metrics`` (bound to the running server; the receive module stays untouched)."""
+    """Count associations, and connections closed before associating, for ``/metrics`` (bound to the running
+    server; the receive module stays untouched)."""
     from pynetdicom import evt
 
     from dicom_node import metrics
+
+    server.gate.on_close = metrics.count_closed_connection
 
     for event, outcome in ((evt.EVT_ACCEPTED, "accepted"), (evt.EVT_REJECTED, "rejected"),
                            (evt.EVT_ABORTED, "aborted"), (evt.EVT_RELEASED, "released")):

@@ -9,15 +9,18 @@ import socket
 import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.synthetic import make_ct_series
 from tests import malformed
+from tests.integration.test_pipeline import wait_until
 from tests.integration.test_receive import echo
 from tests.peers import DCMTK_ENV, free_port, node_command, storescu
 
@@ -81,8 +84,9 @@ def test_idle_connections_from_an_unlisted_host_are_closed_at_accept(node_factor
 
 
 def test_pending_connections_are_capped_per_host(node_factory) -> None:
+    web_port = free_port()
     env = {"DICOM_NODE_SECURITY__MAX_PENDING_PER_HOST": "4",
-           "DICOM_NODE_NODE__ASSOCIATION_REQUEST_TIMEOUT": "60", **FAST_PATH}
+           "DICOM_NODE_NODE__ASSOCIATION_REQUEST_TIMEOUT": "60", "DICOM_NODE_WEB__PORT": str(web_port), **FAST_PATH}
     with node_factory(extra_env=env) as node:
         sockets = idle_connections(node.port, 16)
         try:
@@ -95,11 +99,24 @@ def test_pending_connections_are_capped_per_host(node_factory) -> None:
             files = make_ct_series(node.storage.parent / "s", n_slices=2, rows=64, cols=64)
             sent = storescu(node.port, "DENOISE", files)
             assert sent.returncode == 0, sent.stderr[-2000:]
+            # The administrator sees them in /metrics, not only in the throttled log.
+            wait_until(lambda: closed_connections(web_port).get("too_many_pending") == 12, 30,
+                       "12 connections counted as too_many_pending")
         finally:
             for sock in sockets:
                 sock.close()
     log = (node.storage / "node.log").read_text()
     assert "security.max_pending_per_host" in log
+
+
+def closed_connections(web_port: int) -> dict[str, float]:
+    """``dicom_node_connections_closed_total`` of the node's ``/metrics``, by reason ({} until the port answers)."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    return {sample.labels["reason"]: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "dicom_node_connections_closed_total"}
 
 
 def test_a_connection_without_association_request_is_closed_after_the_timeout(node_factory) -> None:
