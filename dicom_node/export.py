@@ -5,8 +5,9 @@ attempt opens up to the destination's ``associations`` (two by default) for the 
 instances, so the destination can store two at once (Orthanc took 1.85-2.03 s instead of 2.68-3.43 s for 300
 CT slices over two associations, on a 2-core machine). Each association proposes a presentation context per SOP class
 with the files' own transfer syntax plus the uncompressed ones, and a file is transcoded when the destination
-accepted only an uncompressed syntax for it. Every instance's status is recorded; instances already accepted are not sent again
-on the next attempt. Failed attempts are retried with capped exponential backoff and jitter, then the export is
+accepted only an uncompressed syntax for it. Every instance's status is recorded; instances already accepted are
+not sent again on the next attempt, nor by a later export of the same series to the same destination (a series
+that grew). Failed attempts are retried with capped exponential backoff and jitter, then the export is
 ``failed`` (visible in ``dicom-node jobs list``) until an operator retries it.
 
 The pseudo-destination ``local`` copies the files to ``<data_dir>/output/<study>/<series>/`` instead.

@@ -205,16 +205,44 @@ def series_instance_paths(conn: Connection, series_pk: int, up_to: int | None = 
 
 def enqueue_export(conn: Connection, series_uid: str, destination: str, instances: list[tuple[str, str]],
                    now: dt.datetime, job_pk: int | None = None) -> int:
-    """Queue sending ``instances`` (SOP Instance UID, relative path) to ``destination``; return the key."""
+    """Queue sending ``instances`` (SOP Instance UID, relative path) to ``destination``; return the key.
+
+    Instances that ``destination`` already accepted for ``series_uid`` in an earlier export (a series that grew
+    after a version was sent, re-denoised as a whole) are recorded with that answer, "delivered by export N",
+    and not sent again: the PACS holds them under the same SOP Instance UIDs, and some PACS answer a second
+    copy with a failure, which would fail the new export for nothing.
+    """
     export_pk = int(conn.execute(insert(Export).values(
         job_pk=job_pk, series_uid=series_uid, destination=destination, state=ExportState.queued, attempts=0,
         not_before=now, created_at=now,
     ).returning(Export.id)).scalar_one())
+    delivered = delivered_instances(conn, series_uid, destination, export_pk)
     if instances:
         conn.execute(insert(ExportInstance), [
-            {"export_pk": export_pk, "sop_instance_uid": uid, "path": path, "error": ""} for uid, path in instances
+            {"export_pk": export_pk, "sop_instance_uid": uid, "path": path, "error": "", "status": None,
+             "sent_at": None} if uid not in delivered else
+            {"export_pk": export_pk, "sop_instance_uid": uid, "path": path,
+             "error": f"delivered by export {delivered[uid][0]}", "status": delivered[uid][1],
+             "sent_at": delivered[uid][2]}
+            for uid, path in instances
         ])
     return export_pk
+
+
+def delivered_instances(conn: Connection, series_uid: str, destination: str,
+                        before_export: int) -> dict[str, tuple[int, int, dt.datetime | None]]:
+    """SOP Instance UID -> (export, status, when) of the instances of ``series_uid`` that ``destination``
+    accepted in exports older than ``before_export`` (the first acceptance of each)."""
+    rows = conn.execute(
+        select(ExportInstance.sop_instance_uid, Export.id, ExportInstance.status, ExportInstance.sent_at)
+        .join(Export, Export.id == ExportInstance.export_pk)
+        .where(Export.series_uid == series_uid, Export.destination == destination, Export.id < before_export,
+               ExportInstance.status.in_(SUCCESS_STATUSES))
+        .order_by(Export.id)).all()
+    out: dict[str, tuple[int, int, dt.datetime | None]] = {}
+    for uid, export, status, when in rows:
+        out.setdefault(uid, (export, status, when))
+    return out
 
 
 @dataclass(frozen=True)

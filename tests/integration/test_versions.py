@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
-from dicom_node.store.schema import Export, Job, Series
+from dicom_node.store.schema import Export, ExportInstance, Job, Series
 from dicom_node.synthetic import make_ct_series
 from tests.helpers import require_program
 from tests.integration.test_pipeline import db_rows, orthanc_series, send, wait_until
@@ -77,6 +77,11 @@ def test_a_series_that_grows_after_completion_gives_one_derived_series(tmp_path:
                 else:
                     assert "superseded by version 2" in job.last_error
             assert len({j.output_series_uid for j in jobs if j.state.value == "succeeded"}) == 1
+            # Each derived instance went over the wire once: version 2 did not send version 1's again.
+            sent = [(e.export_pk, e.sop_instance_uid) for e in db_rows(node.storage, ExportInstance)
+                    if not e.error.startswith("delivered by export")]
+            assert len(sent) == 12 and len({uid for _, uid in sent}) == 12
+            assert all(e.status == 0 for e in db_rows(node.storage, ExportInstance))
         derived = derived_series(pacs_peer, study_uid, source_uid)
         assert len(derived) == 1, f"PACS holds {len(derived)} derived series"
         (only,) = derived.values()

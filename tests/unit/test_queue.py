@@ -232,3 +232,17 @@ def test_fail_job_with_a_worker_id_leaves_a_job_taken_over_meanwhile_alone(engin
         assert not fail_job(conn, key, "late failure of a dead worker", now, None, "w2")
         assert conn.execute(select(Job.state).where(Job.id == key)).scalar_one() == JobState.running
         assert fail_job(conn, key, "real failure", now, None, "w1")
+
+
+def test_a_new_export_of_a_grown_series_does_not_send_what_the_destination_already_accepted(engine) -> None:
+    now = utcnow()
+    with engine.begin() as conn:
+        first = enqueue_export(conn, "1.2.3", "pacs", [("1.1", "a.dcm"), ("1.2", "b.dcm")], now)
+        accepted, refused = pending_export_instances(conn, first)
+        record_instance_status(conn, accepted[0], 0x0000, "", now)
+        record_instance_status(conn, refused[0], 0xA700, "out of resources", now)
+        other = enqueue_export(conn, "1.2.3", "other", [("1.1", "a.dcm")], now)  # another destination: sent
+        grown = enqueue_export(conn, "1.2.3", "pacs", [("1.1", "a2.dcm"), ("1.2", "b2.dcm"), ("1.3", "c2.dcm")],
+                               now)
+        assert [uid for _, uid, _ in pending_export_instances(conn, grown)] == ["1.2", "1.3"]
+        assert [uid for _, uid, _ in pending_export_instances(conn, other)] == ["1.1"]
