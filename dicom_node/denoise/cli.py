@@ -12,14 +12,16 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from dicom_node.cli import add_config_argument, config_from_args
+from dicom_node.config import Config
 
 LOGGER = logging.getLogger(__name__)
 
 
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``denoise`` and ``models`` commands."""
-    from dicom_node.cli import add_config_argument
-
     p = subparsers.add_parser(
         "denoise", help="denoise a folder of DICOM files into derived series (offline, no network)",
         description="Denoise every image series found under INPUT and write the derived series into OUTPUT "
@@ -68,6 +70,15 @@ DEFAULT_MODELS: dict[tuple[str, str], tuple[str, float]] = {
     ("CR", "cuda"): ("xr-cnn", 1.0),
     ("DX", "cpu"): ("xr-cnn", 1.0),
     ("DX", "cuda"): ("xr-cnn", 1.0),
+    ("XA", "cpu"): ("xr-cnn", 1.0),
+    ("XA", "cuda"): ("xr-cnn", 1.0),
+    # us-cnn made the held-out NEMA US1 image worse at 1.0 (models/bundled/README.md): start at half strength.
+    ("US", "cpu"): ("us-cnn", 0.5),
+    ("US", "cuda"): ("us-cnn", 0.5),
+    ("ES", "cpu"): ("endo-cnn", 1.0),
+    ("ES", "cuda"): ("endo-cnn", 1.0),
+    ("XC", "cpu"): ("endo-cnn", 1.0),
+    ("XC", "cuda"): ("endo-cnn", 1.0),
 }
 #: Strength of a model named with ``--model`` and no ``--strength``, when it is not 1.
 DEFAULT_STRENGTHS = {name: strength for name, strength in DEFAULT_MODELS.values()}
@@ -82,7 +93,7 @@ class ModelChoice:
     why: str
 
 
-def choose_model(series, cfg, model: str | None, strength: float | None, device_type: str,  # type: ignore[no-untyped-def]
+def choose_model(series: Any, cfg: Config, model: str | None, strength: float | None, device_type: str,
                  use_rules: bool) -> ModelChoice:
     """The model and strength for ``series``: as the node would pick them for this device.
 
@@ -150,7 +161,6 @@ def run_denoise(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from dicom_node.cli import config_from_args
     from dicom_node.denoise.derived import DerivedSeriesSettings, new_series_uid
     from dicom_node.denoise.engine import Engine, denoise_series
     from dicom_node.denoise.errors import SeriesRefused
@@ -218,7 +228,6 @@ def run_denoise(args: argparse.Namespace) -> int:
 
 def run_models_list(args: argparse.Namespace) -> int:
     """Handler of ``dicom-node models list``."""
-    from dicom_node.cli import config_from_args
     from models.folder import list_models, model_search_path
 
     cfg = config_from_args(args)
@@ -263,7 +272,6 @@ def run_models_show(args: argparse.Namespace) -> int:
     """Handler of ``dicom-node models show NAME``: a readable summary; ``--all`` the card, ``--json`` as JSON."""
     import json
 
-    from dicom_node.cli import config_from_args
     from models.folder import ModelError, find_model, read_card, sha256_file
     from models.networks import build_network, describe
 

@@ -35,22 +35,23 @@ import functools
 import logging
 import os
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.tag import Tag
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_ROOT_UID, UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from dicom_node import __version__
-from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, NODE_MANUFACTURER
 from dicom_node.denoise.pixels import PixelFormat
 from dicom_node.fsync import fsync_path
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, NODE_MANUFACTURER
 
 LOGGER = logging.getLogger(__name__)
 
@@ -86,6 +87,13 @@ _REMOVE = (
     "IconImageSequence", "PixelDataProviderURL", "DataSetTrailingPadding", "DigitalSignaturesSequence",
     "MACParametersSequence", "EncryptedAttributesSequence", "OriginalAttributesSequence",
     "ReferencedSeriesSequence", "StudiesContainingOtherReferencedInstancesSequence", "DerivationImageSequence",
+)
+
+#: The Palette Color Lookup Table module (PS3.3 C.7.9) and the Image Pixel module's palette (C.7.6.3): a palette
+#: source is written as RGB (the palette applied), so none of these describes the derived pixels.
+_PALETTE_ELEMENTS = (
+    0x00281101, 0x00281102, 0x00281103, 0x00281104, 0x00281199, 0x00281201, 0x00281202, 0x00281203, 0x00281204,
+    0x00281221, 0x00281222, 0x00281223, 0x00281224,
 )
 
 
@@ -294,8 +302,8 @@ def _repair_inherited(ds: Dataset) -> None:
     - missing Type 2 Patient/Study attributes are added empty (Type 2 allows empty: "unknown");
     - PatientIdentityRemoved YES with an empty DeidentificationMethod and no method code gets the text
       "not stated by the source";
-    - a missing Laterality (General Series, Type 2C) is added empty when the body part is not stated, which is
-      what "unknown" means for it.
+    - a missing Laterality (General Series, Type 2C) is added empty when the body part is not stated (neither
+      BodyPartExamined nor AnatomicRegionSequence, as VL images code it), which is what "unknown" means for it.
     """
     for keyword in _TYPE2:
         if keyword not in ds:
@@ -304,7 +312,7 @@ def _repair_inherited(ds: Dataset) -> None:
             and not ds.get("DeidentificationMethodCodeSequence"):
         ds.DeidentificationMethod = "not stated by the source"
     if "Laterality" not in ds and not ds.get("BodyPartExamined") and "ImageLaterality" not in ds \
-            and "PerFrameFunctionalGroupsSequence" not in ds:
+            and not ds.get("AnatomicRegionSequence") and "PerFrameFunctionalGroupsSequence" not in ds:
         ds.Laterality = ""
 
 
@@ -364,8 +372,9 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
     frames = int(source.get("NumberOfFrames", 1) or 1)
     rows, cols = int(source.Rows), int(source.Columns)
     arr = _checked_pixels(pixels, (frames, rows, cols), fmt)
+    lossy_ratio = _compression_ratio(source, arr)
 
-    when = info.created or _dt.datetime.now(_dt.timezone.utc)
+    when = info.created or _dt.datetime.now(_dt.UTC)
     date, time, _ = _dt_strings(when)
 
     # Every element except the old pixels. Elements not decoded yet (raw) are immutable tuples and are shared; the
@@ -425,24 +434,37 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
         ds.ReferencedSeriesSequence = DicomSequence([ref])
 
     src_ts = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", "") or "")
-    if src_ts in _LOSSY_METHODS and str(source.get("LossyImageCompression", "")) != "01":
-        ds.LossyImageCompression = "01"
-        ds.LossyImageCompressionMethod = _LOSSY_METHODS[src_ts]
+    if src_ts in _LOSSY_METHODS:
+        _record_lossy_source(ds, source, _LOSSY_METHODS[src_ts], lossy_ratio)
     if "ContributingEquipmentSequence" in ds:  # the source's own list, kept, with this node appended
         _add_contributing_equipment(ds, info, when)
     else:
         ds[0x0018A001] = _contributing_equipment_element(info, _dt_strings(when)[2], charset)
 
-    for tag, value in ((0x00280002, 1), (0x00280100, fmt.bits_allocated), (0x00280101, fmt.bits_stored),
-                       (0x00280102, fmt.bits_stored - 1), (0x00280103, fmt.pixel_representation)):
-        ds[tag] = _encoded_element(tag, "US", value, charset)
+    for tag, number in ((0x00280002, fmt.samples_per_pixel), (0x00280100, fmt.bits_allocated),
+                        (0x00280101, fmt.bits_stored), (0x00280102, fmt.bits_stored - 1),
+                        (0x00280103, fmt.pixel_representation)):
+        ds[tag] = _encoded_element(tag, "US", number, charset)
+    if fmt.is_colour:
+        # Written as decoded: RGB, samples interleaved (YBR sources were converted, a palette applied), and
+        # uncompressed, which every colour IOD allows (PS3.3 C.7.6.3.1.2; YBR_FULL_422 only describes JPEG).
+        ds[0x00280004] = _encoded_element(0x00280004, "CS", "RGB", charset)
+        ds[0x00280006] = _encoded_element(0x00280006, "US", 0, charset)
+        if fmt.source_photometric == "PALETTE COLOR":
+            for tag in _PALETTE_ELEMENTS:
+                if tag in ds:
+                    del ds[tag]
+            if "PixelPaddingValue" in ds:  # a palette index, which the RGB pixels no longer hold
+                del ds.PixelPaddingValue
+    elif 0x00280006 in ds:
+        del ds[0x00280006]  # Planar Configuration is only for colour (Type 1C)
     ds[0x7FE00010] = _pixel_data_element(arr, fmt)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = source.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     ds.file_meta = meta
     ds.preamble = b"\x00" * 128
@@ -451,10 +473,50 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
     return ds
 
 
+def _compression_ratio(source: Dataset, arr: np.ndarray) -> float | None:
+    """Uncompressed over compressed size of a source whose pixel data is encapsulated; ``None`` when not known."""
+    elem = source.get(0x7FE00010)
+    if elem is None or not getattr(source.file_meta, "TransferSyntaxUID", None) \
+            or not source.file_meta.TransferSyntaxUID.is_compressed:
+        return None
+    compressed = len(elem.value or b"")
+    return arr.nbytes / compressed if compressed else None
+
+
+def _record_lossy_source(ds: Dataset, source: Dataset, method: str, ratio: float | None) -> None:
+    """LossyImageCompression "01" with the method and ratio of the source's own lossy encoding (PS3.3
+    C.7.6.1.1.5): the derived pixels are written uncompressed, but they carry what that compression lost.
+
+    A source that already records this encoding (its last method is the transfer syntax's) keeps its values; one
+    that records only earlier compressions gets this one appended, as the standard asks for each successive step.
+    """
+    methods = _values(source.get("LossyImageCompressionMethod"))
+    ratios = _values(source.get("LossyImageCompressionRatio"))
+    ds.LossyImageCompression = "01"
+    if methods and methods[-1] == method:
+        return
+    ds.LossyImageCompressionMethod = methods + [method] if methods else method
+    if ratio is not None and len(ratios) == len(methods):  # ratios that pair with the methods only
+        text = f"{ratio:.2f}"[:16]
+        ds.LossyImageCompressionRatio = ratios + [text] if ratios else text
+
+
+def _values(value: Any) -> list[str]:
+    """A possibly multi-valued element's values as strings (none for an absent or empty one)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes, int, float)):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
 def _checked_pixels(pixels: np.ndarray, shape: tuple[int, int, int], fmt: PixelFormat) -> np.ndarray:
-    """``pixels`` as ``(frames, rows, columns)``, checked against the source's shape, dtype and BitsStored range."""
+    """``pixels`` as ``(frames, rows, columns)`` (``(..., 3)`` for RGB), checked against the source's shape, dtype
+    and BitsStored range."""
     arr = np.asarray(pixels)
-    if arr.ndim == 2:
+    if fmt.is_colour:
+        shape = (*shape, 3)  # type: ignore[assignment]
+    if arr.ndim == len(shape) - 1:
         arr = arr[np.newaxis]
     if arr.shape != shape:
         raise ValueError(f"pixels have shape {arr.shape}, the source needs {shape}")
@@ -537,7 +599,7 @@ def _ui_element(tag: int, uid: str) -> RawDataElement:
 
 def _source_image_sequence(sop_class_uid: str, sop_instance_uid: str) -> RawDataElement:
     """SourceImageSequence with one item: the source's SOP class and instance and the purpose of reference."""
-    item = b"".join(_explicit_header(e.tag, "UI", e.length) + e.value for e in (
+    item = b"".join(_explicit_header(e.tag, "UI", e.length) + (e.value or b"") for e in (
         _ui_element(0x00081150, sop_class_uid), _ui_element(0x00081155, sop_instance_uid)))
     purpose = _code_sequence_element(0x0040A170, SOURCE_PURPOSE_CODE)
     item += _explicit_header(0x0040A170, "SQ", purpose.length) + purpose.value  # type: ignore[operator]
@@ -745,7 +807,8 @@ class DerivedSeriesWriter:
                 or str(ds.file_meta.MediaStorageSOPClassUID) in _COMMON_INSTANCE_REFERENCE_IODS):
             return None
         # Raw values are compared as bytes; the few pydicom decodes while reading (SpecificCharacterSet) as values.
-        source_values = {int(tag): (elem.VR, elem.value) for tag, elem in as_read.items() if tag not in _PIXEL_DATA_TAGS}
+        source_values = {int(tag): (elem.VR, elem.value) for tag, elem in as_read.items()
+                         if tag not in _PIXEL_DATA_TAGS}
         if 0x00080018 not in source_values:
             return None
         parts = _encoded_parts(ds)
@@ -803,7 +866,7 @@ class DerivedSeriesWriter:
         own = {0x00080018: _ui_element(0x00080018, sop_uid), 0x00082112: _source_image_sequence(t.sop_class_uid, uid),
                0x7FE00010: _pixel_data_element(arr, fmt)}
         for tag, elem in own.items():
-            changed[tag] = _explicit_header(tag, elem.VR, elem.length) + elem.value
+            changed[tag] = _explicit_header(tag, elem.VR or "UN", elem.length) + (elem.value or b"")
         meta = list(t.meta)
         meta[1] = (0x00020003, "UI", sop_uid)
         meta_bytes = _meta_group(meta)
@@ -821,10 +884,9 @@ class DerivedSeriesSettings:
     description_suffix: str = " DN"
     transfer_syntax: str = "explicit-vr-little-endian"
     uid_root: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, derived: Any) -> "DerivedSeriesSettings":
+    def from_config(cls, derived: Any) -> DerivedSeriesSettings:
         return cls(series_number_offset=int(derived.series_number_offset),
                    description_suffix=str(derived.description_suffix),
                    transfer_syntax=str(derived.transfer_syntax), uid_root=str(getattr(derived, "uid_root", "")))

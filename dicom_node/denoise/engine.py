@@ -9,8 +9,14 @@ channels-last layout; always under :func:`torch.inference_mode`.
 :func:`denoise_series` streams a series: single-frame instances are decoded, denoised and written a batch at
 a time (a decode thread reads the next batch and a write thread encodes the previous one while the network runs),
 so a 1000-slice series never holds more than a few batches of pixels; a multi-frame object is held once as stored
-integers and denoised a batch of frames at a time. When a series is refused half-way, the files this call already
-wrote are removed, so a failed job leaves no partial derived series behind.
+integers and denoised a batch of frames at a time.
+
+Colour images are denoised as RGB (``(frames, rows, columns, 3)``; YBR and palette sources are converted on
+decoding): by a colour model (card ``samples_per_pixel = 3``) whole, by a grey model only in their grey pixels
+(an ultrasound B-mode image beside its Doppler colours). A card's ``context`` feeds neighbouring frames.
+
+When a series is refused half-way, the files this call already wrote are removed, so a failed job leaves no
+partial derived series behind.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,8 +43,16 @@ from dicom_node.denoise.derived import (
     new_series_uid,
 )
 from dicom_node.denoise.errors import SeriesRefused
-from dicom_node.denoise.pixels import PixelFormat, Scaling, apply_residual, scaling_for, stored_to_physical
-from dicom_node.denoise.series import HeaderCache, Instance, Series, check_series, read_frames, scan
+from dicom_node.denoise.pixels import (
+    PixelFormat,
+    Scaling,
+    apply_residual,
+    grey_pixel_mask,
+    scaling_for,
+    stored_to_physical,
+    tissue_region_mask,
+)
+from dicom_node.denoise.series import HeaderCache, Instance, Series, check_series, frame_order, read_frames, scan
 from dicom_node.fsync import fsync_path
 from models.folder import LoadedModel, ModelMismatch, resolve_device
 from models.networks import receptive_radius, size_multiple
@@ -97,13 +112,13 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, til
     receptive-field radius and tile origins are multiples of its ``size_multiple``, the result equals whole-image
     inference up to float rounding; with a smaller halo the ramps hide the seams.
     """
-    n, c, h, w = x.shape
+    n, _c, h, w = x.shape
     tile = max(multiple, (tile // multiple) * multiple)
     rows = _axis_windows(h, tile, halo, blend, multiple)
     cols = _axis_windows(w, tile, halo, blend, multiple)
     if len(rows) == 1 and len(cols) == 1:
         return fn(x)
-    out = torch.zeros((n, c, h, w), dtype=torch.float32, device=x.device)
+    out: torch.Tensor | None = None  # fn may give fewer channels than it takes (neighbouring frames in, one out)
     weight = torch.zeros((1, 1, h, w), dtype=torch.float32, device=x.device)
     for r0, r1 in rows:
         wr = _axis_weights(r0, r1, h, halo, blend)
@@ -111,9 +126,11 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, til
             wc = _axis_weights(c0, c1, w, halo, blend)
             wt = torch.from_numpy(np.outer(wr, wc).astype(np.float32)).to(x.device)[None, None]
             y = fn(x[:, :, r0:r1, c0:c1]).float()
+            if out is None:
+                out = torch.zeros((n, y.shape[1], h, w), dtype=torch.float32, device=x.device)
             out[:, :, r0:r1, c0:c1] += y * wt
             weight[:, :, r0:r1, c0:c1] += wt
-    if bool((weight <= 0).any()):
+    if out is None or bool((weight <= 0).any()):
         raise RuntimeError("tiling left pixels uncovered (a bug in the window layout)")
     return out / weight
 
@@ -153,7 +170,8 @@ def activation_bytes_per_pixel(network: nn.Module, dtype_bytes: int = 4) -> floa
     try:
         param = next(network.parameters())
         with torch.inference_mode():
-            network(torch.zeros(1, 1, 64, 64, device=param.device, dtype=param.dtype))
+            network(torch.zeros(1, int(getattr(network, "in_channels", 1)), 64, 64, device=param.device,
+                                dtype=param.dtype))
     finally:
         for handle in handles:
             handle.remove()
@@ -202,7 +220,7 @@ class Engine:
         self.device = resolve_device(device) if device is not None else model.device
         network = model.network.to(self.device).eval()
         self.channels_last = True
-        self.network = network.to(memory_format=torch.channels_last)
+        self.network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.max_tile_pixels = int(max_tile_pixels)
         self.tile_size = int(tile_size)
         self.tile_multiple = size_multiple(network)
@@ -218,6 +236,15 @@ class Engine:
         if autocast and self.device.type == "cuda":
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self._batch_cache: dict[tuple[int, int], int] = {}
+        #: The card's samples per pixel (1 grey, 3 RGB) and neighbouring frames per side; the network takes
+        #: ``(2 * context + 1) * samples`` channels and gives ``samples``, the centre frame's.
+        self.samples = int(getattr(model.card, "samples_per_pixel", 1) or 1)
+        self.context = int(getattr(model.card, "context", 0) or 0)
+        in_channels = (2 * self.context + 1) * self.samples
+        self._centre = slice(self.context * self.samples, (self.context + 1) * self.samples)
+        if getattr(network, "in_channels", in_channels) != in_channels:
+            raise ValueError(f"model {model.card.name}: the network takes {network.in_channels} channels, the card "
+                             f"says {in_channels}")
 
     @property
     def card(self):  # noqa: ANN201 - models.folder.ModelCard
@@ -244,33 +271,62 @@ class Engine:
                 y = self.network(x)
         else:
             y = self.network(x)
-        return y.float() - x
+        return y.float() - x[:, self._centre]
 
     def residual(self, x: np.ndarray) -> np.ndarray:
-        """``network(x) - x`` for normalised images ``x`` of shape ``(N, H, W)`` (float32 in and out)."""
+        """``network(x) - centre(x)`` for normalised images (float32 in and out).
+
+        ``x`` is ``(N, H, W)`` for a grey network without context (the result has the same shape), or
+        ``(N, C_in, H, W)`` (the result is ``(N, samples, H, W)``, the change of the centre frame).
+        """
         with torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(self.device)
+            squeeze = x.ndim == 3
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            t = (t[:, None] if squeeze else t).to(self.device)
             h, w = t.shape[-2:]
             if h * w > self.max_tile_pixels:
                 r = tiled_apply(self._forward, t, self.tile_size, self.tile_halo, self.tile_blend, self.tile_multiple)
             else:
                 r = self._forward(t)
-            return r[:, 0].float().cpu().numpy()
+            return (r[:, 0] if squeeze else r).float().cpu().numpy()
 
-    def denoise_frames(self, stored: np.ndarray, formats: Sequence[PixelFormat], strength: float = 1.0) -> np.ndarray:
-        """New stored values for frames ``stored`` (``(N, H, W)``, one :class:`PixelFormat` per frame).
+    def denoise_frames(self, stored: np.ndarray, formats: Sequence[PixelFormat], strength: float = 1.0, *,
+                       lead: tuple[np.ndarray, Sequence[PixelFormat]] | None = None,
+                       trail: tuple[np.ndarray, Sequence[PixelFormat]] | None = None,
+                       regions: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
+        """New stored values for frames ``stored`` (one :class:`PixelFormat` per frame).
 
-        Frames are converted, batched (:meth:`batch_for`), denoised and converted back; the result has the input's
-        dtype, and padding pixels are copied from the input.
+        ``stored`` is ``(N, H, W)`` grey or ``(N, H, W, 3)`` RGB. Frames are converted, batched
+        (:meth:`batch_for`), denoised and converted back; the result has the input's dtype, and padding pixels are
+        copied from the input.
+
+        Parameters
+        ----------
+        lead, trail
+            Frames just before and after ``stored`` in the series (stored values and formats), fed as neighbours
+            to a model with context; where there are none, the nearest frame is repeated (the series' ends).
+        regions
+            Per frame, the pixels that may change (an ultrasound image's tissue regions), or ``None`` for all.
+
+        A grey model on RGB frames denoises only the grey pixels (channels equal within
+        :data:`~dicom_node.denoise.pixels.GREY_TOLERANCE`: an ultrasound image's B-mode) and adds the same change to
+        their three channels; colour pixels (Doppler overlays, coloured graphics) are left as they are.
         """
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], not {strength}")
-        if stored.ndim != 3 or len(formats) != stored.shape[0]:
-            raise ValueError("stored must be (frames, rows, columns) with one format per frame")
+        colour = stored.ndim == 4 and stored.shape[-1] == 3
+        if stored.ndim != (4 if colour else 3) or len(formats) != stored.shape[0]:
+            raise ValueError("stored must be (frames, rows, columns[, 3]) with one format per frame")
+        if self.samples == 3 and not colour:
+            raise SeriesRefused(f"model {self.card.name} denoises colour (RGB) images; this series is greyscale")
         out = np.empty_like(stored)
         if strength == 0.0:
             out[...] = stored
             return out
+        if colour or self.context or (regions is not None and any(r is not None for r in regions)) \
+                or lead is not None or trail is not None or self.samples != 1:
+            return self._denoise_with_context(stored, formats, strength, lead, trail, regions, out)
+        # Grey frames without context (CT, MR, X-ray): the fast path, one conversion per frame.
         n, rows, cols = stored.shape
         batch = self.batch_for(rows, cols)
         norm = self.card.normalization
@@ -288,14 +344,86 @@ class Engine:
                 scalings.append(scaling)
                 masks.append(mask)
                 del physical
-            try:
-                res = self.residual(inputs)
-            except (ValueError, RuntimeError) as exc:
-                if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
-                    raise
-                raise SeriesRefused(f"model {self.card.name} cannot process {rows}x{cols} images: {exc}") from exc
+            res = self._residual_or_refuse(inputs, rows, cols)
             for i in range(b0, b1):
                 out[i] = apply_residual(stored[i], res[i - b0], scalings[i - b0], formats[i], strength, masks[i - b0])
+        return out
+
+    def _residual_or_refuse(self, inputs: np.ndarray, rows: int, cols: int) -> np.ndarray:
+        try:
+            return self.residual(inputs)
+        except (ValueError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+                raise
+            raise SeriesRefused(f"model {self.card.name} cannot process {rows}x{cols} images: {exc}") from exc
+
+    def _denoise_with_context(self, stored: np.ndarray, formats: Sequence[PixelFormat], strength: float,
+                              lead: tuple[np.ndarray, Sequence[PixelFormat]] | None,
+                              trail: tuple[np.ndarray, Sequence[PixelFormat]] | None,
+                              regions: Sequence[np.ndarray | None] | None, out: np.ndarray) -> np.ndarray:
+        """:meth:`denoise_frames` for colour, neighbouring frames or restricted regions.
+
+        Every frame of a network input is scaled with the centre frame's :class:`Scaling` (its physical values
+        first, so frames with their own rescale stay comparable), so the residual maps back to the centre frame.
+        """
+        n, rows, cols = stored.shape[:3]
+        k, s = self.context, self.samples
+        lead_arr, lead_fmts = lead if lead is not None else (stored[:0], [])
+        trail_arr, trail_fmts = trail if trail is not None else (stored[:0], [])
+        m, total = len(lead_fmts), len(lead_fmts) + n + len(trail_fmts)
+
+        def frame(j: int) -> tuple[np.ndarray, PixelFormat]:
+            if j < m:
+                return lead_arr[j], lead_fmts[j]
+            if j < m + n:
+                return stored[j - m], formats[j - m]
+            return trail_arr[j - m - n], trail_fmts[j - m - n]
+
+        def view(j: int) -> tuple[np.ndarray, np.ndarray | None]:
+            """Physical values as the network sees them (grey: (H, W); colour model: (H, W, 3)) and padding."""
+            arr, fmt = frame(j)
+            if fmt.is_colour:
+                values = arr.astype(np.float64)
+                return (values if s == 3 else values.mean(axis=-1)), None
+            mask = fmt.padding_mask(arr)
+            return stored_to_physical(arr, fmt), mask
+
+        batch = self.batch_for(rows, cols)
+        norm = self.card.normalization
+        for b0 in range(0, n, batch):
+            b1 = min(n, b0 + batch)
+            cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+            inputs = np.empty((b1 - b0, (2 * k + 1) * s, rows, cols), dtype=np.float32)
+            scalings: list[Scaling] = []
+            for i in range(b0, b1):
+                for j in range(m + i - k, m + i + k + 1):
+                    jj = min(max(j, 0), total - 1)
+                    if jj not in cache:
+                        cache[jj] = view(jj)
+                physical, mask = cache[m + i]
+                scaling = scaling_for(physical, formats[i], norm, mask)
+                scalings.append(scaling)
+                for d in range(2 * k + 1):
+                    values, nb_mask = cache[min(max(m + i - k + d, 0), total - 1)]
+                    x = scaling.to_network(values, nb_mask)
+                    inputs[i - b0, d * s:(d + 1) * s] = np.moveaxis(x, -1, 0) if s == 3 else x
+            cache.clear()
+            res = self._residual_or_refuse(inputs, rows, cols)
+            for i in range(b0, b1):
+                fmt = formats[i]
+                region = regions[i] if regions is not None else None
+                if fmt.is_colour:
+                    change = np.moveaxis(res[i - b0], 0, -1) if s == 3 else res[i - b0, 0][..., None]
+                    eligible = grey_pixel_mask(stored[i]) if s == 1 else None
+                    if region is not None:
+                        eligible = region if eligible is None else eligible & region
+                    keep = None if eligible is None else ~eligible
+                else:
+                    change = res[i - b0, 0]
+                    keep = fmt.padding_mask(stored[i])
+                    if region is not None:
+                        keep = ~region if keep is None else keep | ~region
+                out[i] = apply_residual(stored[i], change, scalings[i - b0], fmt, strength, keep)
         return out
 
 
@@ -351,8 +479,14 @@ def check_model_fits(series: Series, model: LoadedModel) -> None:
         raise SeriesRefused(str(exc)) from exc
 
 
+def _run_key(inst: Instance) -> tuple[int, int, int]:
+    """What single-frame instances must share to be stacked (and to be each other's neighbouring frames)."""
+    return (*inst.shape, inst.formats[0].samples_per_pixel)
+
+
 def _chunks(instances: Sequence[Instance], batch: int) -> Iterator[list[Instance]]:
-    """Runs of single-frame instances of equal size (at most ``batch``); each multi-frame instance alone."""
+    """Runs of single-frame instances of equal size and colour (at most ``batch``); each multi-frame instance
+    alone."""
     run: list[Instance] = []
     for inst in instances:
         if inst.is_multiframe or inst.frames != 1:
@@ -361,7 +495,7 @@ def _chunks(instances: Sequence[Instance], batch: int) -> Iterator[list[Instance
                 run = []
             yield [inst]
             continue
-        if run and (run[0].shape != inst.shape or len(run) >= batch):
+        if run and (_run_key(run[0]) != _run_key(inst) or len(run) >= batch):
             yield run
             run = []
         run.append(inst)
@@ -371,6 +505,24 @@ def _chunks(instances: Sequence[Instance], batch: int) -> Iterator[list[Instance
 
 def _decode(chunk: list[Instance]) -> list[tuple[Instance, object, np.ndarray]]:
     return [(inst, *read_frames(inst)) for inst in chunk]
+
+
+def _single_run(chunk: Sequence[Instance]) -> bool:
+    return not (len(chunk) == 1 and (chunk[0].is_multiframe or chunk[0].frames != 1))
+
+
+def _neighbours(decoded: list[tuple[Instance, object, np.ndarray]], count: int,
+                from_end: bool) -> tuple[np.ndarray, list[PixelFormat]]:
+    """The first (or last) ``count`` frames of a decoded single-frame run, as context for the next run."""
+    picked = decoded[-count:] if from_end else decoded[:count]
+    return (np.concatenate([d[2] for d in picked], axis=0), [d[0].formats[0] for d in picked])
+
+
+def _summary_frame(stored: np.ndarray, fmt: PixelFormat) -> tuple[np.ndarray, PixelFormat]:
+    """A frame as the preview and the trust check take it: grey; RGB becomes its channel mean."""
+    if not fmt.is_colour:
+        return stored.copy(), fmt
+    return np.rint(stored.mean(axis=-1)).astype(fmt.dtype), fmt.grey()
 
 
 def _write_chunk(items: list[tuple[object, np.ndarray, PixelFormat]], writer: DerivedSeriesWriter,
@@ -447,7 +599,16 @@ def denoise_series(
     Raises
     ------
     SeriesRefused
-        When the series cannot be denoised (colour, unsupported format, undecodable, model does not fit).
+        When the series cannot be denoised (unsupported format, undecodable, model does not fit, a colour model
+        on a grey series).
+
+    Notes
+    -----
+    With a card's ``context`` > 0, a frame's neighbours are the adjacent instances of a single-frame series (in
+    slice order; instances of another size or colour end the run) or the adjacent frames of a multi-frame object
+    (along the slice normal when its frames have distinct positions, else as stored); the nearest frame is
+    repeated at the ends. An ultrasound image's Sequence of Ultrasound Regions limits the change to its tissue
+    regions.
     """
     started = time.perf_counter()
     stages = {"scan": 0.0, "wait_decode": 0.0, "model": 0.0, "wait_write": 0.0}
@@ -455,13 +616,16 @@ def denoise_series(
         found = scan(series, headers)
         if len(found.series) != 1:
             reasons = "; ".join(f"{p.name}: {why}" for p, why in found.skipped[:5])
-            raise SeriesRefused(f"expected one image series, found {len(found.series)}" + (f" ({reasons})" if reasons else ""))
+            raise SeriesRefused(f"expected one image series, found {len(found.series)}"
+                                + (f" ({reasons})" if reasons else ""))
         series = found.series[0]
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], not {strength}")
     engine = model if isinstance(model, Engine) else Engine(model, device=device)
     check_series(series)
     check_model_fits(series, engine.model)
+    if engine.samples == 3 and not any(inst.formats[0].is_colour for inst in series.instances):
+        raise SeriesRefused(f"model {engine.card.name} denoises colour (RGB) images; this series is greyscale")
     settings = settings or DerivedSeriesSettings()
     card = engine.card
     info = DerivationInfo(
@@ -471,7 +635,7 @@ def denoise_series(
         transfer_syntax=settings.transfer_syntax, uid_root=settings.uid_root,
         # One creation time for the whole derived series: it is one derivation, and the elements that carry the
         # time are then encoded once per series rather than once per instance.
-        created=datetime.datetime.now(datetime.timezone.utc),
+        created=datetime.datetime.now(datetime.UTC),
     )
     series_writer = DerivedSeriesWriter(info)  # used by the write thread only
     stages["scan"] = time.perf_counter() - started
@@ -488,37 +652,75 @@ def denoise_series(
     chunks = list(_chunks(series.instances, batch))
     LOGGER.info("denoising %s with %s %s on %s, batch %d", series.describe(), card.name, card.version,
                 engine.device, batch)
+    context = engine.context
+    # With neighbouring frames, the run after the one in the network is needed first (its first frames are the
+    # last frames' neighbours), so the decode thread works two runs ahead instead of one.
+    ahead = 2 if context else 1
     try:
         # Three stages overlap: a decode thread reads chunk k+1 and a write thread encodes and writes chunk k-1
-        # while the network runs on chunk k. At most one chunk waits on each side, so memory stays bounded.
+        # while the network runs on chunk k. At most ``ahead`` chunks wait on the decode side and one on the write
+        # side, so memory stays bounded.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
-            pending: Future | None = decoder.submit(_decode, chunks[0]) if chunks else None
+            futures: dict[int, Future] = {}
+
+            def submit_until(limit: int) -> None:
+                for j in range(len(futures) + submitted[0], min(limit, len(chunks))):
+                    futures[j] = decoder.submit(_decode, chunks[j])
+
+            submitted = [0]  # chunks taken from ``futures`` so far
+            submit_until(1)
             writing: Future | None = None
+            previous: list[tuple[Instance, object, np.ndarray]] | None = None
             for index in range(len(chunks)):
                 mark = time.perf_counter()
-                decoded = pending.result() if pending is not None else []
+                decoded = futures.pop(index).result()
+                submitted[0] += 1
                 stages["wait_decode"] += time.perf_counter() - mark
-                pending = decoder.submit(_decode, chunks[index + 1]) if index + 1 < len(chunks) else None
+                submit_until(index + 1 + ahead)
                 mark = time.perf_counter()
                 if len(decoded) == 1 and decoded[0][0].frames > 1:
                     inst, ds, stored = decoded[0]
-                    new = engine.denoise_frames(stored, inst.formats, strength)
+                    region = tissue_region_mask(inst.header, *inst.shape)
+                    order = frame_order(inst) if context else np.arange(inst.frames)
+                    in_order = stored if bool((order == np.arange(inst.frames)).all()) else stored[order]
+                    new_ordered = engine.denoise_frames(
+                        in_order, [inst.formats[o] for o in order], strength,
+                        regions=None if region is None else [region] * inst.frames)
+                    new = new_ordered
+                    if in_order is not stored:
+                        new = np.empty_like(new_ordered)
+                        new[order] = new_ordered
                     items = [(inst, ds, stored, new)]
                 else:
+                    lead = trail = None
+                    if context and previous is not None and _single_run([d[0] for d in previous]) \
+                            and _run_key(previous[0][0]) == _run_key(decoded[0][0]):
+                        lead = _neighbours(previous, context, from_end=True)
+                    if context and index + 1 < len(chunks) and _single_run(chunks[index + 1]) \
+                            and _run_key(chunks[index + 1][0]) == _run_key(decoded[0][0]):
+                        mark_next = time.perf_counter()
+                        upcoming = futures[index + 1].result()
+                        stages["wait_decode"] += time.perf_counter() - mark_next
+                        trail = _neighbours(upcoming, context, from_end=False)
                     stack = np.concatenate([d[2] for d in decoded], axis=0)
                     formats = [d[0].formats[0] for d in decoded]
-                    new_stack = engine.denoise_frames(stack, formats, strength)
+                    regions = [tissue_region_mask(d[0].header, *d[0].shape) for d in decoded]
+                    new_stack = engine.denoise_frames(stack, formats, strength, lead=lead, trail=trail,
+                                                      regions=regions if any(r is not None for r in regions)
+                                                      else None)
                     del stack
                     items = [(d[0], d[1], d[2], new_stack[i:i + 1]) for i, d in enumerate(decoded)]
                 stages["model"] += time.perf_counter() - mark
                 for inst, ds, stored, new in items:
                     if keep_preview and preview is None and frames_done <= middle < frames_done + inst.frames:
                         k = middle - frames_done
-                        preview = (stored[k].copy(), new[k].copy(), inst.formats[k])
+                        before, fmt = _summary_frame(stored[k], inst.formats[k])
+                        preview = (before, _summary_frame(new[k], inst.formats[k])[0], fmt)
                     for k in range(inst.frames):
                         if frames_done + k in sample_at:
-                            samples.append((stored[k].copy(), new[k].copy(), inst.formats[k]))
+                            before, fmt = _summary_frame(stored[k], inst.formats[k])
+                            samples.append((before, _summary_frame(new[k], inst.formats[k])[0], fmt))
                     if sample_at and pixel_spacing is None:
                         pixel_spacing = _row_spacing(ds)
                     frames_done += inst.frames
@@ -528,6 +730,8 @@ def denoise_series(
                 stages["wait_write"] += time.perf_counter() - mark
                 writing = writer.submit(_write_chunk, [(ds, new, inst.formats[0]) for inst, ds, _s, new in items],
                                         series_writer, output_dir, progress, durable)
+                # Only the last frames of a single-frame run are needed later (as the next run's neighbours).
+                previous = decoded[-context:] if context and _single_run([d[0] for d in decoded]) else None
                 del decoded, items
             mark = time.perf_counter()
             if writing is not None:

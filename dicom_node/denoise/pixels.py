@@ -22,7 +22,14 @@ from dicom_node.denoise.errors import SeriesRefused
 
 LOGGER = logging.getLogger(__name__)
 
-SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+GREY_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+#: What the engine works on: grey stored values, or colour decoded to RGB (samples interleaved, last axis).
+SUPPORTED_PHOTOMETRIC = GREY_PHOTOMETRIC + ("RGB",)
+#: Colour encodings of a source that decode to RGB (pydicom converts YBR to RGB; a palette is looked up).
+COLOUR_SOURCES = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+#: A pixel of an RGB image counts as grey (B-mode) when its channels differ by at most this much (8-bit values):
+#: lossy (JPEG) sources shift grey pixels' chroma by a few levels, Doppler colours differ by tens.
+GREY_TOLERANCE = 8
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,12 @@ class PixelFormat:
         once per series), else ``None``.
     padding_value, padding_limit
         Pixel Padding Value (0028,0120) and Pixel Padding Range Limit (0028,0121), in stored values.
+    samples_per_pixel
+        1 for grey; 3 for colour, whose stored values are RGB with the samples on the last axis
+        (``(rows, columns, 3)``), whatever the source's encoding.
+    source_photometric
+        The source's PhotometricInterpretation when the pixels were converted on decoding (``YBR_FULL_422``,
+        ``PALETTE COLOR``...), else ``None``; the derived image is written as what the format says (RGB).
     """
 
     bits_allocated: int
@@ -57,6 +70,8 @@ class PixelFormat:
     padding_value: int | None = None
     padding_limit: int | None = None
     rescale_type_as_written: str | None = field(default=None, compare=False)
+    samples_per_pixel: int = 1
+    source_photometric: str | None = None
 
     def __post_init__(self) -> None:
         if self.bits_allocated not in (8, 16):
@@ -67,11 +82,24 @@ class PixelFormat:
             raise SeriesRefused(f"PixelRepresentation {self.pixel_representation} is not 0 or 1")
         if self.photometric not in SUPPORTED_PHOTOMETRIC:
             raise SeriesRefused(
-                f"photometric interpretation {self.photometric} is not supported (only MONOCHROME1 and MONOCHROME2"
-                " greyscale images can be denoised)"
+                f"photometric interpretation {self.photometric} is not supported (MONOCHROME1, MONOCHROME2 and "
+                f"colour as {', '.join(COLOUR_SOURCES)})"
             )
+        if self.samples_per_pixel != (3 if self.photometric == "RGB" else 1):
+            raise SeriesRefused(f"{self.photometric} with {self.samples_per_pixel} samples per pixel is not valid")
         if not np.isfinite(self.slope) or self.slope == 0 or not np.isfinite(self.intercept):
             raise SeriesRefused(f"rescale slope {self.slope} / intercept {self.intercept} is not usable")
+
+    @property
+    def is_colour(self) -> bool:
+        """Whether the stored values are RGB (``(..., 3)``)."""
+        return self.samples_per_pixel == 3
+
+    def grey(self) -> PixelFormat:
+        """The format of a grey summary of these pixels (the channel mean of a colour image); ``self`` if grey."""
+        if not self.is_colour:
+            return self
+        return PixelFormat(self.bits_allocated, self.bits_stored, self.pixel_representation, "MONOCHROME2")
 
     @property
     def dtype(self) -> np.dtype:
@@ -157,12 +185,11 @@ def pixel_format_from_dataset(ds: Any, frame_rescale: tuple[float, float, str | 
     Raises
     ------
     SeriesRefused
-        For colour images, float pixel data and every format :class:`PixelFormat` rejects.
+        For float pixel data, colour encodings other than :data:`COLOUR_SOURCES` and every format
+        :class:`PixelFormat` rejects. Colour images get the RGB format they decode to (:func:`_colour_format`).
     """
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
-    if samples != 1:
-        raise SeriesRefused(f"colour image ({samples} samples per pixel, {photometric}): only greyscale is denoised")
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         raise SeriesRefused("float pixel data is not supported")
     try:
@@ -171,6 +198,10 @@ def pixel_format_from_dataset(ds: Any, frame_rescale: tuple[float, float, str | 
         pixel_representation = int(ds.get("PixelRepresentation", 0))
     except (AttributeError, TypeError, ValueError) as exc:
         raise SeriesRefused(f"missing or invalid Image Pixel attributes: {exc}") from exc
+    if photometric in COLOUR_SOURCES:
+        return _colour_format(photometric, samples, bits_allocated, bits_stored, pixel_representation)
+    if samples != 1:
+        raise SeriesRefused(f"colour image ({samples} samples per pixel, {photometric}) is not supported")
     if frame_rescale is not None:
         slope, intercept, rescale_type = frame_rescale
     else:
@@ -195,6 +226,60 @@ def pixel_format_from_dataset(ds: Any, frame_rescale: tuple[float, float, str | 
         padding_value=None if padding is None else _padding_int(padding, bits_allocated, pixel_representation),
         padding_limit=None if limit is None else _padding_int(limit, bits_allocated, pixel_representation),
     )
+
+
+def _colour_format(photometric: str, samples: int, bits_allocated: int, bits_stored: int,
+                   pixel_representation: int) -> PixelFormat:
+    """The RGB :class:`PixelFormat` a colour source decodes to (see :func:`dicom_node.denoise.series.read_frames`).
+
+    YBR sources decode to 8-bit RGB (pydicom converts them); a palette is looked up into 8-bit RGB (16-bit
+    palette entries are reduced to their high byte: the Ultrasound and VL IODs only allow 8-bit RGB); RGB stays as
+    stored. Colour images have no Modality LUT and no padding value.
+    """
+    wanted = 1 if photometric == "PALETTE COLOR" else 3
+    if samples != wanted:
+        raise SeriesRefused(f"{photometric} with {samples} samples per pixel is not valid (PS3.3 C.7.6.3.1.2)")
+    if pixel_representation:
+        raise SeriesRefused(f"signed {photometric} pixel data is not supported")
+    if photometric == "PALETTE COLOR":
+        if bits_allocated not in (8, 16):
+            raise SeriesRefused(f"PALETTE COLOR with BitsAllocated {bits_allocated} is not supported (8 or 16)")
+        bits_allocated = bits_stored = 8
+    elif photometric != "RGB":
+        bits_allocated = bits_stored = 8
+    return PixelFormat(bits_allocated=bits_allocated, bits_stored=bits_stored, pixel_representation=0,
+                       photometric="RGB", samples_per_pixel=3,
+                       source_photometric=None if photometric == "RGB" else photometric)
+
+
+def tissue_region_mask(ds: Any, rows: int, cols: int) -> np.ndarray | None:
+    """Pixels inside the ultrasound regions whose RegionDataType is tissue (1), or ``None`` without regions.
+
+    An ultrasound image with a Sequence of Ultrasound Regions (PS3.3 C.8.5.5) says which rectangles hold the
+    tissue image; text, calibration bars, spectral Doppler and waveforms lie outside them and must not be
+    denoised. Without the sequence the whole image is eligible (``None``); with it but no tissue region, nothing is
+    (an all-False mask).
+    """
+    regions = ds.get("SequenceOfUltrasoundRegions") if ds is not None else None
+    if not regions:
+        return None
+    mask = np.zeros((rows, cols), dtype=bool)
+    for region in regions:
+        try:
+            if int(region.get("RegionDataType", -1)) != 1:
+                continue
+            x0, y0 = int(region.RegionLocationMinX0), int(region.RegionLocationMinY0)
+            x1, y1 = int(region.RegionLocationMaxX1), int(region.RegionLocationMaxY1)
+        except (AttributeError, TypeError, ValueError):
+            continue  # a region without a usable location cannot be trusted with pixels
+        mask[max(0, y0):max(0, y1 + 1), max(0, x0):max(0, x1 + 1)] = True  # the Max values are inclusive
+    return mask
+
+
+def grey_pixel_mask(rgb: np.ndarray, tolerance: int = GREY_TOLERANCE) -> np.ndarray:
+    """Pixels of an RGB image (``(..., 3)``) whose channels agree within ``tolerance``: the grey B-mode."""
+    spread = rgb.max(axis=-1).astype(np.int32) - rgb.min(axis=-1)
+    return spread <= tolerance
 
 
 def _padding_int(value: Any, bits_allocated: int, pixel_representation: int) -> int:
@@ -303,13 +388,14 @@ def apply_residual(stored: np.ndarray, residual_net: np.ndarray, scaling: Scalin
     Parameters
     ----------
     stored
-        The original stored values.
+        The original stored values (``(rows, columns)``, or ``(rows, columns, 3)`` for RGB).
     residual_net
-        ``network(x) - x`` in network units (zero where nothing should change).
+        ``network(x) - x`` in network units (zero where nothing should change), of ``stored``'s shape or
+        broadcastable to it (a grey residual ``(rows, columns, 1)`` changes the three channels of RGB alike).
     strength
         In [0, 1]: 0 returns the input, 1 the full network output, between them a linear blend.
     mask
-        Padding pixels, which are returned untouched.
+        ``(rows, columns)``: pixels returned untouched (padding; for colour, what must not be denoised).
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], not {strength}")

@@ -16,9 +16,10 @@ import logging
 import os
 import struct
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -36,8 +37,8 @@ LOGGER = logging.getLogger(__name__)
 class FrameGeometry:
     """Where one frame lies: ImagePositionPatient and ImageOrientationPatient (``None`` when unknown)."""
 
-    position: tuple[float, float, float] | None
-    orientation: tuple[float, ...] | None
+    position: tuple[float, ...] | None  # three values
+    orientation: tuple[float, ...] | None  # six values
 
 
 @dataclass
@@ -155,9 +156,9 @@ def _frame_info(ds: Dataset) -> tuple[list[PixelFormat], list[FrameGeometry]]:
         if enhanced:
             pvt = _functional(ds, i, "PixelValueTransformationSequence")
             if pvt is not None and "RescaleSlope" in pvt:
-                fmt = pixel_format_from_dataset(
-                    ds, (float(pvt.RescaleSlope), float(pvt.get("RescaleIntercept", 0.0)), pvt.get("RescaleType") or None)
-                )
+                rescale = (float(pvt.RescaleSlope), float(pvt.get("RescaleIntercept", 0.0)),
+                           pvt.get("RescaleType") or None)
+                fmt = pixel_format_from_dataset(ds, rescale)
             else:
                 fmt = base
             pos = _functional(ds, i, "PlanePositionSequence")
@@ -391,7 +392,7 @@ def check_series(series: Series) -> None:
 
 #: Uncompressed little-endian transfer syntaxes, whose pixel data :func:`read_frames` reads straight from the file;
 #: the value says whether the VR is implicit.
-_NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian: False, ImplicitVRLittleEndian: True}
+_NATIVE_LITTLE_ENDIAN: dict[str | None, bool] = {ExplicitVRLittleEndian: False, ImplicitVRLittleEndian: True}
 
 
 def _read_native(instance: Instance) -> tuple[Dataset, np.ndarray] | None:
@@ -404,6 +405,8 @@ def _read_native(instance: Instance) -> tuple[Dataset, np.ndarray] | None:
     pydicom then decodes it.
     """
     header = instance.header
+    if instance.formats[0].is_colour:
+        return None  # colour is converted on decoding (YBR, palette, planar configuration): pydicom reads it
     if instance.raw_elements is not None and instance.pixel_offset is not None:
         implicit = _NATIVE_LITTLE_ENDIAN.get(getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", None))
         if implicit is None or int(header.get("SamplesPerPixel", 1) or 1) != 1:
@@ -461,6 +464,10 @@ def read_frames(instance: Instance) -> tuple[Dataset, np.ndarray]:
 
     The dataset may lack the pixel data element (uncompressed files are read without it).
 
+    Colour comes back as RGB ``(frames, rows, columns, 3)``, samples interleaved, whatever the source's encoding:
+    pydicom converts YBR (JPEG baseline decodes to YBR_FULL_422) to RGB and reads either planar configuration;
+    a palette is looked up (:func:`palette_to_rgb`).
+
     Raises
     ------
     SeriesRefused
@@ -483,12 +490,54 @@ def read_frames(instance: Instance) -> tuple[Dataset, np.ndarray]:
         detail = " ".join(line.strip() for line in first_line[:3])
         raise SeriesRefused(f"pixel data cannot be decoded ({ts_name}): {detail}", str(instance.path)) from exc
     rows, cols = instance.shape
-    if arr.ndim == 2:
+    fmt = instance.formats[0]
+    if fmt.source_photometric == "PALETTE COLOR":
+        arr = palette_to_rgb(arr, ds)
+    expected: tuple[int, ...] = (instance.frames, rows, cols) + ((3,) if fmt.is_colour else ())
+    if arr.shape == expected[1:]:
         arr = arr[np.newaxis]
-    if arr.shape != (instance.frames, rows, cols):
+    if arr.shape != expected:
         raise SeriesRefused(
-            f"decoded pixel data has shape {arr.shape}, header says {instance.frames} x {rows} x {cols}",
+            f"decoded pixel data has shape {arr.shape}, header says {' x '.join(map(str, expected))}",
             str(instance.path),
         )
-    fmt = instance.formats[0]
     return ds, clean_stored(arr, fmt)
+
+
+def palette_to_rgb(index: np.ndarray, ds: Dataset) -> np.ndarray:
+    """8-bit RGB of a PALETTE COLOR image (its Red/Green/Blue Palette Color LUTs, segmented or not).
+
+    16-bit palette entries (PS3.3 C.7.6.3.1.6) are reduced to their high byte: entries written as ``v << 8`` and
+    full-range ones (``v * 257``) both give ``v``. Palettes whose 16-bit entries hold 8-bit values are kept.
+    """
+    from pydicom.pixels import apply_color_lut
+
+    rgb = apply_color_lut(index, ds)
+    if rgb.dtype.itemsize > 1:
+        if rgb.size and int(rgb.max()) > 255:
+            rgb = np.right_shift(rgb, 8)
+        rgb = rgb.astype(np.uint8)
+    return rgb
+
+
+def frame_order(instance: Instance) -> np.ndarray:
+    """The order of a multi-frame instance's frames in space: along the slice normal when every frame has a
+    distinct position on it (an Enhanced MR volume stored in acquisition order), else as stored (cine: time).
+
+    Neighbouring frames fed to a model with context are neighbours in this order.
+    """
+    n = instance.frames
+    geometry = instance.geometry
+    if n < 3 or any(g.position is None for g in geometry):
+        return np.arange(n)
+    orientation = next((g.orientation for g in geometry if g.orientation is not None), None)
+    if orientation is None:
+        return np.arange(n)
+    try:
+        normal = np.asarray(slice_normal(orientation))
+    except SeriesRefused:
+        return np.arange(n)
+    where = np.array([float(np.dot(g.position, normal)) for g in geometry])  # type: ignore[arg-type]
+    if len(np.unique(np.round(where, 4))) != n:
+        return np.arange(n)  # several stacks (echoes, time points) in one object: keep their stored order
+    return np.argsort(where, kind="stable")

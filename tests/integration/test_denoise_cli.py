@@ -31,7 +31,8 @@ def setup(tmp_path: Path) -> tuple[Path, Path, Path]:
     return tmp_path, models, config
 
 
-def test_denoise_folder_with_two_series_and_previews(setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_denoise_folder_with_two_series_and_previews(setup: tuple[Path, Path, Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     tmp_path, _models, config = setup
     out = tmp_path / "out"
     rc = main(["denoise", str(tmp_path / "in"), str(out), "-c", str(config), "--strength", "0.5", "--preview",
@@ -52,7 +53,8 @@ def test_denoise_folder_with_two_series_and_previews(setup: tuple[Path, Path, Pa
     assert "skipped 1 files" in err
 
 
-def test_denoise_refuses_series_without_fitting_model(setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_denoise_refuses_series_without_fitting_model(setup: tuple[Path, Path, Path],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     tmp_path, _models, config = setup
     write_series(tmp_path / "pt", np.zeros((1, 8, 8), np.uint16), modality="PT", slope=None)
     rc = main(["denoise", str(tmp_path / "pt"), str(tmp_path / "out"), "-c", str(config), "--no-progress"])

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from dicom_node import __version__
 from dicom_node.denoise.derived import (
     DerivationInfo,
+    DerivedSeriesWriter,
     build_derived_instance,
     derived_sop_instance_uid,
     new_series_uid,
@@ -25,10 +28,11 @@ SHA = "ab" * 32
 
 
 def _info(**kw: object) -> DerivationInfo:
-    base = dict(series_instance_uid="1.2.3.4.5", model_name="ct-cnn", model_version="1.2.0", model_sha256=SHA,
-                strength=0.75, created=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc))
+    base: dict[str, Any] = dict(series_instance_uid="1.2.3.4.5", model_name="ct-cnn", model_version="1.2.0",
+                                model_sha256=SHA, strength=0.75,
+                                created=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC))
     base.update(kw)
-    return DerivationInfo(**base)  # type: ignore[arg-type]
+    return DerivationInfo(**base)
 
 
 @pytest.fixture()
@@ -106,7 +110,8 @@ def test_info_is_validated() -> None:
 
 def test_rle_round_trip(source: pydicom.Dataset, tmp_path: Path) -> None:
     pixels = np.random.default_rng(0).integers(-1000, 1000, size=(8, 8)).astype(np.int16)
-    ds = build_derived_instance(source, pixels, pixel_format_from_dataset(source), _info(transfer_syntax="rle-lossless"))
+    ds = build_derived_instance(source, pixels, pixel_format_from_dataset(source),
+                                _info(transfer_syntax="rle-lossless"))
     path = write_instance(ds, tmp_path)
     back = pydicom.dcmread(path)
     assert back.file_meta.TransferSyntaxUID == RLELossless
@@ -114,7 +119,7 @@ def test_rle_round_trip(source: pydicom.Dataset, tmp_path: Path) -> None:
 
 
 def test_lossy_source_is_marked_lossy(source: pydicom.Dataset) -> None:
-    source.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.91"
+    source.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.91")  # JPEG 2000, lossy
     ds = build_derived_instance(source, np.zeros((8, 8), np.int16), pixel_format_from_dataset(source), _info())
     assert ds.LossyImageCompression == "01" and ds.LossyImageCompressionMethod == "ISO_15444_1"
 
@@ -185,7 +190,7 @@ def _derived_from_file(path: Path, transfer_syntax: str = "explicit-vr-little-en
 
 @pytest.mark.parametrize("source_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 @pytest.mark.parametrize("derived_syntax", ["explicit-vr-little-endian", "rle-lossless"])
-def test_encode_file_writes_what_pydicom_writes(source: pydicom.Dataset, tmp_path: Path, source_syntax: str,
+def test_encode_file_writes_what_pydicom_writes(source: pydicom.Dataset, tmp_path: Path, source_syntax: UID,
                                                 derived_syntax: str) -> None:
     from dicom_node.denoise.derived import encode_file
 
@@ -230,7 +235,7 @@ def _every_element_reencoded_by_pydicom(data: bytes) -> bytes:
 
 @pytest.mark.parametrize("source_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_pre_encoded_elements_are_what_pydicom_encodes(source: pydicom.Dataset, tmp_path: Path,
-                                                       source_syntax: str) -> None:
+                                                       source_syntax: UID) -> None:
     """The builder encodes its new elements itself (once per series, or by hand for the UIDs): pydicom, encoding
     the same values, must write the same bytes."""
     from dicom_node.denoise.derived import encode_file
@@ -264,10 +269,10 @@ def test_pre_encoded_elements_are_what_pydicom_encodes_for_real_scanner_files(sh
 # ------------------------------------------------------------------------------------------------- series writer
 
 
-def _series_writer_matches_builder(paths: list[Path], tmp_path: Path, edit=None) -> "DerivedSeriesWriter":
+def _series_writer_matches_builder(paths: list[Path], tmp_path: Path,
+                                   edit: Callable[[int, pydicom.Dataset], object] | None = None) -> DerivedSeriesWriter:
     """Write every file's derived instance with a DerivedSeriesWriter and with build_derived_instance +
     write_instance; require the same bytes for each. ``edit(index, ds)`` may change a source before both."""
-    from dicom_node.denoise.derived import DerivedSeriesWriter
     from dicom_node.denoise.series import read_frames, read_instance_header
 
     info = _info(series_instance_uid=new_series_uid())
@@ -299,7 +304,7 @@ def test_series_writer_writes_what_the_builder_writes(tmp_path: Path) -> None:
     assert (writer.in_full, writer.from_template) == (1, 5)  # the fast path is what was compared
 
 
-def _edited_series(folder: Path, n_slices: int, edit) -> list[Path]:  # type: ignore[no-untyped-def]
+def _edited_series(folder: Path, n_slices: int, edit: Callable[[int, pydicom.Dataset], bool]) -> list[Path]:
     """A synthetic CT series whose files were changed by ``edit(index, ds)`` and saved again (so the reader
     sees the changes as raw elements, as it would from a scanner)."""
     from dicom_node.synthetic import make_ct_series
@@ -374,3 +379,85 @@ def test_series_writer_writes_what_the_builder_writes_for_real_scanner_series(sh
         writer = _series_writer_matches_builder(paths, tmp_path / folder.replace("/", "-"))
         used += writer.from_template
     assert used >= 3  # real scanner slices did take the fast path
+
+
+def _jpeg_baseline_source(quality: int = 80) -> tuple[pydicom.Dataset, int]:
+    """A colour Secondary Capture image in JPEG baseline (YBR_FULL_422, as JPEG writes it) and its JPEG size."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+
+    from dicom_node.denoise.testing import SECONDARY_CAPTURE, make_colour_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
+    ds = make_colour_image(rgb, modality="OT", sop_class_uid=SECONDARY_CAPTURE)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=quality, subsampling=1)  # 4:2:2
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+    return ds, len(buf.getvalue())
+
+
+def test_jpeg_baseline_source_is_written_uncompressed_as_rgb_with_its_lossy_history() -> None:
+    source, size = _jpeg_baseline_source()
+    fmt = pixel_format_from_dataset(source)
+    rgb = source.pixel_array
+    ds = build_derived_instance(source, rgb, fmt, _info())
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert (ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.PlanarConfiguration) == ("RGB", 3, 0)
+    assert ds.LossyImageCompression == "01" and ds.LossyImageCompressionMethod == "ISO_10918_1"
+    assert float(ds.LossyImageCompressionRatio) == pytest.approx(rgb.nbytes / size, rel=0.05)
+    np.testing.assert_array_equal(ds.pixel_array, rgb)
+
+
+def test_lossy_history_already_recorded_is_kept_and_an_earlier_one_is_extended() -> None:
+    source, _size = _jpeg_baseline_source()
+    source.LossyImageCompression, source.LossyImageCompressionMethod = "01", "ISO_10918_1"
+    source.LossyImageCompressionRatio = "7.5"
+    ds = build_derived_instance(source, source.pixel_array, pixel_format_from_dataset(source), _info())
+    assert (ds.LossyImageCompressionMethod, ds.LossyImageCompressionRatio) == ("ISO_10918_1", 7.5)
+    source.LossyImageCompressionMethod, source.LossyImageCompressionRatio = "ISO_14495_1", "2.5"
+    ds = build_derived_instance(source, source.pixel_array, pixel_format_from_dataset(source), _info())
+    assert list(ds.LossyImageCompressionMethod) == ["ISO_14495_1", "ISO_10918_1"]
+    assert len(ds.LossyImageCompressionRatio) == 2 and float(ds.LossyImageCompressionRatio[0]) == 2.5
+
+
+def test_grey_derived_image_keeps_monochrome1_and_bits_stored() -> None:
+    src = make_image(np.arange(1024, dtype=np.uint16).reshape(32, 32), photometric="MONOCHROME1", bits_stored=10,
+                     slope=None, modality="MR")
+    fmt = pixel_format_from_dataset(src)
+    ds = build_derived_instance(src, src.pixel_array, fmt, _info())
+    assert (ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.SamplesPerPixel) == (
+        "MONOCHROME1", 16, 10, 9, 1)
+    assert "PlanarConfiguration" not in ds
+    with pytest.raises(ValueError, match="exceed BitsStored 10"):
+        build_derived_instance(src, np.full((32, 32), 1024, np.uint16), fmt, _info())
+
+
+@pytest.mark.parametrize("kind", ["rgb-planar1", "palette"])
+def test_series_writer_writes_what_the_builder_writes_for_colour(tmp_path: Path, kind: str) -> None:
+    """Colour series (RGB by plane, palette) written from the template: the same bytes as built in full."""
+    from pydicom.uid import generate_uid
+
+    from dicom_node.denoise.testing import make_colour_image, make_palette_image
+
+    rng = np.random.default_rng(1)
+    series_uid, study_uid, paths = generate_uid(), generate_uid(), []
+    lut = np.stack([np.arange(256)] * 3, axis=1)
+    lut[200:] = [255, 0, 0]
+    for k in range(3):
+        if kind == "palette":
+            ds = make_palette_image(rng.integers(0, 256, size=(12, 16), dtype=np.uint8), lut)
+            ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.InstanceNumber = series_uid, study_uid, k + 1
+        else:
+            ds = make_colour_image(rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8), planar_configuration=1,
+                                   series_uid=series_uid, study_uid=study_uid, instance_number=k + 1)
+        paths.append(tmp_path / f"{k}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    writer = _series_writer_matches_builder(paths, tmp_path)
+    assert (writer.in_full, writer.from_template) == (1, 2)
+    out = pydicom.dcmread(sorted((tmp_path / "writer").iterdir())[-1])
+    assert (out.PhotometricInterpretation, out.PlanarConfiguration, out.SamplesPerPixel) == ("RGB", 0, 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -13,10 +14,10 @@ from torch import nn
 
 from dicom_node.denoise.engine import Engine, choose_batch_size, denoise_series, tiled_apply
 from dicom_node.denoise.errors import SeriesRefused
-from dicom_node.denoise.series import read_instance_header, scan
+from dicom_node.denoise.series import Instance, read_instance_header, scan
 from dicom_node.denoise.testing import make_image, make_multiframe, make_tiny_model, write_series
 from models.folder import load_model_folder
-from models.networks import build_network
+from models.networks import build_network, receptive_radius, size_multiple
 
 torch.set_num_threads(1)
 
@@ -39,7 +40,7 @@ def _read_pixels(paths: list[Path]) -> dict[str, np.ndarray]:
     return out
 
 
-VOLUMES = {
+VOLUMES: dict[str, tuple[type[np.integer], int, dict[str, Any]]] = {
     "u8": (np.uint8, 8, dict(slope=1.0, intercept=0.0)),
     "u16-12bit": (np.uint16, 12, dict(slope=1.0, intercept=-1024.0)),
     "s16-16bit": (np.int16, 16, dict(slope=1.0, intercept=0.0, padding_value=-2000)),
@@ -91,11 +92,18 @@ def test_random_model_changes_pixels_but_keeps_padding(tmp_path: Path, models_di
     assert np.abs(half0.astype(int) - (src.astype(int) + out0.astype(int)) / 2).max() <= 1.0
 
 
+def _position(inst: Instance) -> tuple[float, ...]:
+    """The first frame's ImagePositionPatient (every image these tests write has one)."""
+    position = inst.geometry[0].position
+    assert position is not None
+    return position
+
+
 def test_slices_follow_geometry_not_instance_number(tmp_path: Path) -> None:
     volume = np.zeros((6, 8, 8), dtype=np.int16)
     write_series(tmp_path / "in", volume, shuffle_instance_numbers=True, seed=3, intercept=0.0)
     (series,) = scan([tmp_path / "in"]).series
-    z = [inst.geometry[0].position[2] for inst in series.instances]
+    z = [_position(inst)[2] for inst in series.instances]
     assert z == sorted(z)
     numbers = [int(inst.header.InstanceNumber) for inst in series.instances]
     assert numbers != sorted(numbers)  # the fixture really did shuffle them
@@ -115,7 +123,7 @@ def test_slices_sort_along_an_oblique_normal(tmp_path: Path) -> None:
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
     (series,) = scan([tmp_path]).series
-    where = [float(np.dot(inst.geometry[0].position, normal)) for inst in series.instances]
+    where = [float(np.dot(_position(inst), normal)) for inst in series.instances]
     assert where == sorted(where)
 
 
@@ -154,8 +162,8 @@ def test_tiling_matches_whole_image_for_unet() -> None:
     x = torch.randn(1, 1, 150, 90)
     with torch.inference_mode():
         whole = net(x)
-        tiled = tiled_apply(net, x, tile=64, halo=net.receptive_radius, blend=4, multiple=net.size_multiple)
-    assert net.receptive_radius < 64
+        tiled = tiled_apply(net, x, tile=64, halo=receptive_radius(net), blend=4, multiple=size_multiple(net))
+    assert receptive_radius(net) < 64
     torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-4)
 
 
@@ -211,14 +219,19 @@ def test_model_that_does_not_fit_is_refused(tmp_path: Path, models_dir: Path) ->
         denoise_series(tmp_path / "in", load_model_folder(models_dir / "id-ct"), tmp_path / "out")
 
 
-def test_colour_is_refused(tmp_path: Path) -> None:
+def test_colour_is_read_as_rgb_and_other_colour_encodings_are_refused(tmp_path: Path) -> None:
     ds = make_image(np.zeros((4, 4), np.uint8), slope=None)
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
     ds.PixelData = bytes(4 * 4 * 3)
     ds.save_as(tmp_path / "rgb.dcm", enforce_file_format=True)
+    (series,) = scan([tmp_path]).series
+    fmt = series.instances[0].formats[0]
+    assert (fmt.photometric, fmt.samples_per_pixel, fmt.bits_allocated) == ("RGB", 3, 8)
+    ds.PhotometricInterpretation = "YBR_PARTIAL_420"  # MPEG-2's: nothing here decodes it
+    ds.save_as(tmp_path / "rgb.dcm", enforce_file_format=True)
     found = scan([tmp_path])
     assert not found.series
-    assert "colour image" in found.skipped[0][1]
+    assert "YBR_PARTIAL_420) is not supported" in found.skipped[0][1]
 
 
 def test_undecodable_pixels_are_refused_not_crashed(tmp_path: Path, models_dir: Path) -> None:

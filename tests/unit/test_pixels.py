@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -112,14 +114,15 @@ def test_padding_range_limit() -> None:
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"photometric": "RGB"}, "RGB is not supported"),
-    ({"photometric": "YBR_FULL_422"}, "not supported"),
+    ({"photometric": "RGB"}, "RGB with 1 samples per pixel is not valid"),
+    ({"photometric": "MONOCHROME2", "samples_per_pixel": 3}, "MONOCHROME2 with 3 samples per pixel"),
+    ({"photometric": "YBR_FULL_422"}, "not supported"),  # the engine's pixels are grey or RGB, never YBR
     ({"bits_allocated": 32, "bits_stored": 32}, "BitsAllocated 32"),
     ({"bits_stored": 17}, "BitsStored 17"),
     ({"slope": 0.0}, "rescale slope"),
 ])
-def test_unsupported_formats_are_refused(kwargs: dict, match: str) -> None:
-    base = dict(bits_allocated=16, bits_stored=12, pixel_representation=0, photometric="MONOCHROME2")
+def test_unsupported_formats_are_refused(kwargs: dict[str, Any], match: str) -> None:
+    base: dict[str, Any] = dict(bits_allocated=16, bits_stored=12, pixel_representation=0, photometric="MONOCHROME2")
     base.update(kwargs)
     with pytest.raises(SeriesRefused, match=match):
         PixelFormat(**base)
@@ -192,3 +195,48 @@ def _hu_card():
 
     return ModelCard(name="hu", version="1", architecture="unet-res", modalities=["CT"],
                      normalization=Normalization(input_unit="HU", mode="fixed", offset=0.0, scale=1000.0))
+
+
+@pytest.mark.parametrize("photometric,samples,bits,source", [
+    ("RGB", 3, 8, None), ("YBR_FULL_422", 3, 8, "YBR_FULL_422"), ("YBR_FULL", 3, 8, "YBR_FULL"),
+    ("PALETTE COLOR", 1, 16, "PALETTE COLOR"), ("PALETTE COLOR", 1, 8, "PALETTE COLOR"),
+])
+def test_colour_sources_get_the_rgb_format_they_decode_to(photometric: str, samples: int, bits: int,
+                                                           source: str | None) -> None:
+    from pydicom.dataset import Dataset
+
+    from dicom_node.denoise.pixels import pixel_format_from_dataset
+
+    ds = Dataset()
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = samples, photometric
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.PixelRepresentation = 0
+    fmt = pixel_format_from_dataset(ds)
+    assert (fmt.photometric, fmt.samples_per_pixel, fmt.bits_allocated, fmt.bits_stored) == ("RGB", 3, 8, 8)
+    assert fmt.source_photometric == source and fmt.is_colour
+    assert fmt.grey().photometric == "MONOCHROME2" and not fmt.grey().is_colour
+
+
+def test_tissue_regions_and_grey_pixels() -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from dicom_node.denoise.pixels import grey_pixel_mask, tissue_region_mask
+
+    def region(kind: int, x0: int, y0: int, x1: int, y1: int) -> Dataset:
+        item = Dataset()
+        item.RegionDataType = kind
+        item.RegionLocationMinX0, item.RegionLocationMinY0 = x0, y0
+        item.RegionLocationMaxX1, item.RegionLocationMaxY1 = x1, y1
+        return item
+
+    ds = Dataset()
+    assert tissue_region_mask(ds, 4, 6) is None  # no regions: the whole image may change
+    ds.SequenceOfUltrasoundRegions = Sequence([region(1, 1, 0, 2, 1), region(3, 0, 2, 5, 3)])  # tissue, spectral
+    mask = tissue_region_mask(ds, 4, 6)
+    assert mask is not None
+    assert mask.sum() == 4 and mask[0:2, 1:3].all()  # the Max corners are inclusive
+    ds.SequenceOfUltrasoundRegions = Sequence([region(3, 0, 0, 5, 3)])
+    assert not tissue_region_mask(ds, 4, 6).any()  # regions but no tissue: nothing may change
+    rgb = np.array([[[10, 10, 10], [10, 18, 12], [200, 60, 0]]], np.uint8)
+    np.testing.assert_array_equal(grey_pixel_mask(rgb), [[True, True, False]])

@@ -55,7 +55,7 @@ def test_native_files_read_as_pydicom_decodes_them(tmp_path: Path, dtype: type, 
     info = np.iinfo(dtype)
     # Values over the whole allocated range: bits above BitsStored must be dropped (and signs extended) as
     # pydicom's decoder does.
-    pixels = rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    pixels: np.ndarray = rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
     ds = make_image(pixels, bits_stored=bits_stored, slope=None)
     path = tmp_path / "explicit.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -129,3 +129,21 @@ def test_derived_file_is_the_same_whichever_way_the_source_was_read(tmp_path: Pa
             ds, stored = read_frames(inst)
             encoded.append(encode_file(build_derived_instance(ds, stored[0], inst.formats[0], info)))
         assert encoded[0] == encoded[1]
+
+
+def test_colour_files_read_as_rgb(shared_data: Path) -> None:
+    """RGB as pydicom decodes it; a palette (8- or 16-bit, uncompressed: never the grey fast path) looked up into
+    8-bit RGB; frames first, samples last."""
+    from pydicom.pixels import apply_color_lut
+
+    for name in ("US1_UNC.dcm", "OBXXXX1A.dcm", "gdcm-US-ALOKA-16.dcm"):
+        path = shared_data / "us" / "dicom" / name
+        inst = read_instance_header(path)
+        assert series_module._read_native(inst) is None
+        _ds, stored = read_frames(inst)
+        full = pydicom.dcmread(path)
+        expected = full.pixel_array
+        if full.PhotometricInterpretation == "PALETTE COLOR":
+            expected = (apply_color_lut(expected, full) >> 8).astype(np.uint8)
+        assert stored.dtype == np.uint8 and stored.shape == (1, full.Rows, full.Columns, 3)
+        np.testing.assert_array_equal(stored[0], expected)
