@@ -34,10 +34,11 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -223,11 +224,14 @@ class ModelCard:
         """
         if modality not in self.modalities:
             raise ModelMismatch(
-                f"model {self.name} {self.version} is for {', '.join(self.modalities)} series, not {modality or 'unknown'}"
+                f"model {self.name} {self.version} is for {', '.join(self.modalities)} series, "
+                f"not {modality or 'unknown'}"
             )
         if self.normalization.input_unit == "HU":
             if modality != "CT":
-                raise ModelMismatch(f"model {self.name} expects Hounsfield units, which only CT has ({modality} series)")
+                raise ModelMismatch(
+                    f"model {self.name} expects Hounsfield units, which only CT has ({modality} series)"
+                )
             if unit not in (None, "HU"):
                 raise ModelMismatch(
                     f"model {self.name} expects Hounsfield units, but the series' rescale type is {unit}"
@@ -250,7 +254,7 @@ class ModelCard:
         return dumps_toml(self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "card") -> "ModelCard":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "card") -> ModelCard:
         """Build a card from parsed TOML, reporting unknown and missing keys together."""
         problems = []
         known = {f.name for f in dataclasses.fields(cls)}
@@ -270,7 +274,10 @@ class ModelCard:
                 problems.append(f"normalization.{key}: unknown key (known: {', '.join(sorted(norm_known))})")
         if problems:
             raise CardError(f"{where} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
-        norm = Normalization(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in raw_norm.items()})
+        norm_args: dict[str, Any] = {
+            k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in raw_norm.items()
+        }
+        norm = Normalization(**norm_args)
         kwargs = {k: v for k, v in data.items() if k != "normalization"}
         for key in ("modalities", "body_parts", "strength_range"):
             if key in kwargs:
@@ -280,7 +287,7 @@ class ModelCard:
         return card
 
     @classmethod
-    def from_toml(cls, text: str, where: str = "card") -> "ModelCard":
+    def from_toml(cls, text: str, where: str = "card") -> ModelCard:
         """Parse ``card.toml`` text."""
         try:
             data = tomllib.loads(text)
@@ -438,7 +445,7 @@ def save_model_folder(network: nn.Module, card: ModelCard, path: str | os.PathLi
     os.replace(tmp, folder / WEIGHTS_FILE)
     card.sha256 = sha256_file(folder / WEIGHTS_FILE)
     if not card.created:
-        card.created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+        card.created = _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
     tmp_card = folder / (CARD_FILE + ".tmp")
     tmp_card.write_text(card.to_toml(), encoding="utf-8")
     os.replace(tmp_card, folder / CARD_FILE)

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,9 @@ class UnknownArchitecture(KeyError):
         return str(self.args[0])
 
 
-def register_architecture(name: str, *, denoiser: bool = True) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_architecture(
+    name: str, *, denoiser: bool = True
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register a builder under ``name`` (a decorator).
 
     Parameters
@@ -130,13 +133,13 @@ class REDCNN(nn.Module):
         self.encoder = nn.ModuleList(
             [nn.Conv2d(1, channels, k)] + [nn.Conv2d(channels, channels, k) for _ in range(4)]
         )
-        self.decoder = nn.ModuleList(
-            [nn.ConvTranspose2d(channels, channels, k) for _ in range(4)] + [nn.ConvTranspose2d(channels, 1, k)]
-        )
+        decoder = [nn.ConvTranspose2d(channels, channels, k) for _ in range(4)] + [nn.ConvTranspose2d(channels, 1, k)]
+        self.decoder = nn.ModuleList(decoder)
         self.receptive_radius = 10 * (k - 1) // 2 * 2  # encoder + decoder
         self.min_size = 5 * (k - 1) + 1
-        nn.init.zeros_(self.decoder[-1].weight)
-        nn.init.zeros_(self.decoder[-1].bias)
+        nn.init.zeros_(decoder[-1].weight)
+        if decoder[-1].bias is not None:  # always: the layers are built with bias
+            nn.init.zeros_(decoder[-1].bias)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """The predicted noise ``r(x)``."""
@@ -299,7 +302,8 @@ def _build_unet_res(channels: tuple[int, ...] | list[int] = (32, 64, 128, 256), 
 
 @register_architecture("unet-res-small")
 def _build_unet_res_small(channels: tuple[int, ...] | list[int] = (32, 64, 128), blocks: int = 1,
-                          bias: bool = True, unshuffle: int = 2, in_channels: int = 1, out_channels: int = 1) -> nn.Module:
+                          bias: bool = True, unshuffle: int = 2, in_channels: int = 1,
+                          out_channels: int = 1) -> nn.Module:
     """The CPU variant: a 2x pixel-unshuffle stem (as in FFDNet) then three levels at 1/2, 1/4, 1/8 resolution.
 
     0.56 M parameters, 13.5 GFLOP per 512x512 slice.
@@ -310,7 +314,8 @@ def _build_unet_res_small(channels: tuple[int, ...] | list[int] = (32, 64, 128),
 
 @register_architecture("gan-generator")
 def _build_gan_generator(channels: tuple[int, ...] | list[int] = (32, 64, 128, 256), blocks: int = 2,
-                         bias: bool = True, unshuffle: int = 1, in_channels: int = 1, out_channels: int = 1) -> nn.Module:
+                         bias: bool = True, unshuffle: int = 1, in_channels: int = 1,
+                         out_channels: int = 1) -> nn.Module:
     """The GAN's generator: a :class:`ResUNet` with ``unet-res``'s defaults, so it loads the CNN's weights.
 
     4.26 M parameters, 142 GFLOP per 512x512 slice.
@@ -398,7 +403,8 @@ def count_flops(network: nn.Module, height: int = 512, width: int = 512) -> int:
     """
     total = 0
 
-    def conv_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    def conv_hook(module: nn.Conv2d | nn.ConvTranspose2d, inputs: tuple[torch.Tensor, ...],
+                  output: torch.Tensor) -> None:
         nonlocal total
         kh, kw = module.kernel_size
         cin_per_group = module.in_channels // module.groups

@@ -89,7 +89,7 @@ def run(seed: int = 0) -> dict:
     high, flux_h, ctdi_h, thick_h, picks_h = loaded[HIGH]
     for name in LOWS:
         low, _, ctdi_l, thick_l, _ = loaded[name]
-        if not (ctdi_h and ctdi_l):
+        if not (ctdi_h and ctdi_l and thick_h and thick_l):  # (no thickness: no CTDIvol either)
             continue
         d = (ctdi_l * thick_l) / (ctdi_h * thick_h)
         if d >= 1:

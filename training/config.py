@@ -82,7 +82,7 @@ class TrainSection:
     lr_min: float = 1e-6
     warmup: int = 100
     weight_decay: float = 0.0
-    loss: str = "l1"  # l1 | mse | multiscale-l1 (training.loops.pixel_loss)
+    loss: str = "l1"  # l1 | mse | multiscale-l1 | l1-colour-mean (training.loops.pixel_loss)
     ema: float = 0.999
     grad_clip: float = 1.0
     amp: bool = True  # mixed precision (bfloat16) on CUDA only
@@ -224,8 +224,8 @@ def validate(cfg: TrainingConfig) -> None:
         problems.append(f"data.pairs: {cfg.data.pairs!r} is not simulated, real or self-supervised")
     if cfg.mode == "self-supervised" and cfg.data.pairs != "self-supervised":
         problems.append("mode self-supervised needs data.pairs = \"self-supervised\"")
-    if cfg.train.loss not in {"l1", "mse", "multiscale-l1"}:
-        problems.append(f"train.loss: {cfg.train.loss!r} is not l1, mse or multiscale-l1")
+    if cfg.train.loss not in {"l1", "mse", "multiscale-l1", "l1-colour-mean"}:
+        problems.append(f"train.loss: {cfg.train.loss!r} is not l1, mse, multiscale-l1 or l1-colour-mean")
     if cfg.train.steps < 1 or cfg.data.batch < 1 or cfg.data.patch < 8:
         problems.append("train.steps and data.batch must be >= 1, data.patch >= 8")
     if cfg.train.time_limit_minutes < 0:

@@ -26,9 +26,10 @@ import logging
 import math
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,7 +135,7 @@ def _ct_series_in_hu(uid: str, path: Path, items: list) -> bool:
                        "PS3.3 C.8.2.1)", path, uid, ", ".join(repr(q) for q in sorted(quirks)))
     if units != {"HU"}:
         LOGGER.warning("%s series %s: CT rescale type %s is not Hounsfield units; skipped", path, uid,
-                       ", ".join(sorted(units - {"HU"})))
+                       ", ".join(sorted(str(u) for u in units - {"HU"})))
         return False
     return True
 
@@ -250,11 +251,6 @@ def to_network(x: np.ndarray, params) -> np.ndarray:
     return ((x - offset) / scale).astype(np.float32)
 
 
-def from_network(y, params):
-    offset, scale, _ = params
-    return y * scale + offset
-
-
 def ct_normalization():
     """The CT input normalisation of every CT model trained here: ``(clip(HU, -1024, 3071) - 0) / 1000``."""
     from models.folder import Normalization
@@ -278,11 +274,6 @@ def augment(pair: tuple[torch.Tensor, ...], rng: np.random.Generator) -> tuple[t
             t = torch.flip(t, dims=(-1,))
         out.append(torch.rot90(t, k, dims=(-2, -1)).contiguous())
     return tuple(out)
-
-
-def _foreground_slices(volume: np.ndarray, threshold: float) -> list[int]:
-    """Slices with some content above ``threshold`` (skips empty end slices)."""
-    return [i for i in range(len(volume)) if float((volume[i] > threshold).mean()) > 0.05]
 
 
 def random_patch_origin(shape: tuple[int, int], patch: int, rng: np.random.Generator,
@@ -360,7 +351,7 @@ def draw_ct_realisation(settings: NoiseSettings, rng: np.random.Generator, pixel
     noise drawn from the ranges in ``settings`` (the settings themselves when no range is given)."""
     from training.noise import kernel
 
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if settings.kernels:
         k = kernel(str(settings.kernels[int(rng.integers(len(settings.kernels)))]))
         changes["cutoff"] = k.cutoff_fraction(pixel_mm)
@@ -417,7 +408,8 @@ def calibrate_series_flux(series: Series, settings: NoiseSettings, max_slices: i
 
 
 class NoisyCache:
-    """Per slice, ``realisations`` noisy versions (physical units) made once; what :class:`SimulatedPairs` draws from."""
+    """Per slice, ``realisations`` noisy versions (physical units) made once; what :class:`SimulatedPairs` draws
+    from."""
 
     def __init__(self, series: Sequence[Series], settings: NoiseSettings,
                  slices: dict[str, list[int]] | None = None, progress: bool = True,
@@ -426,7 +418,8 @@ class NoisyCache:
 
         disk = Path(cache_dir) if cache_dir else None
         if disk is not None:
-            import hashlib, json as _json
+            import hashlib
+            import json as _json
 
             key = _json.dumps({"settings": {k: (list(v) if isinstance(v, tuple) else v)
                                              for k, v in vars(settings).items()},
@@ -437,19 +430,20 @@ class NoisyCache:
                 with np.load(disk, allow_pickle=False) as z:
                     meta = _json.loads(str(z["meta"]))
                     self.settings = settings
-                    self.flux = meta["flux"]
-                    self.entries = [(si, k, [z[f"v{i}_{r}"] for r in range(n)])
-                                    for i, (si, k, n) in enumerate(meta["entries"])]
+                    self.flux: dict[str, float] = meta["flux"]
+                    # (series index, slice index, noisy versions)
+                    self.entries: list[tuple[int, int, list[np.ndarray]]] = [
+                        (si, k, [z[f"v{i}_{r}"] for r in range(n)]) for i, (si, k, n) in enumerate(meta["entries"])]
                 LOGGER.info("noise cache read from %s", disk)
                 return
 
         self.settings = settings
-        self.entries: list[tuple[int, int, list[np.ndarray]]] = []  # (series index, slice index, noisy versions)
-        self.flux: dict[str, float] = {}
+        self.entries = []
+        self.flux = {}
         self.own_sd: dict[str, float] = {}  # each series' own flat-region noise SD (HU)
         rng = np.random.default_rng(settings.seed)
         gen = torch.Generator().manual_seed(settings.seed)
-        jobs = []
+        jobs: list[tuple[int, int]] = []  # (series index, slice index)
         for si, s in enumerate(series):
             chosen = slices.get(s.key) if slices else None
             chosen = chosen if chosen is not None else list(range(len(s.volume)))
@@ -480,6 +474,8 @@ class NoisyCache:
                 if settings.kind == "ct":
                     d = draw_dose(settings, rng)
                     j = math.exp(rng.uniform(math.log(settings.flux_jitter[0]), math.log(settings.flux_jitter[1])))
+                    if simulator is None:  # made above for kind "ct"
+                        raise RuntimeError("CT noise without a CT simulator")
                     sim_k, flux_k = simulator, self.flux[s.key] * j
                     if settings.kernels or settings.tcm_range or settings.electronic_range:
                         # Body CT: the kernel changes the noise level at a given dose as it does on a scanner.
@@ -515,7 +511,8 @@ class NoisyCache:
             import json as _json
 
             disk.parent.mkdir(parents=True, exist_ok=True)
-            arrays = {f"v{i}_{r}": v for i, (_, _, vs) in enumerate(self.entries) for r, v in enumerate(vs)}
+            arrays: dict[str, Any] = {f"v{i}_{r}": v for i, (_, _, vs) in enumerate(self.entries)
+                                      for r, v in enumerate(vs)}
             meta = {"flux": self.flux, "entries": [(si, k, len(vs)) for si, k, vs in self.entries]}
             tmp = disk.with_suffix(".tmp.npz")
             np.savez(tmp, meta=np.array(_json.dumps(meta)), **arrays)
@@ -528,24 +525,21 @@ class NoisyCache:
 
 
 class _PatchDataset(torch.utils.data.Dataset):
-    """Base: an epoch is ``length`` random patches; ``__getitem__(i)`` is deterministic in ``(seed, epoch, i)``."""
+    """Base: a run is one epoch of ``length`` random patches; ``__getitem__(i)`` is deterministic in ``(seed, i)``."""
 
     def __init__(self, patch: int, length: int, normalisation, seed: int, augment: bool = True):
         self.patch = int(patch)
         self.length = int(length)
         self.norm = normalisation
         self.seed = int(seed)
-        self.epoch = 0
         self.augment = augment
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.length
 
     def _rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, int(index)])
+        # The 0 was an epoch number that never changed (a run is one epoch); kept so a seed draws the same patches.
+        return np.random.default_rng([self.seed, 0, int(index)])
 
     def _params(self, key, image: np.ndarray):
         if self.norm.mode == "fixed":
@@ -573,7 +567,7 @@ class SimulatedPairs(_PatchDataset):
         self.cache = cache
         if not cache.entries:
             raise ValueError("no slices to train on")
-        self._fg = {}
+        self._fg: dict[tuple[int, int], np.ndarray] = {}
 
     def _foreground(self, si: int, k: int) -> np.ndarray:
         key = (si, k)
@@ -632,27 +626,6 @@ class RealPairs(_PatchDataset):
         p = min(self.patch, *a.shape)
         y0, x0 = random_patch_origin(a.shape, p, rng)
         return self._finish(a[y0:y0 + p, x0:x0 + p], b[y0:y0 + p, x0:x0 + p], rng, params)
-
-
-def neighbor_subsample(image: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neighbor2Neighbor (Huang et al., CVPR 2021): two half-size images from different pixels of each 2x2 cell.
-
-    ``image`` is ``(..., H, W)`` with even ``H, W``; returns ``(g1, g2)`` of shape ``(..., H/2, W/2)``.
-    For each cell one pixel goes to ``g1`` and one of its 4-neighbours in the cell to ``g2``.
-    """
-    h, w = image.shape[-2:]
-    cells = image[..., : h // 2 * 2, : w // 2 * 2].unfold(-2, 2, 2).unfold(-2, 2, 2)  # (..., h/2, w/2, 2, 2)
-    cells = cells.reshape(*cells.shape[:-2], 4)  # order: (0,0) (0,1) (1,0) (1,1)
-    n = cells.shape[-3] * cells.shape[-2]
-    first = rng.integers(4, size=n)
-    # neighbours (sharing an edge) of each position in the cell
-    neighbours = np.array([[1, 2], [0, 3], [0, 3], [1, 2]])
-    second = neighbours[first, rng.integers(2, size=n)]
-    flat = cells.reshape(*cells.shape[:-3], n, 4)
-    g1 = flat[..., np.arange(n), torch.from_numpy(first)]
-    g2 = flat[..., np.arange(n), torch.from_numpy(second)]
-    shape = (*cells.shape[:-3], cells.shape[-3], cells.shape[-2])
-    return g1.reshape(shape), g2.reshape(shape)
 
 
 class SelfSupervisedPairs(_PatchDataset):

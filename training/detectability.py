@@ -17,7 +17,8 @@ The same noise realisations feed the input (filtered back-projection) and the de
 (present and absent resampled independently, the same indices for input and model).
 
 Insert contrast: the mean over the disc (pixels at least half covered) of ``mean present - mean absent``, over the
-mean inserted value there, for the input (about 1: FBP is linear) and the model, and the model's relative to the input's. The issue's acceptance: at every dose from
+mean inserted value there, for the input (about 1: FBP is linear) and the model, and the model's relative to the
+input's. The issue's acceptance: at every dose from
 10 % to 100 %, the lower confidence bound of the d' ratio at least 0.95, and the model's contrast at least 0.8 of
 the truth.
 
@@ -28,8 +29,9 @@ it does not enter the observer's variance; the noise of "dose d" is simulated in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -165,7 +167,8 @@ def score(present: dict[str, np.ndarray], absent: dict[str, np.ndarray], signal:
         out[f"dprime_{method}"] = dprime(*scores[method])
         out[f"contrast_{method}"] = contrast_mean[method]
     out["dprime_ratio"] = out["dprime_model"] / out["dprime_input"] if out["dprime_input"] else float("nan")
-    out["contrast_ratio_to_input"] = contrast_mean["model"] / contrast_mean["input"] if contrast_mean["input"] else float("nan")
+    out["contrast_ratio_to_input"] = (contrast_mean["model"] / contrast_mean["input"] if contrast_mean["input"]
+                                      else float("nan"))
     n_p, n_a = len(scores["input"][0]), len(scores["input"][1])
     boot = {k: np.empty(bootstrap) for k in ("dprime_input", "dprime_model", "dprime_ratio")}
     for b in range(bootstrap):
@@ -246,7 +249,7 @@ def run_slice(image: np.ndarray, pixel_mm: float, denoise: Denoiser, settings: L
     for dose in settings.doses:
         if progress:
             progress(f"{name}: detectability at dose {dose:g}, {settings.realisations} realisations")
-        noisy = {"present": [[] for _ in windows], "absent": [[] for _ in windows]}
+        noisy: dict[str, list[list[np.ndarray]]] = {"present": [[] for _ in windows], "absent": [[] for _ in windows]}
         for _ in range(settings.realisations):
             for case, p, base in (("present", p_present, with_discs), ("absent", p_absent, image)):
                 delta = sim.projection_noise(p, flux * dose, 1.0, gen, pixel_mm)
@@ -259,9 +262,10 @@ def run_slice(image: np.ndarray, pixel_mm: float, denoise: Denoiser, settings: L
             absent_in = np.stack(noisy["absent"][k]).astype(np.float32)
             present = {"input": present_in, "model": np.asarray(denoise(present_in), np.float32)}
             absent = {"input": absent_in, "model": np.asarray(denoise(absent_in), np.float32)}
-            row = {"slice": name, "dose": dose, "diameter_mm": ins.diameter_mm, "contrast_hu": ins.contrast_hu,
-                   "realisations": settings.realisations,
-                   "input_noise_sd_hu": float(np.std(absent_in - absent_in.mean(0), ddof=1))}
+            row: dict[str, Any] = {
+                "slice": name, "dose": dose, "diameter_mm": ins.diameter_mm, "contrast_hu": ins.contrast_hu,
+                "realisations": settings.realisations,
+                "input_noise_sd_hu": float(np.std(absent_in - absent_in.mean(0), ddof=1))}
             row.update(score(present, absent, signals[k], rois[k], ins.contrast_hu, settings.bootstrap, rng))
             row["dprime_kept"] = bool(row["dprime_ratio_ci95"][0] >= settings.min_ratio_lower)
             row["contrast_kept"] = bool(row["contrast_model"] >= settings.min_contrast)

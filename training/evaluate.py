@@ -40,9 +40,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -223,10 +224,10 @@ def _simulate_input(series: Series, slices: list[int], card_noise: dict, dose: f
     gen = torch.Generator().manual_seed(seed)
     if series.modality == "CT":
         settings = NoiseSettings(kind="ct", seed=seed)
-        for k in ("electronic_sd", "n_views", "window", "cutoff", "bowtie_edge", "bowtie_fov_mm", "tcm_strength",
-                  "electronic_model"):
-            if k in card_noise:
-                setattr(settings, k, card_noise[k])
+        for key in ("electronic_sd", "n_views", "window", "cutoff", "bowtie_edge", "bowtie_fov_mm", "tcm_strength",
+                    "electronic_model"):
+            if key in card_noise:
+                setattr(settings, key, card_noise[key])
         if fbp_cutoff is not None:
             settings.cutoff = float(fbp_cutoff)
         flux, measured, simulated = calibrate_series_flux(series, settings)
@@ -341,10 +342,10 @@ def evaluate_series(network, card, series: Series, dose: float, window, baseline
         sds = [noise_sd(r, torch.from_numpy(f)) for r, f in zip(refs, flats) if f.any()]
         result.extra["reference_noise_sd_hu"] = float(np.median(sds)) if sds else float("nan")
     mid = len(slices) // 2
-    images = {m: v[mid] for m, v in methods.items()}
+    middle = {m: v[mid] for m, v in methods.items()}
     if refs is not None:
-        images["reference"] = refs[mid]
-    return result, images
+        middle["reference"] = refs[mid]
+    return result, middle
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,10 +517,11 @@ def run_detectability(network, card, data: Sequence[str], settings, max_slices: 
                       progress: Callable[[str], None] = _quiet) -> dict[str, Any]:
     """The low-contrast detectability test (:mod:`training.detectability`) on up to ``max_slices`` slices of the CT
     series in ``data`` (the middle slice of each series with room for every insert in flat tissue)."""
-    from training.detectability import network_denoiser, run_slice, summarise, table_markdown as lcd_table
+    from training.detectability import network_denoiser, run_slice, summarise
+    from training.detectability import table_markdown as lcd_table
 
     denoise = network_denoiser(network, card.normalization)
-    results = []
+    results: list[dict[str, Any]] = []
     for p in data:
         for series in read_series(resolve_data_path(p)):
             if len(results) >= max_slices or series.modality != "CT":

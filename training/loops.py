@@ -21,9 +21,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +77,11 @@ def load_series_list(cfg: TrainingConfig, names: list[str]):
 
 def normalization_for(cfg: TrainingConfig):
     from training.data import ct_normalization, per_image_normalization
+    from training.modalities import recipe_for
 
+    recipe = recipe_for(cfg.noise.kind)
+    if recipe is not None and hasattr(recipe, "normalization"):  # e.g. endoscopy: fixed 0-255, never per image
+        return recipe.normalization(cfg)
     return ct_normalization() if cfg.modality == "CT" else per_image_normalization()
 
 
@@ -110,7 +115,8 @@ def build_datasets(cfg: TrainingConfig, progress: bool = True):
 
     train_names = d.real_pairs if d.pairs == "real" else d.train
     train, flux = make(train_names, cfg.seed, length, True)
-    summary["slices"] = len(getattr(train, "cache", None).entries) if hasattr(train, "cache") else None
+    cache = getattr(train, "cache", None)
+    summary["slices"] = len(cache.entries) if cache is not None else None
     if flux:
         summary["flux"] = {k: float(f"{v:.4g}") for k, v in flux.items()}
     val = None
@@ -146,7 +152,7 @@ def loader_workers(requested: int, device: torch.device) -> int:
 
 
 def batches(dataset, start_step: int, batch: int, workers: int = 0,
-            pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            pin_memory: bool = False) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
     """Training batches from ``start_step`` on, without end; the same batches as :func:`get_batch` at each step,
     whether cut in this process or by ``workers`` worker processes (each item is a function of its index)."""
     if workers <= 0:
@@ -212,6 +218,8 @@ def pixel_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.T
         return F.l1_loss(output, target)
     if kind == "mse":
         return F.mse_loss(output, target)
+    if kind == "l1-colour-mean":  # colour: L1 plus the L1 of each patch's per-channel means (no colour cast)
+        return F.l1_loss(output, target) + F.l1_loss(output.mean(dim=(-2, -1)), target.mean(dim=(-2, -1)))
     if kind == "multiscale-l1":
         total = output.new_zeros(())
         for k in MULTISCALE_FACTORS:
@@ -221,7 +229,14 @@ def pixel_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.T
             b = target if k == 1 else F.avg_pool2d(target, k)
             total = total + F.l1_loss(a, b)
         return total
-    raise ValueError(f"unknown loss {kind!r} (l1, mse, multiscale-l1)")
+    raise ValueError(f"unknown loss {kind!r} (l1, mse, multiscale-l1, l1-colour-mean)")
+
+
+def _betas(values: Sequence[float]) -> tuple[float, float]:
+    """Adam's ``(beta1, beta2)`` from the config's ``gan.betas`` list."""
+    if len(values) != 2:
+        raise ValueError(f"gan.betas must have 2 items (beta1, beta2), not {len(values)}")
+    return float(values[0]), float(values[1])
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -301,7 +316,7 @@ class Trainer:
         self.network.to(self.device)
         t = cfg.train
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=t.lr, weight_decay=t.weight_decay,
-                                          betas=tuple(cfg.gan.betas) if cfg.mode == "gan" else (0.9, 0.999))
+                                          betas=_betas(cfg.gan.betas) if cfg.mode == "gan" else (0.9, 0.999))
         # The run's length: train.steps, or fewer once a time limit has measured the speed (see _plan_steps).
         self.planned_steps = t.steps
         self.scheduler = cosine_schedule(self.optimizer, lambda: self.planned_steps, t.warmup, t.lr, t.lr_min)
@@ -310,7 +325,7 @@ class Trainer:
         if cfg.mode == "gan":
             self.critic = build_network(cfg.gan.critic, **cfg.gan.critic_arguments).to(self.device)
             self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.gan.critic_lr,
-                                               betas=tuple(cfg.gan.betas))
+                                               betas=_betas(cfg.gan.betas))
         self.use_amp = bool(t.amp and self.device.type == "cuda")
         self.step = 0
         self.noise_gen = torch.Generator().manual_seed(cfg.seed + 7)
@@ -349,7 +364,7 @@ class Trainer:
             self.ema.shadow.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.critic is not None and state["critic"] is not None:
+        if self.critic is not None and self.critic_opt is not None and state["critic"] is not None:
             self.critic.load_state_dict(state["critic"])
             self.critic_opt.load_state_dict(state["critic_opt"])
         torch.set_rng_state(state["torch_rng"])
@@ -385,7 +400,7 @@ class Trainer:
         reg = ((diff - (f1 - f2)) ** 2).mean()
         loss = rec + self.cfg.train.n2n_gamma * reg
         self._backward(loss)
-        return {"loss": float(rec), "regulariser": float(reg)}
+        return {"loss": float(rec.detach()), "regulariser": float(reg.detach())}
 
     def _critic_view(self, images: torch.Tensor) -> torch.Tensor:
         """What the critic sees: the image, or its clamped high-pass (noise texture), times the input scale."""
@@ -398,31 +413,34 @@ class Trainer:
     def _gan_step(self, x, y) -> dict[str, float]:
         g = self.cfg.gan
         view = self._critic_view
+        critic, critic_opt = self.critic, self.critic_opt
+        if critic is None or critic_opt is None:
+            raise RuntimeError("a GAN step needs the critic, which is only built when mode is 'gan'")
         # Critic: n_critic updates on the same batch, generator frozen.
         with torch.no_grad():
             fake = self.network(x).float()
         for _ in range(g.critic_steps):
-            self.critic_opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
             real_v, fake_v = view(y), view(fake)
-            w_dist = self.critic(real_v).mean() - self.critic(fake_v).mean()
-            gp = gradient_penalty(self.critic, real_v, fake_v)
+            w_dist = critic(real_v).mean() - critic(fake_v).mean()
+            gp = gradient_penalty(critic, real_v, fake_v)
             critic_loss = -w_dist + g.gp_weight * gp
             critic_loss.backward()
-            self.critic_opt.step()
+            critic_opt.step()
         numbers = {"wasserstein": float(w_dist.detach()), "gp": float(gp.detach())}
         if self.step < g.critic_warmup:  # critic warm-up: the generator waits
             numbers["loss"] = float(pixel_loss(self.cfg.train.loss, fake, y))
             self.scheduler.step()
             return numbers
         # Generator: pixel loss + small adversarial term.
-        for p in self.critic.parameters():
+        for p in critic.parameters():
             p.requires_grad_(False)
         out = self.network(x).float()
         pix = pixel_loss(self.cfg.train.loss, out, y)
-        adv = -self.critic(view(out)).mean()
+        adv = -critic(view(out)).mean()
         loss = pix + g.adversarial_weight * adv
         self._backward(loss)
-        for p in self.critic.parameters():
+        for p in critic.parameters():
             p.requires_grad_(True)
         return {**numbers, "loss": float(pix.detach()), "adversarial": float(adv.detach())}
 
@@ -449,7 +467,8 @@ class Trainer:
             x = torch.stack([self.val_set[i][0] for i in idx]).to(self.device)
             y = torch.stack([self.val_set[i][1] for i in idx]).to(self.device)
             out = net(x).float()
-            total_in += float(F.mse_loss(x, y, reduction="sum"))
+            c = (x.shape[1] - y.shape[1]) // 2  # neighbouring frames in: the input is its centre frame
+            total_in += float(F.mse_loss(x[:, c:c + y.shape[1]], y, reduction="sum"))
             total_out += float(F.mse_loss(out, y, reduction="sum"))
             n += y.numel()
         self.network.train()
@@ -541,13 +560,27 @@ class Trainer:
         from models.folder import ModelCard, save_model_folder
 
         cfg = self.cfg
+        from training.modalities import recipe_for
+
+        recipe = recipe_for(cfg.noise.kind)
         noise = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg.noise).items() if v is not None}
         if cfg.data.pairs == "self-supervised":
             noise = {"kind": "self-supervised", "method": cfg.data.self_supervised}
+        elif recipe is not None and hasattr(recipe, "card_noise"):
+            # The recipe's own simulation, not the CT projection settings [noise] also holds.
+            noise = {"kind": cfg.noise.kind, **recipe.card_noise(cfg)}
+        modalities = [cfg.modality] if cfg.modality != "XR" else ["CR", "DX"]
+        if recipe is not None and hasattr(recipe, "card_modalities"):  # e.g. endoscopy: ES, XC, OT
+            modalities = recipe.card_modalities(cfg)
+        network = self.final_network()
+        # The card says what the network takes: samples per pixel (its output channels) and neighbouring frames.
+        samples = int(getattr(network, "out_channels", 1))
+        context = (int(getattr(network, "in_channels", samples)) // samples - 1) // 2
         card = ModelCard(
             name=cfg.name, version=cfg.version, architecture=cfg.model.architecture,
-            arguments=dict(cfg.model.arguments), modalities=[cfg.modality] if cfg.modality != "XR" else
-            ["CR", "DX"], body_parts=list(cfg.body_parts), normalization=normalization_for(cfg),
+            arguments=dict(cfg.model.arguments), modalities=modalities,
+            samples_per_pixel=samples, context=context,
+            body_parts=list(cfg.body_parts), normalization=normalization_for(cfg),
             noise=noise, description=cfg.description,
             training={"mode": cfg.mode, "steps": self.step, "patch": cfg.data.patch, "batch": cfg.data.batch,
                       "device": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"),
@@ -556,8 +589,11 @@ class Trainer:
                       "loss": cfg.train.loss, **{k: v for k, v in self.data_summary.items() if v is not None},
                       "command": f"python -m training {_relative(cfg.source) if cfg.source else 'CONFIG'}"},
             metrics=metrics or {},
+            # e.g. ultrasound: the strengths a site may set (speckle is anatomy-like; full strength can erase it)
+            strength_range=(recipe.card_strength_range(cfg) if recipe is not None
+                            and hasattr(recipe, "card_strength_range") else None),
         )
-        save_model_folder(self.final_network(), card, path)
+        save_model_folder(network, card, path)
         self.network.to(self.device)
         return Path(path)
 

@@ -157,8 +157,9 @@ class ParallelBeam:
             out = torch.empty(h, w, dtype=q.dtype)
             for ty in range(0, h, tile):
                 for tx in range(0, w, tile):
-                    th, tw = min(tile, h - ty), min(tile, w - tx)
-                    out[ty:ty + th, tx:tx + tw] = self.backproject(q, shape, pixel_mm, (y0 + ty, x0 + tx, th, tw))
+                    tile_h, tile_w = min(tile, h - ty), min(tile, w - tx)
+                    out[ty:ty + tile_h, tx:tx + tile_w] = self.backproject(q, shape, pixel_mm,
+                                                                           (y0 + ty, x0 + tx, tile_h, tile_w))
             return out
         n_views, n_det = q.shape
         dev = q.device
@@ -301,7 +302,7 @@ class CTNoiseSimulator:
         if p is None:
             p = self.line_integrals(hu, pixel_mm)
         delta = self.projection_noise(p, flux, 1.0, generator, pixel_mm)
-        return self.geometry.fbp(delta, tuple(hu.shape), pixel_mm, roi) * (1000.0 / self.mu_water)
+        return self.geometry.fbp(delta, (hu.shape[0], hu.shape[1]), pixel_mm, roi) * (1000.0 / self.mu_water)
 
     def added_noise(
         self, hu: torch.Tensor, pixel_mm: float, flux: float, dose_fraction: float,
@@ -327,7 +328,7 @@ class CTNoiseSimulator:
             delta = delta * torch.sqrt(keep).to(delta.device)
         else:
             delta = delta * math.sqrt(1.0 - dose_fraction)
-        return self.geometry.fbp(delta, tuple(hu.shape), pixel_mm, roi) * (1000.0 / self.mu_water)
+        return self.geometry.fbp(delta, (hu.shape[0], hu.shape[1]), pixel_mm, roi) * (1000.0 / self.mu_water)
 
     def simulate(self, hu, pixel_mm, flux, dose_fraction, generator=None):
         """``hu`` plus :meth:`added_noise`: the same slice at ``dose_fraction`` of its dose."""

@@ -33,8 +33,9 @@ import argparse
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -153,7 +154,8 @@ def _flat(img: np.ndarray) -> np.ndarray:
     return flat_mask(img).numpy() & body_mask(img)
 
 
-def group_slices(folder: str, kernel_name: str, axial_only: bool, max_slices: int = 6) -> tuple[list[np.ndarray], float]:
+def group_slices(folder: str, kernel_name: str, axial_only: bool,
+                 max_slices: int = 6) -> tuple[list[np.ndarray], float]:
     """Slices of the real series in ``folder`` reconstructed with ``kernel_name`` (axial only if asked)."""
     import pydicom
 
@@ -231,7 +233,8 @@ def match_cutoff(target_freq: float, pixel_mm: float, grid: Sequence[float]) -> 
         cs = np.array([c for _, c, _ in curve])
         order = np.argsort(fs)
         return "hann", float(np.interp(target_freq, fs[order], cs[order])), curve
-    sharper = [(w, 2.0, simulated_mean_frequency(2.0, pixel_mm, fbp_window=w)) for w in ("cosine", "shepp-logan", "ramp")]
+    sharper = [(w, 2.0, simulated_mean_frequency(2.0, pixel_mm, fbp_window=w))
+               for w in ("cosine", "shepp-logan", "ramp")]
     curve += sharper
     w, c, _ = min(sharper, key=lambda t: abs(t[2] - target_freq))
     return w, c, curve
@@ -287,7 +290,6 @@ def check_kernels(report: dict, grid: Sequence[float]) -> None:
 
 def _dose_and_thickness(folder: str) -> tuple[float | None, float | None]:
     from training.calibration import _dose_and_thickness as read
-
     from training.data import resolve_data_path
 
     return read(resolve_data_path(folder))
@@ -472,7 +474,7 @@ def figure(report: dict, path: Path) -> None:
         a.imshow(img[c], cmap="gray", vmin=-10, vmax=90)
         a.set_title("real 60 mA pelvis (W100/L40)")
         a.axis("off")
-        for a, (label, noise) in zip((ax[1, 1],), [(k, v) for k, v in noises.items() if "TCM 0.5" in k]):
+        for a, noise in zip((ax[1, 1],), [v for k, v in noises.items() if "TCM 0.5" in k]):
             smooth = _smooth_like(img)
             a.imshow((smooth + noise)[c], cmap="gray", vmin=-10, vmax=90)
             a.set_title("smoothed pelvis + simulated noise of its dose\n(body simulator, same SD)", fontsize=9)
@@ -482,7 +484,7 @@ def figure(report: dict, path: Path) -> None:
     rng = report.get("range", [])
     for i, kname in enumerate(dict.fromkeys(r["kernel"] for r in rng)):
         for key, style in (("input_sd_hu", ":"), ("input_sd_capped_hu", "-")):
-            pts = {}
+            pts: dict[float, list[float]] = {}
             for r in rng:
                 if r["kernel"] == kname:
                     pts.setdefault(r["dose"], []).append(r[key])

@@ -14,7 +14,8 @@ def head_phantom(size: int = 128, slices: int = 4, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     c = (size - 1) / 2
     out = np.full((slices, size, size), -1000.0, np.float32)
-    inserts = [(rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4), rng.uniform(0.05, 0.12), rng.choice([-100, 60, 120, 300]))
+    inserts = [(rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4), rng.uniform(0.05, 0.12),
+                rng.choice([-100, 60, 120, 300]))
                for _ in range(5)]
     for k in range(slices):
         a, b = 0.44 * size * (1 - 0.02 * k), 0.36 * size * (1 - 0.02 * k)

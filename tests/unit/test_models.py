@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ from models.networks import (
 
 torch.set_num_threads(1)
 
-TINY = {
+TINY: dict[str, dict[str, Any]] = {
     "red-cnn": {"channels": 4, "kernel_size": 3},
     "unet-res": {"channels": [4, 8], "blocks": 1},
     "unet-res-small": {"channels": [4, 8], "blocks": 1},
@@ -70,8 +71,10 @@ def test_fresh_denoiser_is_exact_identity_on_odd_sizes(name: str) -> None:
 
 def test_denoiser_output_changes_when_residual_layer_is_set() -> None:
     net = build_network("unet-res-small", **TINY["unet-res-small"]).eval()
+    tail = net.tail
+    assert isinstance(tail, torch.nn.Conv2d)
     with torch.no_grad():
-        net.tail.weight.normal_()
+        tail.weight.normal_()
     x = torch.randn(1, 1, 32, 32)
     with torch.inference_mode():
         assert not torch.equal(net(x), x)
@@ -195,9 +198,11 @@ def test_docstring_sizes_are_true(name: str, params: float, gflop: float) -> Non
 def test_context_network_subtracts_its_residual_from_the_centre_frame() -> None:
     net = build_network("unet-res-small", channels=[4, 8], blocks=1, in_channels=3, out_channels=1).eval()
     x = torch.randn(2, 3, 17, 23)
+    tail = net.tail
+    assert isinstance(tail, torch.nn.Conv2d) and tail.bias is not None
     with torch.no_grad():
         assert torch.equal(net(x), x[:, 1:2])  # the zero-initialised tail predicts no noise yet
-        net.tail.bias.fill_(0.5)
+        tail.bias.fill_(0.5)
         assert torch.allclose(net(x), x[:, 1:2] - 0.5)
 
 

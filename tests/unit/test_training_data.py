@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
+def tiny(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("tiny")
     vol = head_phantom(64, 3, seed=0)
     return {

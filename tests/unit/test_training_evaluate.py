@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.evaluate import body_mask, edge_mask, edge_sharpness, psnr_ssim, _smooth
+from training.evaluate import _smooth, body_mask, edge_mask, edge_sharpness, psnr_ssim
 from training.synthetic import head_phantom, write_series
 
 torch.set_num_threads(1)

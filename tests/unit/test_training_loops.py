@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def make_config(root: Path, mode: str = "supervised", steps: int = 60, **over) -
     data = {"root": str(root), "train": ["train"], "validation": ["val"], "patch": 32, "batch": 8,
             "validation_patches": 16}
     data.update(over.pop("data", {}))
-    raw = {
+    raw: dict[str, Any] = {
         "name": f"tiny-{mode}", "mode": mode, "seed": 0, "model": dict(over.pop("model", SMALL_NET)), "data": data,
         "noise": {"kind": "ct", "flux": 1e4, "n_views": 90, "dose_range": [0.25, 0.25], "realisations": 1},
         "train": {"steps": steps, "lr": 3e-3, "warmup": 5, "log_every": 5, "validate_every": steps,
@@ -68,7 +69,7 @@ def test_supervised_loss_falls_and_exported_model_gives_the_same_output(data_roo
 
 def test_resume_continues_where_it_stopped(data_root, tmp_path):
     cfg = make_config(data_root, steps=20)
-    whole = train(cfg, tmp_path / "whole", progress=False)
+    train(cfg, tmp_path / "whole", progress=False)
     first = train(cfg, tmp_path / "split", progress=False, stop_after=10)
     assert first.steps == 10 and first.model_dir is None
     with pytest.raises(FileExistsError):
@@ -92,7 +93,7 @@ def test_gan_starts_from_the_cnn_and_trains(data_root, tmp_path):
     from models.folder import load_model_folder
 
     start = load_model_folder(cnn.model_dir, "cpu").network
-    for (k, v), w in zip(trainer.network.state_dict().items(), start.state_dict().values()):
+    for v, w in zip(trainer.network.state_dict().values(), start.state_dict().values()):
         torch.testing.assert_close(v, w)
     result = trainer.run()
     rows = list(csv.DictReader(open(tmp_path / "gan" / "log.csv")))

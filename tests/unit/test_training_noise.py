@@ -1,4 +1,5 @@
-"""Noise simulation: FBP, CT noise statistics (mean, variance, NPS shape), flux calibration, Rician, Poisson-Gaussian."""
+"""Noise simulation: FBP, CT noise statistics (mean, variance, NPS shape), flux calibration, Rician,
+Poisson-Gaussian."""
 
 from __future__ import annotations
 

@@ -71,7 +71,8 @@ def test_config_takes_train_and_validation_from_the_split_and_writes_it_back() -
     assert cfg.data.train == split.folders("train")
     assert cfg.data.validation == split.folders("validation")
     assert "ct/tcia-cc-tumor-pelvis-lowdose-2.5mm" not in cfg.data.train  # a real low-dose scan: not a target
-    ssl = config_from_dict({"name": "x", "mode": "self-supervised", "data": {"split": "ct", "pairs": "self-supervised"}})
+    ssl = config_from_dict({"name": "x", "mode": "self-supervised",
+                            "data": {"split": "ct", "pairs": "self-supervised"}})
     assert "ct/tcia-cc-tumor-pelvis-lowdose-2.5mm" in ssl.data.train
     import tomllib
 
