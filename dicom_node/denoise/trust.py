@@ -1,7 +1,7 @@
 """The trust check: is what the network removed from a series only noise?
 
 For a few frames of a job (input and output in the same physical units: HU for CT, stored values otherwise) the
-residual ``input - output`` is tested three ways:
+residual ``input - output`` is tested five ways (four scored, ``blob_z`` recorded):
 
 ``edge_ratio``
     RMS of the residual on the output's strongest edges over its RMS in the flattest pixels of the body. An honest
@@ -24,18 +24,29 @@ residual ``input - output`` is tested three ways:
     the edge check's business) and blobs of less than :data:`BLOB_MIN_AMPLITUDE` of the input's pixel noise are
     not counted.
 
+``nps_excess``
+    The residual's noise power spectrum against the input's, in the same flat ROIs (32 px, clear of strong edges,
+    on up to :data:`SPECTRAL_MAX_FRAMES` frames): the power the residual has beyond the input's, over the input's.
+    An honest model removes at each frequency at most what the input holds there.
+``sfrc``
+    Patch-wise Fourier ring correlation in the lesion band (sFRC-style, see :func:`_sfrc_patches`): the largest
+    power the output added in a patch, anti-correlated with what was removed, over the input's power there.
+
+``blob_z`` is recorded, no longer scored: on the real CT of the evaluation set honest models reached 22 (heads,
+chest), above painted 30 HU discs (5.5); the sFRC took its place.
+
 Each check maps its number onto [0, 1] (1 up to its ``ok`` level, 0.5 at ``warn``, 0 at ``fail``, linear
 between); the series' score is the smallest, and its verdict ``fail`` when any check reached its fail level,
 ``warn`` when any reached its warn level, else ``pass``. numpy and scipy only: it runs on the arrays the worker
-already has, on up to :data:`MAX_FRAMES` frames, in well under a second.
+already has, on up to :data:`MAX_FRAMES` frames (2.2 s for 16 frames of 512x512 on one shared CPU core).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -75,6 +86,22 @@ BLOB_Z_LEVELS = (6.0, 7.5, 9.0)
 BLOB_EDGE_FRACTION = 0.10
 #: A blob counts only when its band-passed amplitude is at least this fraction of the input's pixel noise SD.
 BLOB_MIN_AMPLITUDE = 0.15
+#: NPS match: square ROIs (pixels) in the flattest parts of the body, on a grid of half their size; radial bins of
+#: the spectrum (0 to 0.5 cycles/pixel). ROIs with a pixel among the strongest edges (BLOB_EDGE_FRACTION) are left out.
+NPS_ROI_PX = 32
+NPS_BINS = 8
+#: Frames the NPS match and the sFRC look at (evenly spaced among those checked): they cost more per frame.
+SPECTRAL_MAX_FRAMES = 8
+#: sFRC: square patches of about this size (mm; 32-64 pixels), on a grid of a quarter of their size, at least this
+#: fraction in the body; the lesion band is the rings up to 1 / (2 x SFRC_FEATURE_MM) (a 3 mm lesion's scale).
+SFRC_PATCH_MM = 32.0
+SFRC_FEATURE_MM = 3.0
+SFRC_BODY_FRACTION = 0.5
+#: (ok, warn, fail) of the NPS excess (the residual's power above the input's, over the input's: a fraction) and of
+#: the sFRC's added power (the output's lesion-band power anti-correlated with what was removed, over the input's
+#: power in that patch and band). Set on the real CT of the evaluation set (README, "The trust check").
+NPS_EXCESS_LEVELS = (0.10, 0.20, 0.35)
+SFRC_LEVELS = (0.45, 0.6, 0.8)
 #: A residual this small (relative to the input's spread) is "nothing removed": trusted without testing.
 NOTHING_REMOVED = 1e-4
 
@@ -94,7 +121,7 @@ class TrustResult:
     verdict
         ``pass``, ``warn`` or ``fail``.
     checks
-        The numbers behind it (``edge_ratio``, ``bias``, ``blob_z`` scored; the others for the record).
+        The numbers behind it (``edge_ratio``, ``bias``, ``nps_excess``, ``sfrc`` scored; the others for the record).
     reasons
         One line per check that reached its warn or fail level.
     frames
@@ -172,8 +199,10 @@ def _bin2(image: np.ndarray) -> np.ndarray:
     return image[:rows, :cols].reshape(rows // 2, 2, cols // 2, 2).mean(axis=(1, 3))
 
 
-def _blob_planes(image: np.ndarray, residual: np.ndarray, body: np.ndarray, strong: np.ndarray
-                 ) -> tuple[np.ndarray, ...]:
+BlobPlanes = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _blob_planes(image: np.ndarray, residual: np.ndarray, body: np.ndarray, strong: np.ndarray) -> BlobPlanes:
     """The residual, the body, the residual's finest scale (its local noise level: a lesion-sized disc has almost
     no energy there) and the input's finest scale (the input's pixel noise, for the blob's amplitude)."""
     return image, residual, body, strong, residual - _smooth(residual, 1.0), image - _smooth(image, 1.0)
@@ -200,6 +229,98 @@ def _blob_values(image: np.ndarray, residual: np.ndarray, body: np.ndarray, stro
     explained = np.clip(np.sign(band) * band_input, 0.0, None)
     unexplained = np.sign(band) * np.maximum(np.abs(band) - explained, 0.0)
     return (band / level)[inside], (unexplained / level)[inside], band[inside], fine_input[inside]
+
+
+def _radial_bins(size: int, bins: int) -> np.ndarray:
+    """Per rfft2 coefficient of a ``size`` x ``size`` image, its radial bin (0..bins-1 from 0 to 0.5 cycles/pixel,
+    the corners beyond 0.5 in the last; -1 for DC)."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    radius = np.hypot(fy, fx)
+    index = np.minimum((radius / 0.5 * bins).astype(int), bins - 1)
+    index[radius == 0] = -1
+    return index
+
+
+def _rfft_weights(size: int) -> np.ndarray:
+    """Weights that make sums over rfft2 coefficients equal sums over the full spectrum (the columns that stand for
+    two conjugate coefficients count twice)."""
+    w = np.full(size // 2 + 1, 2.0)
+    w[0] = 1.0
+    if size % 2 == 0:
+        w[-1] = 1.0
+    return w[None, :]
+
+
+def _nps_sums(x: np.ndarray, r: np.ndarray, body: np.ndarray, strong: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """Power of the input and of the residual per radial bin, summed over the flat ROIs of one frame, and the ROIs'
+    count; ``None`` when the frame has none.
+
+    The ROIs lie wholly in the body and clear of the strongest edges (``strong``); each ROI's mean is removed."""
+    size = NPS_ROI_PX
+    if min(x.shape) < size:
+        return None
+    starts = [(r0, c0) for r0 in range(0, x.shape[0] - size + 1, size // 2)
+              for c0 in range(0, x.shape[1] - size + 1, size // 2)]
+    starts = [(r0, c0) for r0, c0 in starts if body[r0:r0 + size, c0:c0 + size].all()
+              and not strong[r0:r0 + size, c0:c0 + size].any()]
+    if not starts:
+        return None
+    xs = np.stack([x[r0:r0 + size, c0:c0 + size] for r0, c0 in starts]).astype(np.float64)
+    rs = np.stack([r[r0:r0 + size, c0:c0 + size] for r0, c0 in starts]).astype(np.float64)
+    xs -= xs.mean(axis=(1, 2), keepdims=True)
+    rs -= rs.mean(axis=(1, 2), keepdims=True)
+    weights = _rfft_weights(size)
+    px = (np.abs(np.fft.rfft2(xs)) ** 2 * weights).sum(axis=0)
+    pr = (np.abs(np.fft.rfft2(rs)) ** 2 * weights).sum(axis=0)
+    index = _radial_bins(size, NPS_BINS)
+    wide = np.broadcast_to(weights, index.shape)
+    keep = index >= 0
+    count = np.bincount(index[keep], wide[keep], NPS_BINS + 1)[:NPS_BINS]
+    return (np.bincount(index[keep], px[keep], NPS_BINS + 1)[:NPS_BINS],
+            np.bincount(index[keep], pr[keep], NPS_BINS + 1)[:NPS_BINS], count, len(starts))
+
+
+def _sfrc_patches(x: np.ndarray, y: np.ndarray, body: np.ndarray, spacing: float) -> tuple[np.ndarray, list]:
+    """Per patch of one frame: the output's lesion-band power anti-correlated with the residual, over the input's
+    power in that band (``-Re sum(Y R*) / sum |X|^2``, X, Y, R the Hann-windowed patches' spectra of input, output and
+    residual); and the patches' (row, column) centres.
+
+    An honest model's output and residual split the input (Y = aX, R = (1 - a)X at each frequency for a linear
+    filter; a nonlinear denoiser is near it): their cross power is positive or about zero. A structure D painted into
+    the output is in Y and, negated, in R: the cross power is -|D|^2, so the value is about |D|^2 / |X|^2, the power
+    the output added over the power the input has there (the sFRC of FDA's hallucination work compares output and
+    input patch by patch in the same spirit).
+    """
+    size = int(np.clip(round(SFRC_PATCH_MM / spacing / 2.0) * 2, 32, 64))
+    if min(x.shape) < size:
+        return np.zeros(0), []
+    step = size // 4
+    inside = ndimage.uniform_filter(body.astype(np.float32), size, mode="constant")
+    centres = [(r0 + size // 2, c0 + size // 2) for r0 in range(0, x.shape[0] - size + 1, step)
+               for c0 in range(0, x.shape[1] - size + 1, step)]
+    centres = [(r, c) for r, c in centres if inside[r, c] >= SFRC_BODY_FRACTION]
+    if not centres:
+        return np.zeros(0), []
+    index = _radial_bins(size, size // 2)  # one bin per ring (cycles per patch)
+    rings = max(2, int(size * spacing / (2.0 * SFRC_FEATURE_MM)))
+    band = (index >= 1) & (index <= rings)  # ring 0 (the lowest) is the patch's shading: left out
+    weights = np.broadcast_to(_rfft_weights(size), band.shape)[band]
+    window = np.outer(np.hanning(size), np.hanning(size))
+    values = []
+    for start in range(0, len(centres), 256):  # bounded memory
+        part = centres[start:start + 256]
+        xs = np.stack([x[r - size // 2:r + size // 2, c - size // 2:c + size // 2] for r, c in part]).astype(np.float64)
+        ys = np.stack([y[r - size // 2:r + size // 2, c - size // 2:c + size // 2] for r, c in part]).astype(np.float64)
+        xs -= xs.mean(axis=(1, 2), keepdims=True)
+        ys -= ys.mean(axis=(1, 2), keepdims=True)
+        fx = np.fft.rfft2(xs * window)[:, band]
+        fy = np.fft.rfft2(ys * window)[:, band]
+        cross = (np.real(fy * np.conj(fx - fy)) * weights).sum(axis=1)
+        power = (np.abs(fx) ** 2 * weights).sum(axis=1)
+        values.append(-cross / np.maximum(power, 1e-12))
+    return np.concatenate(values), centres
 
 
 def check_frames(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *, hu: bool,
@@ -239,7 +360,11 @@ def check_frames(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *,
     blob_z = 0.0
     spread = 0.0
     bands: list[list[tuple[np.ndarray, ...]]] = [[] for _ in diameters_px]
-    for i in picks:
+    spectral = set(np.linspace(0, len(picks) - 1, min(SPECTRAL_MAX_FRAMES, len(picks))).round().astype(int).tolist())
+    nps_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
+    sfrc_worst = (-math.inf, -1, 0, 0)  # value, frame, row, column
+    sfrc_patches = 0
+    for position, i in enumerate(picks):
         x = np.asarray(inputs[i], dtype=np.float32)
         y = np.asarray(outputs[i], dtype=np.float32)
         if x.shape != y.shape or x.ndim != 2:
@@ -269,6 +394,15 @@ def check_frames(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *,
         energies.append(_smooth(r * r, 2.0)[body])
         gradients.append(gb)
         block_means.extend(_block_means(r, body, block))
+        if position in spectral:
+            part = _nps_sums(x, r, body, strong)
+            if part is not None:
+                nps_parts.append(part)
+            added, centres = _sfrc_patches(x, y, body, spacing)
+            sfrc_patches += added.size
+            if added.size and float(added.max()) > sfrc_worst[0]:
+                k = int(np.argmax(added))
+                sfrc_worst = (float(added[k]), int(i), centres[k][0] + box[0].start, centres[k][1] + box[1].start)
         # Larger lesions are looked for in the residual binned 2x2 (a quarter of the work, the same answer).
         coarse = None
         for k, d in enumerate(diameters_px):
@@ -287,7 +421,7 @@ def check_frames(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *,
     all_res = all_res.astype(np.float64)
     checks: dict[str, float] = {"residual_sd": noise_sd}
     if float(np.sqrt(np.mean(all_res ** 2))) <= NOTHING_REMOVED * max(spread, 1.0):
-        checks.update(edge_ratio=1.0, bias=0.0, blob_z=0.0)
+        checks.update(edge_ratio=1.0, bias=0.0, blob_z=0.0, nps_excess=0.0, sfrc=0.0)
         return TrustResult(1.0, "pass", checks, ["nothing removed"], int(len(picks)))
 
     floor = NOTHING_REMOVED * max(spread, 1.0)
@@ -325,9 +459,37 @@ def check_frames(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *,
     checks["blob_amplitude"] = blob_amplitude
     checks["blob_z"] = blob_z
 
+    where: dict[str, str] = {}
+    if nps_parts:
+        # The residual's noise power spectrum against the input's, in the same flat ROIs: an honest model removes at
+        # each frequency at most what the input holds there; power beyond it is something the model added
+        # (texture, a pattern). Its normalised shape's distance to the input's is recorded, not scored: a CNN
+        # removes mostly the fine noise, so the shapes differ for honest models too.
+        p_in = np.sum([part[0] for part in nps_parts], axis=0)
+        p_res = np.sum([part[1] for part in nps_parts], axis=0)
+        count = np.maximum(np.sum([part[2] for part in nps_parts], axis=0), 1.0)
+        excess = np.maximum(p_res - p_in, 0.0)
+        checks["nps_excess"] = float(excess.sum() / max(float(p_in.sum()), 1e-12))
+        checks["nps_shape_distance"] = float(np.abs(p_res / max(float(p_res.sum()), 1e-12)
+                                                    - p_in / max(float(p_in.sum()), 1e-12)).sum())
+        frequencies = (np.arange(NPS_BINS) + 0.5) / NPS_BINS * 0.5 / spacing  # cycles/mm
+        checks["nps_input_mean_freq"] = float((frequencies * p_in).sum() / max(float(p_in.sum()), 1e-12))
+        checks["nps_residual_mean_freq"] = float((frequencies * p_res).sum() / max(float(p_res.sum()), 1e-12))
+        checks["nps_rois"] = float(sum(int(part[3]) for part in nps_parts))
+        if excess.any():
+            k = int(np.argmax(excess / count))
+            where["nps_excess"] = f"most at {frequencies[k]:.2f} cycles/mm"
+    else:
+        checks["nps_excess"] = 0.0
+    checks["sfrc"] = max(0.0, sfrc_worst[0]) if sfrc_patches else 0.0
+    checks["sfrc_patches"] = float(sfrc_patches)
+    if sfrc_patches:
+        where["sfrc"] = f"frame {sfrc_worst[1]}, row {sfrc_worst[2]}, column {sfrc_worst[3]}"
+
     scored = (("edge_ratio", checks["edge_ratio"], EDGE_RATIO_LEVELS),
               ("bias", bias_scored, BIAS_HU_LEVELS if hu else BIAS_SIGMA_LEVELS),
-              ("blob_z", blob_z, BLOB_Z_LEVELS))
+              ("nps_excess", checks["nps_excess"], NPS_EXCESS_LEVELS),
+              ("sfrc", checks["sfrc"], SFRC_LEVELS))
     score = 1.0
     verdict = "pass"
     reasons = []
@@ -335,11 +497,12 @@ def check_frames(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *,
         s = _ramp(value, levels)
         score = min(score, s)
         unit = " HU" if name == "bias" and hu else (" SD" if name == "bias" else "")
+        at = f", {where[name]}" if name in where else ""
         if value >= levels[2]:
             verdict = "fail"
-            reasons.append(f"{name} {value:.2f}{unit} (fail at {levels[2]:g})")
+            reasons.append(f"{name} {value:.2f}{unit} (fail at {levels[2]:g}{at})")
         elif value >= levels[1]:
             verdict = "warn" if verdict == "pass" else verdict
-            reasons.append(f"{name} {value:.2f}{unit} (warn at {levels[1]:g})")
+            reasons.append(f"{name} {value:.2f}{unit} (warn at {levels[1]:g}{at})")
     return TrustResult(round(score, 3), verdict, {k: round(v, 4) for k, v in checks.items()}, reasons,
                        int(len(picks)))

@@ -12,10 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
-from dicom_node.config import (Config, ConfigError, ModelSettings, NodeSettings, Rule, WorkerSettings,
-                               config_from_mapping)
+from dicom_node.config import (
+    Config,
+    ConfigError,
+    ModelSettings,
+    NodeSettings,
+    Rule,
+    WorkerSettings,
+    config_from_mapping,
+)
 from dicom_node.denoise.trust import MAX_FRAMES, check_frames
 from dicom_node.synthetic import phantom_slice
 
@@ -63,7 +70,11 @@ def test_a_model_that_blurs_edges_fails(phantom) -> None:
     assert result.checks["edge_correlation"] > 0.5
 
 
-@pytest.mark.parametrize("contrast_hu", [20.0, 40.0])
+@pytest.mark.parametrize("contrast_hu", [
+    pytest.param(20.0, marks=pytest.mark.xfail(strict=True, reason="a 20 HU 8 mm disc in 14 HU noise is below the "
+                                                                   "sFRC's reach; blob_z saw it but is no longer "
+                                                                   "scored (false alarms on real CT)")),
+    40.0])
 def test_a_model_that_paints_in_a_lesion_fails(phantom, contrast_hu: float) -> None:
     truth, noisy = phantom
     yy, xx = np.mgrid[0:ROWS, 0:COLS]
@@ -72,7 +83,7 @@ def test_a_model_that_paints_in_a_lesion_fails(phantom, contrast_hu: float) -> N
     painted = [h + disc for h in honest]
     result = _check(noisy, painted)
     assert result.verdict == "fail", result.describe()
-    assert any(reason.startswith("blob_z") for reason in result.reasons)
+    assert any(reason.startswith("sfrc") for reason in result.reasons)
     # The same series without the disc passes: it is the disc that fails it.
     assert _check(noisy, honest).verdict == "pass"
 
@@ -130,12 +141,13 @@ def _blurring_residual(self, x: np.ndarray) -> np.ndarray:
 
 def _job_with_series(tmp_path: Path, policy: str, rows: int = 128):
     """A node configuration, database and claimed job for one synthetic CT series of 6 slices."""
+    import pydicom
+
+    from dicom_node.denoise.testing import make_tiny_model
     from dicom_node.store.database import make_engine, migrate, utcnow
     from dicom_node.store.queue import claim_job, enqueue_job
     from dicom_node.store.schema import Instance, Series, Study
-    from dicom_node.denoise.testing import make_tiny_model
     from dicom_node.synthetic import make_ct_series
-    import pydicom
 
     data = tmp_path / "data"
     files = make_ct_series(data / "archive" / "s1", n_slices=6, rows=rows, cols=rows, seed=2)
@@ -148,15 +160,15 @@ def _job_with_series(tmp_path: Path, policy: str, rows: int = 128):
     now = utcnow()
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     with engine.begin() as conn:
-        conn.execute(Study.__table__.insert().values(id=1, study_uid=first.StudyInstanceUID, study_date="",
-                                                     accession_number="", created_at=now))
-        conn.execute(Series.__table__.insert().values(
+        conn.execute(insert(Study).values(id=1, study_uid=first.StudyInstanceUID, study_date="",
+                                          accession_number="", created_at=now))
+        conn.execute(insert(Series).values(
             id=1, series_uid=first.SeriesInstanceUID, study_pk=1, modality="CT", series_description="",
             body_part="", manufacturer="", image_type="", calling_ae="", called_ae="", is_node_output=False,
             state="complete", completion_count=1, first_received_at=now, last_received_at=now))
         for path in files:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            conn.execute(Instance.__table__.insert().values(
+            conn.execute(insert(Instance).values(
                 sop_instance_uid=ds.SOPInstanceUID, series_pk=1, sop_class_uid=ds.SOPClassUID,
                 transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, instance_number=int(ds.InstanceNumber),
                 path=path.relative_to(data).as_posix(), size_bytes=path.stat().st_size, received_at=now))
