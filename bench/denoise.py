@@ -58,7 +58,8 @@ def peak_gflops(device: torch.device, seconds: float) -> dict[str, float]:
 
     t = _time(mm, seconds)
     out = {"matmul": 2 * 2048**3 / t / 1e9}
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device).to(memory_format=torch.channels_last).eval()
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device)
+    conv = conv.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # (torch's stubs lack it)
     x = torch.randn(4, 64, 256, 256, device=device).contiguous(memory_format=torch.channels_last)
 
     def cv() -> None:
@@ -72,7 +73,8 @@ def peak_gflops(device: torch.device, seconds: float) -> dict[str, float]:
 
 
 def bench_network(name: str, device: torch.device, seconds: float) -> dict[str, float]:
-    net = build_network(name).to(device).eval().to(memory_format=torch.channels_last)
+    # (torch's stubs lack Module.to(memory_format=...), which it has)
+    net = build_network(name).to(device).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     flops = count_flops(net)
     batch = choose_batch_size(net, 512, 512, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -80,7 +82,7 @@ def bench_network(name: str, device: torch.device, seconds: float) -> dict[str, 
     for label, n in (("b1", 1), ("bN", batch)):
         x = torch.randn(n, 1, 512, 512, device=device).contiguous(memory_format=torch.channels_last)
 
-        def run() -> None:
+        def run(x: torch.Tensor = x) -> None:  # bound now: the loop rebinds x
             with torch.inference_mode():
                 net(x)
             sync()
@@ -92,7 +94,7 @@ def bench_network(name: str, device: torch.device, seconds: float) -> dict[str, 
 def bench_bf16(seconds: float) -> tuple[float, float, float]:
     """(max |fp32 rerun - fp32|, max |bf16 - fp32|, bf16 slices/s) of a random-weight unet-res-small."""
     torch.manual_seed(0)
-    net = build_network("unet-res-small").eval().to(memory_format=torch.channels_last)
+    net = build_network("unet-res-small").eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(0.5)

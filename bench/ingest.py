@@ -68,9 +68,9 @@ def main() -> int:
         for name, rate in medians.items():
             print(f"  {name:9s} {rate:7.1f}")
         if "node" in medians:
-            for peer in ("node-stock", "storescp", "orthanc"):
-                if peer in medians:
-                    print(f"ratio node/{peer}: {medians['node'] / medians[peer]:.2f}")
+            for other in ("node-stock", "storescp", "orthanc"):
+                if other in medians:
+                    print(f"ratio node/{other}: {medians['node'] / medians[other]:.2f}")
     return 0
 
 

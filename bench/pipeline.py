@@ -23,26 +23,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import create_engine, select  # noqa: E402
-
-from sqlalchemy import func  # noqa: E402
+from sqlalchemy import Engine, create_engine, func, select  # noqa: E402
 
 from dicom_node.store.schema import Export, ExportInstance, Job, Series  # noqa: E402
 from dicom_node.synthetic import make_ct_series  # noqa: E402
-from tests.peers import dicom_node, orthanc, orthanc_get, require, storescu  # noqa: E402
+from tests.peers import Peer, dicom_node, orthanc, orthanc_get, require, storescu  # noqa: E402
 
 
-def orthanc_instances(peer, study_uid: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
+def orthanc_instances(peer: Peer, study_uid: str) -> dict[str, int]:
     request = urllib.request.Request(f"http://127.0.0.1:{peer.http_port}/tools/lookup", data=study_uid.encode(),
                                      method="POST")
     found = [f for f in json.loads(urllib.request.urlopen(request, timeout=30).read()) if f["Type"] == "Study"]
     if not found:
         return {}
     return {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"])
-            for s in orthanc_get(peer, f"/studies/{found[0]['ID']}/series")}  # type: ignore[union-attr]
+            for s in orthanc_get(peer, f"/studies/{found[0]['ID']}/series")}
 
 
-def job_finished(engine) -> bool:  # type: ignore[no-untyped-def]
+def job_finished(engine: Engine) -> bool:
     """Whether the node's job table holds a finished job (the table may not exist yet)."""
     try:
         with engine.connect() as conn:
@@ -131,6 +129,8 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
                 with engine.connect() as conn:
                     first_answer, last_answer = conn.execute(
                         select(func.min(ExportInstance.sent_at), func.max(ExportInstance.sent_at))).one()
+                if first_answer is None or last_answer is None:
+                    raise SystemExit("the export recorded no answer from Orthanc")
                 log = (node.storage / "node.log").read_text()
                 outbox = sorted((node.storage / "outbox").rglob("*.dcm"))
         total = t_done - t_sent - args.quiet
@@ -159,7 +159,8 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
         alone = (alone_before + alone_after) / 2
         print(f"peer: model alone on the same {len(files)} slices (batch {batch}): {alone:.1f} s "
               f"(mean of {alone_before:.1f} s before the pipeline and {alone_after:.1f} s after)")
-        print(f"peer: storescu sending the {len(outbox)} derived files to Orthanc (one association): {peer_export:.1f} s")
+        print(f"peer: storescu sending the {len(outbox)} derived files to Orthanc (one association): "
+              f"{peer_export:.1f} s")
         print(f"ratio pipeline / model alone: {total / alone:.2f}")
         print(f"ratio node export / storescu export: {stages['export'] / peer_export:.2f}")
     return {"pipeline": total, "alone": alone, "ratio": total / alone}

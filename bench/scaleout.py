@@ -25,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -82,11 +84,11 @@ class Run:
             stop_process(p)
             self.procs.remove(p)
 
-    def count(self, model, state: str) -> int:  # type: ignore[no-untyped-def]
+    def count(self, model: Any, state: str) -> int:
         with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(model).where(model.state == state)).scalar())
+            return conn.execute(select(func.count()).select_from(model).where(model.state == state)).scalar_one()
 
-    def wait(self, what: str, condition, timeout: float = 1800) -> None:  # type: ignore[no-untyped-def]
+    def wait(self, what: str, condition: Callable[[], object], timeout: float = 1800) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > deadline:
@@ -156,10 +158,12 @@ def measure(label: str, base: Path, config: Path, database_url: str, workers: in
         cpu_used = cpu_seconds(worker_procs) - cpu_start
         waited = runqueue_wait_seconds(worker_procs) - wait_start
         with run.engine.connect() as conn:
-            last = conn.execute(select(func.max(Export.finished_at))).scalar()
+            last = conn.execute(select(func.max(Export.finished_at))).scalar_one()
             per_worker = conn.execute(select(Job.worker_id, func.count()).where(Job.id.in_(measured_ids))
                                       .group_by(Job.worker_id)).all()
             failed = conn.execute(text("SELECT count(*) FROM jobs WHERE attempts > 1")).scalar()
+        if last is None:
+            raise SystemExit("no export finished")
         seconds = (last - released).total_seconds()
         rate = len(series) / seconds * 60
         spread = ", ".join(str(n) for _w, n in sorted(per_worker, key=lambda r: -r[1]))

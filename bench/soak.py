@@ -29,7 +29,9 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -41,6 +43,7 @@ from dicom_node.denoise.testing import make_tiny_model  # noqa: E402
 from dicom_node.store.schema import Export, Instance, Job, Series  # noqa: E402
 from dicom_node.synthetic import make_ct_series  # noqa: E402
 from tests.peers import (  # noqa: E402
+    Peer,
     free_port,
     node_command,
     orthanc_config,
@@ -109,7 +112,8 @@ class Node:
         wait_for_port(self.port, timeout=60, process=self.proc)
 
     def kill9(self, why: str) -> None:
-        assert self.proc is not None
+        if self.proc is None:
+            raise RuntimeError("kill9 before start: no node process to kill")
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
         print(f"  kill -9 during {why}; restarting", flush=True)
@@ -121,18 +125,18 @@ class Node:
         self.log.close()
 
 
-def rows(data_dir: Path, table) -> list:  # type: ignore[no-untyped-def]
+def rows(data_dir: Path, table: Any) -> list[Any]:
     engine = create_engine(f"sqlite:///{data_dir / 'dicom-node.sqlite3'}")
     try:
         with engine.connect() as conn:
-            return conn.execute(select(table.__table__)).all()
+            return list(conn.execute(select(table.__table__)))
     except Exception:  # noqa: BLE001 - the database may not exist yet, or be mid-migration
         return []
     finally:
         engine.dispose()
 
 
-def wait(condition, timeout: float, what: str, interval: float = 0.1) -> bool:  # type: ignore[no-untyped-def]
+def wait(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -142,18 +146,18 @@ def wait(condition, timeout: float, what: str, interval: float = 0.1) -> bool:  
     return False
 
 
-def orthanc_study(peer, study_uid: str) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
+def orthanc_study(peer: Peer, study_uid: str) -> dict[str, list[str]]:
     """Series UID -> the Source Image Sequence SOP Instance UID of each of its instances, in Orthanc."""
     request = urllib.request.Request(f"http://127.0.0.1:{peer.http_port}/tools/lookup", data=study_uid.encode(),
                                      method="POST")
     found = [f for f in json.loads(urllib.request.urlopen(request, timeout=60).read()) if f["Type"] == "Study"]
     out: dict[str, list[str]] = {}
     for study in found:
-        for series in orthanc_get(peer, f"/studies/{study['ID']}/series"):  # type: ignore[union-attr]
+        for series in orthanc_get(peer, f"/studies/{study['ID']}/series"):
             sources = []
             for instance in series["Instances"]:
                 tags = orthanc_get(peer, f"/instances/{instance}/simplified-tags")
-                for item in tags.get("SourceImageSequence", []):  # type: ignore[union-attr]
+                for item in tags.get("SourceImageSequence", []):
                     sources.append(item["ReferencedSOPInstanceUID"])
             out[series["MainDicomTags"]["SeriesInstanceUID"]] = sources
     return out

@@ -80,9 +80,9 @@ def main() -> int:
                                              args.batch, {})
                 rates[name].append(len(files) / elapsed)
                 print(f"  run {run + 1} {name:8s} {elapsed:6.2f} s  {len(files) / elapsed:7.1f} instances/s")
-        node, peer = statistics.median(rates["node"]), statistics.median(rates["orthanc"])
-        print(f"median: node {node:.1f} instances/s, Orthanc {peer:.1f} instances/s; "
-              f"node/Orthanc = {node / peer:.2f}")
+        node_rate, orthanc_rate = statistics.median(rates["node"]), statistics.median(rates["orthanc"])
+        print(f"median: node {node_rate:.1f} instances/s, Orthanc {orthanc_rate:.1f} instances/s; "
+              f"node/Orthanc = {node_rate / orthanc_rate:.2f}")
     return 0
 
 

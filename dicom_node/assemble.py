@@ -88,7 +88,7 @@ def assemble_once(engine: Engine, cfg: Config, now: dt.datetime | None = None) -
                     conn.execute(update(Series).where(Series.id == series.id).values(route_note=note))
             if rule is not None and rule.forward_original:
                 for destination in rule.destinations or [LOCAL_DESTINATION]:
-                    enqueue_export(conn, series.series_uid, destination, [tuple(i) for i in instances], now)
+                    enqueue_export(conn, series.series_uid, destination, [(uid, path) for uid, path in instances], now)
             audit.record(conn, "series.received", "node:assemble", now, object_kind="series", object_id=series.id,
                          series_uid=series.series_uid,
                          detail=f"{len(instances)} instances, version {version}, rule {rule_name or 'none'}"

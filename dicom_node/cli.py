@@ -7,14 +7,18 @@ function, so this module only wires them together.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+
+from sqlalchemy import Engine
 
 from dicom_node import __version__
 from dicom_node.config import Config, ConfigError, load_config
+from dicom_node.store.database import make_engine, schema_version
 
 LOGGER = logging.getLogger(__name__)
 
@@ -35,15 +39,43 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class CommandError(Exception):
+    """Ends a command: :func:`main` prints ``dicom-node: MESSAGE`` on stderr and exits with ``status``."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def config_from_args(args: argparse.Namespace, *, check_models: bool = False) -> Config:
     """Load the configuration named by ``--config`` or ``$DICOM_NODE_CONFIG``.
 
     ``check_models`` also checks the rules against the installed models (see :func:`load_config`).
     """
-    import os
-
     path = getattr(args, "config", None) or os.environ.get("DICOM_NODE_CONFIG") or None
     return load_config(path, check_models=check_models)
+
+
+@contextlib.contextmanager
+def existing_database(cfg: Config) -> Iterator[Engine]:
+    """The engine of the node's existing job table, disposed of when the block ends.
+
+    Commands that read or change the queue use it; they never create a database (``db upgrade`` does).
+
+    Raises
+    ------
+    CommandError
+        Status 1, saying why there is none: no data directory, or no schema (the node has not run yet).
+    """
+    if not cfg.node.database_url and not cfg.data_path.is_dir():
+        raise CommandError(f"data directory {cfg.data_path} does not exist (has the node run yet?)")
+    engine = make_engine(cfg.database_url)
+    try:
+        if schema_version(engine) is None:
+            raise CommandError(f"no database at {cfg.database_url} (has the node run yet?)")
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -100,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2
+    except CommandError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return exc.status
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
-from dicom_node.cli import add_config_argument, config_from_args, setup_logging
+from dicom_node.cli import CommandError, add_config_argument, config_from_args, existing_database, setup_logging
 from dicom_node.config import Config, Destination, example_config_text, load_config
 from dicom_node.identity import application_entity
 
@@ -19,8 +21,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         roles = parse_roles(args.role or ["all"])
     except ValueError as exc:
-        print(f"dicom-node: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc), 2) from exc
     # Processes that route series (receive) or run models (worker) refuse rules whose model cannot run: every
     # job of such a rule would fail. Export- and web-only processes never use a model.
     cfg = config_from_args(args, check_models=bool(roles & {"receive", "worker"}))
@@ -76,8 +77,7 @@ def _cmd_echo(args: argparse.Namespace) -> int:
     try:
         dest = cfg.destination(args.destination)
     except KeyError as exc:
-        print(f"dicom-node: {exc.args[0]}", file=sys.stderr)
-        return 2
+        raise CommandError(exc.args[0], 2) from exc
     ok, text = echo_destination(cfg, dest)
     print(text)
     return 0 if ok else 1
@@ -91,19 +91,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     probe = probe_node(cfg)
     if not args.json:
         print(f"node:    {probe.line()}")
-    engine = open_existing_database(cfg)
-    if engine is None:
-        return 1
     from dicom_node.store.database import utcnow
     from dicom_node.store.overview import failures, unrouted_series
 
-    with engine.connect() as conn:
+    with existing_database(cfg) as engine, engine.connect() as conn:
         counts = status_counts(conn)
         problems = failures(conn, limit=20, now=utcnow())
         unrouted = unrouted_series(conn, limit=10)
-    engine.dispose()
     disk = shutil.disk_usage(cfg.data_path)
-    report = {
+    report: dict[str, Any] = {
         "node": {"running": probe.running, "web": probe.web, "dicom": probe.dicom},
         "series": counts.series,
         "jobs": counts.jobs,
@@ -150,21 +146,7 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
-def open_existing_database(cfg: Config):  # type: ignore[no-untyped-def]
-    """The engine of an existing job table, or ``None`` after telling the user why there is none."""
-    from dicom_node.store.database import make_engine, schema_version
-
-    if not cfg.node.database_url and not cfg.data_path.is_dir():
-        print(f"dicom-node: data directory {cfg.data_path} does not exist (has the node run yet?)", file=sys.stderr)
-        return None
-    engine = make_engine(cfg.database_url)
-    if schema_version(engine) is None:
-        print(f"dicom-node: no database at {cfg.database_url} (has the node run yet?)", file=sys.stderr)
-        return None
-    return engine
-
-
-def _age(when, now) -> str:  # type: ignore[no-untyped-def]
+def _age(when: dt.datetime | None, now: dt.datetime) -> str:
     if when is None:
         return "-"
     seconds = (now - when).total_seconds()
@@ -178,21 +160,21 @@ def _cmd_jobs_list(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from dicom_node.store.database import utcnow
+    from dicom_node.store.overview import unrouted_series
     from dicom_node.store.schema import Export, Job, Series
 
     cfg = config_from_args(args)
-    engine = open_existing_database(cfg)
-    if engine is None:
-        return 1
     now = utcnow()
-    with engine.connect() as conn:
-        jobs_q = select(Job.__table__, Series.series_uid).join(Series, Series.id == Job.series_pk).order_by(Job.id.desc())
+    with existing_database(cfg) as engine, engine.connect() as conn:
+        jobs_q = (select(Job.__table__, Series.series_uid).join(Series, Series.id == Job.series_pk)
+                  .order_by(Job.id.desc()))
         exports_q = select(Export.__table__).order_by(Export.id.desc())
         if args.state:
             jobs_q = jobs_q.where(Job.state == args.state)
             exports_q = exports_q.where(Export.state == args.state)
         jobs = conn.execute(jobs_q.limit(args.limit)).all()
         exports = conn.execute(exports_q.limit(args.limit)).all()
+        unrouted = unrouted_series(conn, limit=args.limit)
     print(f"{'JOB':>6} {'STATE':10} {'AGE':>5} {'TRIES':>5} {'RULE':12} {'MODEL':16} SERIES / LAST ERROR")
     for job in jobs:
         series_uid = job.series_uid
@@ -212,10 +194,6 @@ def _cmd_jobs_list(args: argparse.Namespace) -> int:
             due = f"retrying, next try in {_duration(max(0.0, (exp.not_before - now).total_seconds()))}: " \
                 if retrying else ""
             print(f"{'':>6} {due}{exp.last_error[:200]}")
-    from dicom_node.store.overview import unrouted_series
-
-    with engine.connect() as conn:
-        unrouted = unrouted_series(conn, limit=args.limit)
     if unrouted and not args.state:
         print()
         print(f"{'SERIES':>6} {'AGE':>5} {'MODALITY':8} NOT ROUTED: DESCRIPTION / REASON")
@@ -231,15 +209,11 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
     from dicom_node.store.schema import Export, ExportInstance, Job, Series
 
     cfg = config_from_args(args)
-    engine = open_existing_database(cfg)
-    if engine is None:
-        return 1
-    with engine.connect() as conn:
+    with existing_database(cfg) as engine, engine.connect() as conn:
         if args.kind == "job":
             row = conn.execute(select(Job.__table__).where(Job.id == args.id)).one_or_none()
             if row is None:
-                print(f"dicom-node: no job {args.id}", file=sys.stderr)
-                return 1
+                raise CommandError(f"no job {args.id}")
             series = conn.execute(select(Series.__table__).where(Series.id == row.series_pk)).one()
             exports = conn.execute(select(Export.__table__).where(Export.job_pk == row.id)).all()
             fields = {"job": row.id, "state": row.state.value, "series": series.series_uid,
@@ -253,8 +227,7 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
         else:
             row = conn.execute(select(Export.__table__).where(Export.id == args.id)).one_or_none()
             if row is None:
-                print(f"dicom-node: no export {args.id}", file=sys.stderr)
-                return 1
+                raise CommandError(f"no export {args.id}")
             items = conn.execute(select(ExportInstance.__table__).where(ExportInstance.export_pk == row.id)).all()
             failed = [i for i in items if i.status not in (0x0000, 0xB000, 0xB006, 0xB007)]
             fields = {"export": row.id, "state": row.state.value, "series": row.series_uid,
@@ -288,29 +261,24 @@ def _trust_line(job: Any) -> str:
 
 
 def _cmd_jobs_action(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from dicom_node import audit
     from dicom_node.store.database import utcnow
     from dicom_node.store.queue import cancel, retry
+    from dicom_node.store.schema import Export, Job
 
     cfg = config_from_args(args)
-    engine = open_existing_database(cfg)
-    if engine is None:
-        return 1
     action = retry if args.action == "retry" else cancel
-    from dicom_node import audit
-
-    with engine.begin() as conn:
+    table = Job if args.kind == "job" else Export
+    with existing_database(cfg) as engine, engine.begin() as conn:
         changed = action(conn, args.kind, args.id, utcnow())
         if changed:
             audit.record(conn, f"{args.kind}.{args.action}", audit.cli_actor(), utcnow(), object_kind=args.kind,
                          object_id=args.id)
-    if not changed:
-        from sqlalchemy import select
-
-        from dicom_node.store.schema import Export, Job
-
-        table = Job if args.kind == "job" else Export
-        with engine.connect() as conn:
+        else:  # why not, for the message below
             state = conn.execute(select(table.state).where(table.id == args.id)).scalar()
+    if not changed:
         if state is None:
             print(f"dicom-node: no {args.kind} {args.id}", file=sys.stderr)
         else:
@@ -350,8 +318,7 @@ def _cmd_rules_test(args: argparse.Namespace) -> int:
         label = f"{facts.modality} #{facts.series_number} {facts.series_description!r}"
         seen[facts.series_uid] = (attrs, 1, label)
     if not seen:
-        print(f"dicom-node: no DICOM series found in {root}", file=sys.stderr)
-        return 1
+        raise CommandError(f"no DICOM series found in {root}")
     for series_uid, (attrs, count, label) in seen.items():
         print(f"series {series_uid} ({label}, {count} file(s)):")
         for line in explain(cfg.rules, attrs):
@@ -368,7 +335,7 @@ def _cmd_rules_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``serve``, ``config``, ``echo`` and ``status``."""
     p = subparsers.add_parser("serve", help="run the node (receive, assemble, denoise, export)")
     add_config_argument(p)

@@ -18,10 +18,11 @@ import os
 import re
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 LOGGER = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ class DerivedSettings:
     description_suffix: str = " DN"
     #: Transfer syntax of the derived files: ``explicit-vr-little-endian`` or ``rle-lossless``.
     transfer_syntax: str = "explicit-vr-little-endian"
-    #: The site's own UID root for derived Series and SOP Instance UIDs ("": pydicom's root ``1.2.826.0.1.3680043.8.498``).
+    #: The site's own UID root for derived Series and SOP Instance UIDs ("": pydicom's root
+    #: ``1.2.826.0.1.3680043.8.498``).
     uid_root: str = ""
 
 
@@ -162,6 +164,10 @@ class WorkerSettings:
     stall_timeout_seconds: float = 120.0
     #: Attempts for a job that fails for a transient reason; a series the model refuses fails at once.
     max_attempts: int = 3
+    #: Capped exponential backoff with jitter between attempts: base * 2**(attempt-1), at most
+    #: ``backoff_max_seconds``.
+    backoff_base_seconds: float = 10.0
+    backoff_max_seconds: float = 300.0
     poll_seconds: float = 1.0
     #: A process renews its lease every third of this; once a lease has run out, the process is taken for dead
     #: and the jobs and exports it was running are taken over by the others (or by its successor at start-up).
@@ -354,7 +360,7 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}s"
     if origin is dict:
         return "a table"
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, __import__("types").UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(tp, str(tp))
 
@@ -362,7 +368,7 @@ def _type_name(tp: Any) -> str:
 def _check_type(value: Any, tp: Any) -> Any:
     """Return ``value`` coerced to ``tp`` (int -> float only), or raise ``TypeError``."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, __import__("types").UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -453,7 +459,8 @@ def _check_rule(rule: Rule, where: str, destination_names: set[str], problems: l
                 and value[0] <= value[1]
             )
             if not ok:
-                problems.append(f"{where}.match.SliceThickness: must be [min, max] in mm with min <= max, not {value!r}")
+                problems.append(
+                    f"{where}.match.SliceThickness: must be [min, max] in mm with min <= max, not {value!r}")
             continue
         values = value if isinstance(value, list) else [value]
         if not values or not all(isinstance(v, str) for v in values):
@@ -513,7 +520,8 @@ def _check_web(cfg: Config, problems: list[str]) -> None:
             where = f"web.{kind}[{i}]"
             unknown = set(entry) - {"name", "role", secret_key}
             if unknown:
-                problems.append(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: name, role, {secret_key})")
+                problems.append(
+                    f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: name, role, {secret_key})")
             name = entry.get("name")
             if not isinstance(name, str) or not name.strip():
                 problems.append(f"{where}.name: must be a non-empty string")
@@ -588,13 +596,16 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     if not 1 <= cfg.derived.series_number_offset <= 100000:
         problems.append("derived.series_number_offset: must be between 1 and 100000")
     if cfg.derived.uid_root and not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", cfg.derived.uid_root):
-        problems.append(f"derived.uid_root: {cfg.derived.uid_root!r} is not a UID root (digits and dots, e.g. 1.2.826.0.1.3680043.10.1234)")
+        problems.append(f"derived.uid_root: {cfg.derived.uid_root!r} is not a UID root "
+                        "(digits and dots, e.g. 1.2.826.0.1.3680043.10.1234)")
     elif len(cfg.derived.uid_root) > 40:
-        problems.append("derived.uid_root: at most 40 characters (the node appends up to 23 digits; UIDs have at most 64)")
+        problems.append(
+            "derived.uid_root: at most 40 characters (the node appends up to 23 digits; UIDs have at most 64)")
     if not 3.0 <= cfg.worker.lease_seconds <= 600.0:
         problems.append("worker.lease_seconds: must be between 3 and 600")
 
-    for key in ("heartbeat_seconds", "stall_timeout_seconds", "poll_seconds"):
+    for key in ("heartbeat_seconds", "stall_timeout_seconds", "poll_seconds", "backoff_base_seconds",
+                "backoff_max_seconds"):
         if getattr(cfg.worker, key) <= 0:
             problems.append(f"worker.{key}: must be positive")
     if cfg.worker.trust_policy not in {"send", "hold", "send-source", "off"}:
@@ -611,6 +622,8 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     for section in ("worker", "export"):
         if getattr(cfg, section).max_attempts < 1:
             problems.append(f"{section}.max_attempts: must be at least 1")
+        if getattr(cfg, section).backoff_max_seconds < getattr(cfg, section).backoff_base_seconds:
+            problems.append(f"{section}.backoff_max_seconds: must be at least {section}.backoff_base_seconds")
     names: set[str] = set()
     for i, dest in enumerate(cfg.destinations):
         where = f"destinations[{i}]"

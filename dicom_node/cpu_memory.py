@@ -13,8 +13,8 @@ glibc from trimming the heap. Measured with ``bench/pipeline.py`` (300 slices, `
 the same settings given as ``MALLOC_ARENA_MAX``/``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` before this
 module existed): the network alone went from 53.8 s to 34.4 s and the whole pipeline from 60.2 s to 45.0 s.
 The price is that the process keeps its peak heap (about 0.65 GB instead of 0.53 GB for that batch), which is
-why it is a setting (``models.keep_freed_cpu_memory``). GPU inference does not need it (CUDA has its own caching allocator), but
-it costs little there either.
+why it is a setting (``models.keep_freed_cpu_memory``). GPU inference does not need it (CUDA has its own caching
+allocator), but it costs little there either.
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ class _Walker:
 
     def _read_tag(self, pos: int, end: int) -> int:
         if pos + 8 > end:
-            raise MalformedDataset(f"element header at byte {pos} runs past the end of the data ({end - pos} bytes left)")
+            raise MalformedDataset(
+                f"element header at byte {pos} runs past the end of the data ({end - pos} bytes left)")
         group, elem = self.tag.unpack_from(self.buf, pos)
         return (group << 16) | elem
 
@@ -102,7 +103,8 @@ class _Walker:
                     raise MalformedDataset(f"item delimiter outside an item at byte {pos}")
                 return pos + 8
             if tag in (ITEM, SEQUENCE_DELIMITER):
-                raise MalformedDataset(f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) outside a sequence at byte {pos}")
+                raise MalformedDataset(
+                    f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) outside a sequence at byte {pos}")
             pos = self._walk_element(tag, pos, end, depth)
             self.count += 1
         if in_item and end == len(self.buf):

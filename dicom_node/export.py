@@ -57,10 +57,6 @@ STATUS_BATCH = 32
 STATUS_BATCH_SECONDS = 1.0
 
 
-class ExportAborted(Exception):
-    """The association could not be opened or broke; the reason is the message."""
-
-
 def client_ssl_context(cfg: Config) -> ssl.SSLContext:
     """Client TLS context for destinations with ``tls = true`` (our certificate when configured)."""
     sec = cfg.security
@@ -188,7 +184,7 @@ def send_series(cfg: Config, dest: Destination, files: list[tuple[int, str, Path
     return "; ".join(dict.fromkeys(e for e in opened if e)) or "association ended early"
 
 
-def _send_over_one_association(cfg: Config, dest: Destination, contexts: list[Any], work: "deque[_Header]",
+def _send_over_one_association(cfg: Config, dest: Destination, contexts: list[Any], work: deque[_Header],
                                report: Any, on_open: Any = None) -> tuple[bool, str]:
     """Open one association and send instances from ``work`` over it until ``work`` is empty.
 
@@ -330,7 +326,8 @@ def run_export(cfg: Config, engine: Engine, claimed: ClaimedExport, policy: Retr
             audit.record(conn, "series.exported" if state.value == "succeeded" else "export.failed",
                          "node:export", utcnow(), object_kind="export", object_id=claimed.id,
                          series_uid=claimed.series_uid,
-                         detail=f"to {claimed.destination}, attempt {claimed.attempts}" + (f": {error}" if error else ""))
+                         detail=f"to {claimed.destination}, attempt {claimed.attempts}"
+                         + (f": {error}" if error else ""))
     metrics.record_export(claimed.destination, state.value, time.monotonic() - started)
     level = logging.INFO if state.value == "succeeded" else logging.WARNING
     LOGGER.log(level, "export %d of series %s to %s, attempt %d: %s%s", claimed.id, claimed.series_uid,

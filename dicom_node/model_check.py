@@ -16,9 +16,9 @@ import difflib
 import importlib.util
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from dicom_node.config import Config, Rule
 

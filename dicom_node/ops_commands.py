@@ -11,7 +11,7 @@ import logging
 import secrets
 import sys
 
-from dicom_node.cli import add_config_argument, config_from_args, setup_logging
+from dicom_node.cli import CommandError, add_config_argument, config_from_args, existing_database, setup_logging
 from dicom_node.config import WEB_ROLES
 
 LOGGER = logging.getLogger(__name__)
@@ -25,14 +25,12 @@ def _cmd_db_migrate_to(args: argparse.Namespace) -> int:
     setup_logging("WARNING")
     source_url = args.source or cfg.database_url
     if source_url == args.url:
-        print("dicom-node: source and target are the same database", file=sys.stderr)
-        return 2
+        raise CommandError("source and target are the same database", 2)
     source, target = make_engine(source_url), make_engine(args.url)
     try:
         copied = copy_database(source, target)
     except CopyRefused as exc:
-        print(f"dicom-node: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from exc
     finally:
         source.dispose()
         target.dispose()
@@ -57,18 +55,13 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     from dicom_node import audit
-    from dicom_node.commands import open_existing_database
     from dicom_node.store.database import utcnow
 
     cfg = config_from_args(args)
-    engine = open_existing_database(cfg)
-    if engine is None:
-        return 1
     since = utcnow() - dt.timedelta(hours=args.hours) if args.hours else None
-    with engine.connect() as conn:
+    with existing_database(cfg) as engine, engine.connect() as conn:
         events = audit.query(conn, since=since, action=args.action, actor=args.actor, uid=args.uid,
                              limit=args.limit)
-    engine.dispose()
     if args.json:
         print(json.dumps([dict(e._mapping) for e in events], default=str, indent=1))
         return 0
@@ -94,8 +87,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
         url = web_url(cfg, "/readyz" if args.ready else "/healthz")
     answer = ask_web(url, args.timeout)
     if not answer.reachable:
-        print(f"dicom-node: node not reachable at {url}: {answer.reason}", file=sys.stderr)
-        return 1
+        raise CommandError(f"node not reachable at {url}: {answer.reason}")
     checks = answer.checks()
     try:
         for name, check in checks.items():
@@ -142,8 +134,7 @@ def _cmd_add_user(args: argparse.Namespace) -> int:
 
     path = args.config or os.environ.get("DICOM_NODE_CONFIG")
     if not path:
-        print("dicom-node: name the configuration file to add the user to: --config FILE", file=sys.stderr)
-        return 2
+        raise CommandError("name the configuration file to add the user to: --config FILE", 2)
     if not USER_NAME.match(args.name):  # before asking for a password
         print(f"dicom-node: {args.name!r} is not a user name: 1-64 letters, digits, '.', '_', '@' or '-'",
               file=sys.stderr)
@@ -155,8 +146,7 @@ def _cmd_add_user(args: argparse.Namespace) -> int:
     try:
         backup = add_web_user(path, args.name, args.role, hash_password(password), refuse=example)
     except ConfigEditError as exc:
-        print(f"dicom-node: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from exc
     print(f"added {args.role} user {args.name!r} to {path} (the previous file is {backup}); "
           "the dashboard accepts the login once the node is started (or restarted) with this file")
     return 0
@@ -173,29 +163,23 @@ def _cmd_new_token(_args: argparse.Namespace) -> int:
 
 def _cmd_unlock(args: argparse.Namespace) -> int:
     from dicom_node import audit
-    from dicom_node.commands import open_existing_database
     from dicom_node.store.database import utcnow
     from dicom_node.web import throttle
 
     if bool(args.user) == bool(args.address):
-        print("dicom-node: name a user or give --address ADDRESS", file=sys.stderr)
-        return 2
+        raise CommandError("name a user or give --address ADDRESS", 2)
     kind, subject = (throttle.ADDRESS, args.address) if args.address else (throttle.USER, args.user)
     cfg = config_from_args(args)
-    engine = open_existing_database(cfg)
-    if engine is None:
-        return 1
     now = utcnow()
-    with engine.begin() as conn:
+    with existing_database(cfg) as engine, engine.begin() as conn:
         was_locked = throttle.unlock(conn, kind, subject, now)
         audit.record(conn, "login.unlocked", audit.cli_actor(), now, object_kind="login",
                      detail=f"{kind} {subject}" + ("" if was_locked else " (was not locked; failures cleared)"))
-    engine.dispose()
     print(f"{kind} {subject!r} {'unlocked' if was_locked else 'was not locked; its failed logins are cleared'}")
     return 0
 
 
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``db``, ``audit`` and ``web``."""
     p = subparsers.add_parser("db", help="database maintenance: upgrade the schema, copy to PostgreSQL")
     sub = p.add_subparsers(dest="db_command", metavar="ACTION")

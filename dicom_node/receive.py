@@ -25,29 +25,30 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    HTJ2K,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
 )
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine
@@ -190,7 +191,7 @@ def extract_facts(ds: Dataset, transfer_syntax: str, calling_ae: str, called_ae:
         body_part=_raw_text(ds, 0x00180015)[:64],
         manufacturer=_raw_text(ds, 0x00080070)[:64],
         image_type=_raw_text(ds, 0x00080008)[:128],
-        slice_thickness=_raw_number(ds, 0x00180050, float),  # type: ignore[arg-type]
+        slice_thickness=_raw_number(ds, 0x00180050, float),
         instance_number=_raw_number(ds, 0x00200013, int),  # type: ignore[arg-type]
         calling_ae=calling_ae.strip()[:16],
         called_ae=called_ae.strip()[:16],
@@ -227,8 +228,10 @@ class Receiver:
             if association is not None:
                 self.per_association.setdefault(association, [0, 0])[0 if ok else 1] += 1
 
-    def end_association(self, association: int) -> tuple[int, int]:
+    def end_association(self, association: int | None) -> tuple[int, int]:
         """Forget an association's counters and return (stored, refused)."""
+        if association is None:  # not started: nothing was counted
+            return 0, 0
         with self.lock:
             stored, refused = self.per_association.pop(association, [0, 0])
         return stored, refused
@@ -305,7 +308,8 @@ def store_instance(receiver: Receiver, request_stream: BytesIO, transfer_syntax:
         if written is not None:
             _discard(written)
         raise
-    assert written is not None  # a valid SOPInstanceUID equal to the affected one
+    if written is None:  # the parse refuses an invalid SOPInstanceUID, and it equals the affected one
+        raise StoreRefused(STATUS_INVALID_UID, "the Affected SOP Instance UID is not a valid UID")
     relative = receiver.spool.relative_path(facts.study_uid, facts.series_uid, facts.sop_instance_uid)
     target = receiver.spool.absolute(relative)
     replaced = target.exists()
@@ -387,10 +391,14 @@ def handle_store(event: evt.Event, receiver: Receiver) -> int | Dataset:
     assoc = event.assoc
     calling = assoc.requestor.ae_title
     called = assoc.acceptor.ae_title
-    request = event.request
+    request = cast(C_STORE, event.request)  # the handler is bound to EVT_C_STORE only
     affected = str(request.AffectedSOPInstanceUID or "")
+    dataset = request.DataSet
+    if not isinstance(dataset, BytesIO):  # pynetdicom decodes a C-STORE request's data set into a BytesIO
+        receiver.count(False, association=assoc.native_id)
+        return _failure(STATUS_CANNOT_UNDERSTAND, "C-STORE request without a data set")
     try:
-        relative = store_instance(receiver, request.DataSet, event.context.transfer_syntax,
+        relative = store_instance(receiver, dataset, event.context.transfer_syntax,
                                   str(request.AffectedSOPClassUID or ""), affected, calling, called)
     except StoreRefused as exc:
         receiver.count(False, association=assoc.native_id)
@@ -401,7 +409,7 @@ def handle_store(event: evt.Event, receiver: Receiver) -> int | Dataset:
         receiver.count(False, association=assoc.native_id)
         LOGGER.exception("assoc %s: unexpected error storing an instance", assoc.native_id)
         return _failure(STATUS_OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
-    receiver.count(True, len(request.DataSet.getbuffer()), association=assoc.native_id)
+    receiver.count(True, len(dataset.getbuffer()), association=assoc.native_id)
     LOGGER.debug("assoc %s: stored %s", assoc.native_id, relative)
     return STATUS_SUCCESS
 
@@ -473,7 +481,8 @@ def rejection_reason(assoc: Any, cfg: Config) -> str:
     reject = assoc.acceptor.primitive
     called = str(getattr(request, "called_ae_title", "") or "").strip()
     calling = str(getattr(request, "calling_ae_title", "") or "").strip()
-    kind = {1: "permanent", 2: "transient"}.get(getattr(reject, "result", None), "")
+    result = getattr(reject, "result", None)
+    kind = "permanent" if result == 1 else "transient" if result == 2 else ""
     code = (getattr(reject, "result_source", None), getattr(reject, "diagnostic", None))
     if code == (1, 7):
         why = f"called AE title {called!r} is not node.ae_title {cfg.node.ae_title!r}"
@@ -598,7 +607,7 @@ def reindex_spool(receiver: Receiver) -> int:
 
 def _facts_of_spool_file(path: Any) -> tuple[InstanceFacts, int]:
     """Check a spool file like a received dataset and return its facts and size."""
-    from pydicom.filereader import read_dataset, read_preamble, _read_file_meta_info
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 
     data = path.read_bytes()
     stream = BytesIO(data)

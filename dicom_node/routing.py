@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from dicom_node.config import Rule
 
@@ -33,7 +34,7 @@ class SeriesAttributes:
     is_node_output: bool = False
 
     @classmethod
-    def from_row(cls, row: Any) -> "SeriesAttributes":
+    def from_row(cls, row: Any) -> SeriesAttributes:
         """From a ``series`` row (or anything with the same attribute names)."""
         return cls(
             modality=row.modality or "", body_part=row.body_part or "",

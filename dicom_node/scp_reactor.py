@@ -41,14 +41,15 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from copy import copy
 from datetime import datetime
-from typing import Any, Callable, Iterable, Iterator, cast
+from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
-from pynetdicom.association import Association
 from pynetdicom._handlers import standard_dimse_sent_handler
+from pynetdicom.association import Association
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
@@ -315,7 +316,7 @@ def error_comment(reason: object) -> str:
         The comment, possibly empty.
     """
     if isinstance(reason, (list, tuple)) or type(reason).__name__ == "MultiValue":
-        reason = "/".join(str(value) for value in reason)  # type: ignore[union-attr]
+        reason = "/".join(str(value) for value in cast(Iterable[object], reason))
     text = "".join("/" if c == "\\" else c if " " <= c <= "~" else " " if c.isspace() else "?" for c in str(reason))
     return " ".join(text.split())[:ERROR_COMMENT_LENGTH].rstrip()
 
@@ -429,7 +430,7 @@ class DirectSendDIMSE(DIMSEServiceProvider):
         return bool(handlers) and _PYNETDICOM_LOGGER.isEnabledFor(logging.DEBUG)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
-        dul = self.assoc.dul
+        dul = cast(EventDrivenDUL, self.assoc.dul)  # EventDrivenAssociation makes the two together
         if dul.state_machine.current_state != "Sta6" or dul.socket is None:
             super().send_msg(primitive, context_id)
             return
@@ -440,7 +441,7 @@ class DirectSendDIMSE(DIMSEServiceProvider):
             else:
                 command = encode_c_store_rsp(primitive)
             if command is not None and (not self.maximum_pdu_size or len(command) + 6 <= self.maximum_pdu_size):
-                pdus = [command_p_data_tf(context_id, command)]
+                pdus: Iterable[bytes] = [command_p_data_tf(context_id, command)]
                 if stored and primitive.MessageIDBeingRespondedTo is None:
                     pdus = itertools.chain(pdus, file_data_set_p_data_tfs(context_id, stored[0], stored[1],
                                                                           self.maximum_pdu_size))
@@ -491,10 +492,15 @@ class EventDrivenAssociation(Association):
         if self.pending is not None:  # established
             self._settle()
             self.acse_timeout = self.ae.acse_timeout
-            try:  # a PDU that stops half way ends the association after the network timeout, not never
-                set_io_timeout(cast(AssociationSocket, self.dul.socket).socket, self.ae.network_timeout)
-            except (AttributeError, OSError, TypeError):
-                pass
+            # A PDU that stops half way ends the association after the network timeout, not never.
+            assoc_socket = self.dul.socket
+            sock = assoc_socket.socket if assoc_socket is not None else None
+            timeout = self.ae.network_timeout
+            if sock is not None and timeout is not None:
+                try:
+                    set_io_timeout(sock, timeout)
+                except OSError:
+                    pass
         self._is_paused = False
         while not self._kill:
             # Waiting counts as paused (it touches neither DIMSE nor ACSE), so a requestor's send_c_store(), which
@@ -609,7 +615,7 @@ class PendingConnection:
     connection ends without one (rejected, timed out, closed, failed).
     """
 
-    def __init__(self, gate: "ConnectionGate", host: str) -> None:
+    def __init__(self, gate: ConnectionGate, host: str) -> None:
         self.gate = gate
         self.host = host
         self._settled = False
@@ -759,7 +765,7 @@ def wait_for_request(sock: socket.socket, deadline: float, stopping: threading.E
         stopping.
     """
     tls = isinstance(sock, ssl.SSLSocket)
-    if tls and sock.pending():
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return REQUEST
     while not stopping.is_set():
         left = deadline - time.monotonic()

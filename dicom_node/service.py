@@ -18,26 +18,26 @@ from __future__ import annotations
 import errno
 import logging
 import signal
+import socket
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from sqlalchemy import Engine
 
 from dicom_node import __version__
-import socket
-
 from dicom_node.assemble import Assembler
 from dicom_node.config import Config
 from dicom_node.cpu_memory import keep_freed_memory
 from dicom_node.doorbell import Doorbell
 from dicom_node.export import Exporter, StalledExportSweeper, destinations_to_serve
-from dicom_node.retention import RetentionSweeper
+from dicom_node.lease import LeaseKeeper, start_lease, stop_lease
 from dicom_node.receive import Receiver, reindex_spool, start_scp
+from dicom_node.retention import RetentionSweeper
 from dicom_node.scp_reactor import use_event_driven_requestors
 from dicom_node.store.database import make_engine, migrate, utcnow
-from dicom_node.lease import LeaseKeeper, start_lease, stop_lease
 from dicom_node.store.queue import ProcessIdentity
 from dicom_node.store.spool import Spool
 

@@ -16,8 +16,9 @@ import os
 import shutil
 import socket
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from sqlalchemy import Engine, select, update
 
@@ -326,7 +327,8 @@ class Worker(threading.Thread):
         self.stop_event = stop
         self.worker_id = worker_id or default_worker_id()
         self.models = models or ModelCache(cfg)
-        self.policy = RetryPolicy(cfg.worker.max_attempts, 10.0, 300.0)
+        self.policy = RetryPolicy(cfg.worker.max_attempts, cfg.worker.backoff_base_seconds,
+                                  cfg.worker.backoff_max_seconds)
         self.headers = HeaderCache()
 
     def prefetch_headers(self) -> int:

@@ -23,3 +23,13 @@ def require_program(name: str) -> str:
     if found is None:
         pytest.fail(f"{name} is not installed; run `bash .ci/run` or install the Debian packages in README.md")
     return found
+
+
+def pydicom_test_file(name: str) -> Path:
+    """The path of one of the test files that ship with pydicom (``pydicom.data``)."""
+    from pydicom.data import get_testdata_file
+
+    found = get_testdata_file(name)
+    if not isinstance(found, str):
+        raise FileNotFoundError(f"pydicom has no test file {name!r}")
+    return Path(found)

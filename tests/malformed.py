@@ -7,13 +7,14 @@ way a real sender could.
 from __future__ import annotations
 
 import struct
-from io import BytesIO
 from pathlib import Path
+from typing import cast
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import UID
 
 PIXEL_DATA_HEADER = b"\xe0\x7f\x10\x00OW\x00\x00"
 
@@ -28,7 +29,7 @@ def encode_dataset(ds: Dataset) -> bytes:
 
 def file_bytes(ds: Dataset, body: bytes) -> bytes:
     """A Part 10 file: preamble, file meta from ``ds.file_meta`` and the (possibly broken) ``body``."""
-    out = BytesIO()
+    out = DicomBytesIO()
     out.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(out, ds.file_meta, enforce_standard=True)
     return out.getvalue() + body
@@ -60,8 +61,8 @@ def uid_with_dots(ds: Dataset, uid: str = "1.2.3/../../etc") -> Dataset:
     """A copy of ``ds`` whose SOP Instance UID tries to escape the spool."""
     bad = ds.copy()
     bad.SOPInstanceUID = uid
-    bad.file_meta = ds.file_meta.copy()
-    bad.file_meta.MediaStorageSOPInstanceUID = uid
+    bad.file_meta = cast(FileMetaDataset, ds.file_meta.copy())  # (a FileMetaDataset; typed as a Dataset)
+    bad.file_meta.MediaStorageSOPInstanceUID = UID(uid)
     return bad
 
 

@@ -15,9 +15,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -148,7 +149,7 @@ def orthanc_dicomweb(storage: Path, ae_title: str = "ORTHANC", **options: object
         yield peer
 
 
-def orthanc_get(peer: Peer, path: str) -> object:
+def orthanc_get(peer: Peer, path: str) -> Any:
     """GET a path of Orthanc's REST API and decode the JSON answer."""
     with urllib.request.urlopen(f"http://127.0.0.1:{peer.http_port}{path}", timeout=30) as rsp:
         return json.loads(rsp.read())

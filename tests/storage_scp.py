@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
+from typing import cast
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 
 
 def main(port: int, maximum_associations: int, record: str) -> None:
@@ -21,13 +25,16 @@ def main(port: int, maximum_associations: int, record: str) -> None:
     lock = threading.Lock()
     out = open(record, "a", encoding="ascii", buffering=1)
 
+    numbers: weakref.WeakKeyDictionary[Association, int] = weakref.WeakKeyDictionary()  # association -> 1, 2...
+
     def store(event: evt.Event) -> int:
         nonlocal count
         with lock:
-            if not hasattr(event.assoc, "test_number"):
+            if event.assoc not in numbers:
                 count += 1
-                event.assoc.test_number = count  # type: ignore[attr-defined]
-            out.write(f"{event.assoc.test_number} {event.request.AffectedSOPInstanceUID}\n")
+                numbers[event.assoc] = count
+            request = cast(C_STORE, event.request)
+            out.write(f"{numbers[event.assoc]} {request.AffectedSOPInstanceUID}\n")
         return 0x0000
 
     ae = AE(ae_title="LANES")

@@ -54,7 +54,8 @@ def main() -> None:
     off, size = elf_symbol(lib, SYMBOL)
     data = lib[off:off + size]
     header_size, magic1, magic2 = struct.unpack_from("<HBB", data, 0)
-    assert (magic1, magic2) == (0xDA, 0x27) and data[12:16] == b"CmnD", "not ICU common data"
+    if (magic1, magic2) != (0xDA, 0x27) or data[12:16] != b"CmnD":
+        raise SystemExit(f"{src}: {SYMBOL} is not ICU common data")
     header = data[:header_size]
     toc = data[header_size:]
     count, = struct.unpack_from("<I", toc, 0)
@@ -82,7 +83,8 @@ def main() -> None:
     new_toc = struct.pack("<I", len(kept)) + b"".join(struct.pack("<II", *o) for o in offsets) + names
     new_toc += b"\0" * (data_start - len(new_toc))
     blob = header + new_toc + bytes(body)
-    assert len(header) % 16 == 0
+    if len(header) % 16:
+        raise SystemExit(f"{src}: ICU header of {len(header)} bytes, not a multiple of 16")
 
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "icudata.bin").write_bytes(blob)

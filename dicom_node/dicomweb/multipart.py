@@ -16,7 +16,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
@@ -83,6 +83,17 @@ class MultipartBody:
             part.path.unlink(missing_ok=True)
 
 
+@dataclass
+class _ParserState:
+    """What the parser's callbacks share: the open part file and the header being read."""
+
+    fd: int = -1
+    header_name: bytes = b""
+    header_value: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    ended: bool = False
+
+
 class _PreambleSkipper:
     """Drops the bytes before the first ``--boundary`` line, which python-multipart's parser refuses."""
 
@@ -109,13 +120,19 @@ class _PreambleSkipper:
         return out
 
 
-def read_multipart(stream: BinaryIO, length: int, boundary: str, folder: Path,
+class Readable(Protocol):
+    """What a request body needs to be read: ``wsgi.input``, a file."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+
+def read_multipart(stream: Readable, length: int, boundary: str, folder: Path,
                    prefix: str = "stow-") -> MultipartBody:
     """Read ``length`` bytes of a multipart body from ``stream``, spooling each part to a file in ``folder``.
 
     Parameters
     ----------
-    stream : BinaryIO
+    stream : Readable
         The request body (``wsgi.input``); never read past ``length``.
     length : int
         The request's Content-Length.
@@ -138,45 +155,44 @@ def read_multipart(stream: BinaryIO, length: int, boundary: str, folder: Path,
     if not boundary or len(boundary) > 70:
         raise MalformedMultipart("the Content-Type has no boundary parameter, or one longer than 70 characters")
     body = MultipartBody()
-    state: dict[str, object] = {"fd": -1, "field": b"", "value": b"", "headers": {}, "ended": False}
+    state = _ParserState()
 
     def on_part_begin() -> None:
-        state["headers"] = {}
+        state.headers = {}
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] = bytes(state["field"]) + data[start:end]  # type: ignore[arg-type]
+        state.header_name += data[start:end]
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] = bytes(state["value"]) + data[start:end]  # type: ignore[arg-type]
+        state.header_value += data[start:end]
 
     def on_header_end() -> None:
-        name = bytes(state["field"]).decode("latin-1").strip().lower()  # type: ignore[arg-type]
-        state["headers"][name] = bytes(state["value"]).decode("latin-1").strip()  # type: ignore[index]
-        state["field"], state["value"] = b"", b""
+        name = state.header_name.decode("latin-1").strip().lower()
+        state.headers[name] = state.header_value.decode("latin-1").strip()
+        state.header_name, state.header_value = b"", b""
 
     def on_headers_finished() -> None:
         path = folder / f"{prefix}{uuid.uuid4().hex}.part"
-        state["fd"] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        body.parts.append(ReceivedPart(dict(state["headers"]), path))  # type: ignore[call-overload]
+        state.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        body.parts.append(ReceivedPart(dict(state.headers), path))
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         view = memoryview(data)[start:end]
-        fd = int(state["fd"])  # type: ignore[call-overload]
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(state.fd, view):]
         body.parts[-1].size += end - start
 
     def close_part() -> None:
-        if int(state["fd"]) >= 0:  # type: ignore[call-overload]
-            os.close(int(state["fd"]))  # type: ignore[call-overload]
-            state["fd"] = -1
+        if state.fd >= 0:
+            os.close(state.fd)
+            state.fd = -1
 
     def on_part_end() -> None:
         close_part()
         body.parts[-1].complete = True
 
     def on_end() -> None:
-        state["ended"] = True
+        state.ended = True
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
@@ -191,7 +207,7 @@ def read_multipart(stream: BinaryIO, length: int, boundary: str, folder: Path,
                 break  # the client stopped sending before Content-Length bytes
             body.received += len(block)
             data = skipper.feed(block)
-            if data and not state["ended"]:
+            if data and not state.ended:
                 parser.write(data)
     except (MultipartParseError, MalformedMultipart, UnicodeError) as exc:
         close_part()
@@ -204,7 +220,7 @@ def read_multipart(stream: BinaryIO, length: int, boundary: str, folder: Path,
     close_part()
     if body.received < length:
         body.problem = f"the body ended after {body.received} of {length} bytes"
-    elif not state["ended"]:
+    elif not state.ended:
         body.problem = "the body ended before its closing boundary"
     body.complete = not body.problem
     return body

@@ -143,7 +143,7 @@ def to_xml(attributes: list[tuple[str, Any]]) -> bytes:
     body = "".join(_xml_attribute(k, v) for k, v in attributes)
     return ('<?xml version="1.0" encoding="UTF-8"?>\n'
             f'<NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">{body}</NativeDicomModel>\n'
-            ).encode("utf-8")
+            ).encode()
 
 
 def response_media_type(accept: str) -> str | None:

@@ -112,10 +112,10 @@ def authenticate(sources: list[dict[str, Any]], authorization: str,
     credentials = credentials.strip()
     if scheme == "bearer" and credentials:
         digest = token_digest(credentials)
-        for source in sources:
-            stored = source.get("token_sha256")
-            if isinstance(stored, str) and hmac.compare_digest(stored, digest):
-                return source, str(source["name"]), ""
+        for candidate in sources:
+            token = candidate.get("token_sha256")
+            if isinstance(token, str) and hmac.compare_digest(token, digest):
+                return candidate, str(candidate["name"]), ""
         return None, "", "unknown bearer token"
     if scheme == "basic" and credentials:
         try:
@@ -156,7 +156,8 @@ def _outcome_of_unstored(part: ReceivedPart) -> InstanceOutcome:
     sop_class = sop_uid = ""
     try:
         meta = _file_meta(part.path.read_bytes())[0]
-        sop_class, sop_uid = str(meta.get("MediaStorageSOPClassUID", "")), str(meta.get("MediaStorageSOPInstanceUID", ""))
+        sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+        sop_uid = str(meta.get("MediaStorageSOPInstanceUID", ""))
     except Exception:  # noqa: BLE001 - best effort: the part failed either way
         pass
     why = "the request body ended inside this part" if not part.complete else "the request body was incomplete"

@@ -20,8 +20,9 @@ import base64
 import logging
 import os
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from dicom_node.config import DICOMWEB_AUTH, Config, Destination
 from dicom_node.dicomweb import status as stow_status
@@ -104,7 +105,7 @@ def auth_headers(dest: Destination, environ: dict[str, str] | None = None) -> di
         return {"Authorization": f"Bearer {token}"}
     if dest.auth == "basic":
         password = _read_secret(dest.password_file, "password_file")
-        pair = base64.b64encode(f"{dest.username}:{password}".encode("utf-8")).decode("ascii")
+        pair = base64.b64encode(f"{dest.username}:{password}".encode()).decode("ascii")
         return {"Authorization": f"Basic {pair}"}
     return {}
 

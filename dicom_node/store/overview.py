@@ -38,8 +38,9 @@ def queue_summary(conn: Connection, now: dt.datetime) -> dict[str, Any]:
         out[f"oldest_queued_{name}_seconds"] = _seconds(now, oldest) or 0.0
         oldest_running = conn.execute(select(func.min(model.created_at)).where(model.state == "running")).scalar()
         out[f"oldest_running_{name}_seconds"] = _seconds(now, oldest_running) or 0.0
-    out["exports_retrying"] = int(conn.execute(select(func.count(Export.id)).where(_retrying(Export))).scalar())
-    out["series_completed"] = int(conn.execute(select(func.coalesce(func.sum(Series.completion_count), 0))).scalar())
+    out["exports_retrying"] = conn.execute(select(func.count(Export.id)).where(_retrying(Export))).scalar_one()
+    out["series_completed"] = int(
+        conn.execute(select(func.coalesce(func.sum(Series.completion_count), 0))).scalar_one())
     return out
 
 
@@ -87,7 +88,7 @@ def recent_series(conn: Connection, limit: int = 20, with_patient: bool = False)
     for s in rows:
         job = conn.execute(select(Job.__table__).where(Job.series_pk == s.id).order_by(Job.version.desc())
                            .limit(1)).first()
-        count = int(conn.execute(select(func.count(Instance.id)).where(Instance.series_pk == s.id)).scalar())
+        count = conn.execute(select(func.count(Instance.id)).where(Instance.series_pk == s.id)).scalar_one()
         if job is not None:
             exports = conn.execute(select(Export.__table__).where(Export.job_pk == job.id)
                                    .order_by(Export.id)).all()
@@ -221,17 +222,17 @@ def destination_troubles(conn: Connection, since: dt.datetime | None = None) -> 
 def unrouted_series(conn: Connection, limit: int = 20) -> list[Any]:
     """Completed series that no rule matched, or that were not denoised for a reason (loop guard, an unchanged
     re-send), newest first: key, UID, modality, description, completion time and the reason."""
-    return conn.execute(
+    return list(conn.execute(
         select(Series.id, Series.series_uid, Series.modality, Series.series_description, Series.completed_at,
                Series.route_note)
         .where(Series.completion_count > 0, Series.route_note != "")
-        .order_by(Series.completed_at.desc(), Series.id.desc()).limit(limit)).all()
+        .order_by(Series.completed_at.desc(), Series.id.desc()).limit(limit)))
 
 
 def series_choices(conn: Connection, limit: int = 50) -> list[Any]:
     """Recent series (key, UID, modality, description, instance count) for the rules tester's pick list."""
-    return conn.execute(select(Series.id, Series.series_uid, Series.modality, Series.series_description)
-                        .order_by(Series.last_received_at.desc()).limit(limit)).all()
+    return list(conn.execute(select(Series.id, Series.series_uid, Series.modality, Series.series_description)
+                             .order_by(Series.last_received_at.desc()).limit(limit)))
 
 
 def series_row(conn: Connection, series_pk: int) -> Any:

@@ -230,7 +230,7 @@ def enqueue_export(conn: Connection, series_uid: str, destination: str, instance
 
 
 def delivered_instances(conn: Connection, series_uid: str, destination: str,
-                        before_export: int) -> dict[str, tuple[int, int, dt.datetime | None]]:
+                        before_export: int) -> dict[str, tuple[int, int | None, dt.datetime | None]]:
     """SOP Instance UID -> (export, status, when) of the instances of ``series_uid`` that ``destination``
     accepted in exports older than ``before_export`` (the first acceptance of each)."""
     rows = conn.execute(
@@ -239,7 +239,7 @@ def delivered_instances(conn: Connection, series_uid: str, destination: str,
         .where(Export.series_uid == series_uid, Export.destination == destination, Export.id < before_export,
                ExportInstance.status.in_(SUCCESS_STATUSES))
         .order_by(Export.id)).all()
-    out: dict[str, tuple[int, int, dt.datetime | None]] = {}
+    out: dict[str, tuple[int, int | None, dt.datetime | None]] = {}
     for uid, export, status, when in rows:
         out.setdefault(uid, (export, status, when))
     return out
@@ -368,7 +368,7 @@ class ProcessIdentity:
     token: str
 
     @classmethod
-    def new(cls) -> "ProcessIdentity":
+    def new(cls) -> ProcessIdentity:
         return cls(socket.gethostname(), os.getpid(), secrets.token_hex(8))
 
     def worker_id(self, role: str) -> str:

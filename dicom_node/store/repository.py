@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import logging
 import re
 from dataclasses import dataclass
@@ -175,7 +176,7 @@ class StatusCounts:
 def status_counts(conn: Connection) -> StatusCounts:
     """Count series, jobs and exports per state, and the instances stored."""
 
-    def by_state(model: Any, states: type) -> dict[str, int]:
+    def by_state(model: Any, states: type[enum.Enum]) -> dict[str, int]:
         counts = {s.value: 0 for s in states}
         for state, n in conn.execute(select(model.state, func.count()).group_by(model.state)):
             counts[state.value if hasattr(state, "value") else str(state)] = n

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import email.utils
 import json
 import logging
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from dicom_node import audit
 from dicom_node.store.database import utcnow
@@ -30,9 +32,6 @@ LOGGER = logging.getLogger(__name__)
 
 SESSION_COOKIE = "dicom_node_session"
 MAX_BODY = 64 * 1024 * 1024
-PUBLIC = {"/login", "/metrics", "/healthz", "/readyz"}
-
-
 class Request:
     """The parts of a WSGI request the handlers use."""
 
@@ -74,17 +73,20 @@ class Request:
             message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
                 f"Content-Type: {ctype}\r\n\r\n".encode("latin-1") + body)
             for part in message.iter_parts():
-                name = part.get_param("name", header="content-disposition")
-                if not name:
+                raw_name = part.get_param("name", header="content-disposition")
+                if not raw_name:
                     continue
+                name = email.utils.collapse_rfc2231_value(raw_name)  # name*=utf-8''... arrives as a tuple
                 filename = part.get_filename()
-                payload = part.get_payload(decode=True) or b""
+                payload = part.get_payload(decode=True)
+                if not isinstance(payload, bytes):  # none, or a nested multipart: no value
+                    payload = b""
                 fields[name] = (filename, payload) if filename is not None else payload.decode("utf-8", "replace")
         elif ctype.startswith("application/json"):
             try:
                 fields = {k: str(v) for k, v in json.loads(body or b"{}").items()}
             except (ValueError, AttributeError):
-                raise HTTPError(HTTPStatus.BAD_REQUEST, "body is not a JSON object")
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "body is not a JSON object") from None
         else:
             fields = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()}
         self._form = fields
@@ -129,12 +131,14 @@ class DashboardApp:
             from dicom_node.dicomweb.stow_receive import StowService
 
             self.stow = StowService(node)
-        self.routes: dict[tuple[str, str], Callable[[Request, Principal | None], Response]] = {
+        #: Routes open to anyone, and routes for a logged-in user (the handler gets who it is).
+        self.public_routes: dict[tuple[str, str], Callable[[Request], Response]] = {
             ("GET", "/metrics"): self.metrics, ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz,
         }
+        self.routes: dict[tuple[str, str], Callable[[Request, Principal], Response]] = {}
         if self.dashboard:
+            self.public_routes.update({("GET", "/login"): self.login_form, ("POST", "/login"): self.login})
             self.routes.update({
-                ("GET", "/login"): self.login_form, ("POST", "/login"): self.login,
                 ("POST", "/logout"): self.logout, ("GET", "/"): self.index, ("GET", "/api/status"): self.api_status,
                 ("GET", "/rules"): self.rules_form, ("POST", "/rules"): self.rules_test,
                 ("GET", "/audit"): self.audit_log, ("POST", "/actions/retry"): self.action_job,
@@ -183,16 +187,17 @@ class DashboardApp:
 
             if is_stow_path(path):
                 return self.stow(request.environ)  # its own authentication ([dicomweb] sources), no session
+        public = self.public_routes.get((request.method, path))
+        if public is not None:
+            return public(request)
         handler = self.routes.get((request.method, path))
         if handler is None and request.method == "GET" and path.startswith("/preview/") and self.dashboard:
             handler = self.preview
         if handler is None:
-            known_paths = {p for _m, p in self.routes}
+            known_paths = {p for _m, p in [*self.public_routes, *self.routes]}
             if path in known_paths:
                 raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed")
             raise HTTPError(HTTPStatus.NOT_FOUND, "not found")
-        if path in PUBLIC:
-            return handler(request, None)
         principal = self.principal(request)
         if principal is None:
             # API clients (an /api/ path, or any request that sent credentials in a header) get 401 and a
@@ -228,7 +233,7 @@ class DashboardApp:
 
     # ------------------------------------------------------------------------------------------- open
 
-    def metrics(self, request: Request, _p: Principal | None) -> Response:
+    def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         from dicom_node.metrics import exposition
@@ -240,7 +245,7 @@ class DashboardApp:
 
         return run_checks(self.node)
 
-    def healthz(self, request: Request, _p: Principal | None) -> Response:
+    def healthz(self, request: Request) -> Response:
         from dicom_node.health import liveness
 
         checks = self._checks()
@@ -248,7 +253,7 @@ class DashboardApp:
         return _json({"ok": ok, "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}},
                      HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
-    def readyz(self, request: Request, _p: Principal | None) -> Response:
+    def readyz(self, request: Request) -> Response:
         from dicom_node.health import overall_state
 
         checks = self._checks()
@@ -258,10 +263,10 @@ class DashboardApp:
                       "checks": {c.name: {"ok": c.ok, "state": c.state, "detail": c.detail} for c in checks}},
                      HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
-    def login_form(self, request: Request, _p: Principal | None) -> Response:
+    def login_form(self, request: Request) -> Response:
         return _html(pages.login_page(next_url=same_site_path(request.query.get("next", "/"))))
 
-    def login(self, request: Request, _p: Principal | None) -> Response:
+    def login(self, request: Request) -> Response:
         from dicom_node.web import throttle
 
         form = request.form()
@@ -324,7 +329,7 @@ class DashboardApp:
 
     # ------------------------------------------------------------------------------------------- logged in
 
-    def logout(self, request: Request, principal: Principal | None) -> Response:
+    def logout(self, request: Request, principal: Principal) -> Response:
         self.auth.logout(request.cookie(SESSION_COOKIE))
         return _redirect("/login", [("Set-Cookie", f"{SESSION_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict")])
 
@@ -345,14 +350,12 @@ class DashboardApp:
         return {"now": now, "summary": summary, "series": series, "failures": failed, "previews": previews,
                 "checks": self._checks(), "destinations": self.cfg.destinations}
 
-    def index(self, request: Request, principal: Principal | None) -> Response:
-        assert principal is not None
+    def index(self, request: Request, principal: Principal) -> Response:
         ctx = self._context(principal)
         body = pages.dashboard(ctx, principal, self._show_patient(principal))
         return self._page("dicom-node", body, principal, request.query.get("msg", ""), refresh=15)
 
-    def api_status(self, request: Request, principal: Principal | None) -> Response:
-        assert principal is not None
+    def api_status(self, request: Request, principal: Principal) -> Response:
         ctx = self._context(principal)
         show = self._show_patient(principal)
         series = []
@@ -364,7 +367,7 @@ class DashboardApp:
                       "health": {c.name: {"ok": c.ok, "detail": c.detail} for c in ctx["checks"]},
                       "user": {"name": principal.name, "role": principal.role}})
 
-    def preview(self, request: Request, principal: Principal | None) -> Response:
+    def preview(self, request: Request, principal: Principal) -> Response:
         from dicom_node.worker import PREVIEW_NAME
 
         name = request.path.removeprefix("/preview/")
@@ -375,8 +378,7 @@ class DashboardApp:
             raise HTTPError(HTTPStatus.NOT_FOUND, "no preview for this job")
         return HTTPStatus.OK, [("Content-Type", "image/png")], path.read_bytes()
 
-    def action_job(self, request: Request, principal: Principal | None) -> Response:
-        assert principal is not None
+    def action_job(self, request: Request, principal: Principal) -> Response:
         self._require_admin(principal)
         from dicom_node.store.queue import cancel, retry
 
@@ -386,7 +388,7 @@ class DashboardApp:
         try:
             key = int(str(form.get("id", "")))
         except ValueError:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "id must be a number")
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "id must be a number") from None
         if kind not in ("job", "export"):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "kind must be job or export")
         now = utcnow()
@@ -399,10 +401,10 @@ class DashboardApp:
             allowed = "failed or cancelled" if action == "retry" else "queued, running or failed"
             return self._after_action(request, False, f"{kind} {key} not found or not {allowed}")
         LOGGER.info("%s %s %d from the dashboard", principal.actor, action, key)
-        return self._after_action(request, True, f"{kind} {key}: {'queued again' if action == 'retry' else 'cancelled'}")
+        done = "queued again" if action == "retry" else "cancelled"
+        return self._after_action(request, True, f"{kind} {key}: {done}")
 
-    def action_echo(self, request: Request, principal: Principal | None) -> Response:
-        assert principal is not None
+    def action_echo(self, request: Request, principal: Principal) -> Response:
         self._require_admin(principal)
         from dicom_node.commands import echo_destination
 
@@ -410,15 +412,14 @@ class DashboardApp:
         try:
             dest = self.cfg.destination(name)
         except KeyError as exc:
-            raise HTTPError(HTTPStatus.NOT_FOUND, exc.args[0])
+            raise HTTPError(HTTPStatus.NOT_FOUND, exc.args[0]) from None
         ok, text = echo_destination(self.cfg, dest)
         with self.node.engine.begin() as conn:
             audit.record(conn, "destination.echo", principal.actor, utcnow(), object_kind="destination",
                          detail=text)
         return self._after_action(request, ok, text)
 
-    def admin_page(self, request: Request, principal: Principal | None) -> Response:
-        assert principal is not None
+    def admin_page(self, request: Request, principal: Principal) -> Response:
         self._require_admin(principal)
         return self._admin_response(request, principal, request.query.get("msg", ""))
 
@@ -462,9 +463,8 @@ class DashboardApp:
         _ok, headers, html = self._page("Admin", body, principal, message)
         return status, headers, html
 
-    def action_reload(self, request: Request, principal: Principal | None) -> Response:
+    def action_reload(self, request: Request, principal: Principal) -> Response:
         """Reload the configuration file (as SIGHUP does)."""
-        assert principal is not None
         self._require_admin(principal)
         from dicom_node.config import ConfigError
         from dicom_node.reload import reload_node
@@ -480,9 +480,8 @@ class DashboardApp:
                           "applied": result.applied, "needs_restart": result.needs_restart})
         return _redirect("/admin?msg=" + urllib.parse.quote(result.summary()))
 
-    def admin_config_save(self, request: Request, principal: Principal | None) -> Response:
+    def admin_config_save(self, request: Request, principal: Principal) -> Response:
         """Validate the edited rules and destinations, write them to the file (with a backup) and reload."""
-        assert principal is not None
         self._require_admin(principal)
         from dicom_node.reload import EditRefused, save_rules_and_destinations
 
@@ -499,8 +498,7 @@ class DashboardApp:
                           "applied": result.applied, "needs_restart": result.needs_restart})
         return _redirect("/admin?msg=" + urllib.parse.quote(result.summary()))
 
-    def action_unlock(self, request: Request, principal: Principal | None) -> Response:
-        assert principal is not None
+    def action_unlock(self, request: Request, principal: Principal) -> Response:
         self._require_admin(principal)
         from dicom_node.web import throttle
 
@@ -519,16 +517,14 @@ class DashboardApp:
             return _json({"ok": was_locked, "message": message})
         return _redirect("/admin?msg=" + urllib.parse.quote(message))
 
-    def rules_form(self, request: Request, principal: Principal | None) -> Response:
-        assert principal is not None
+    def rules_form(self, request: Request, principal: Principal) -> Response:
         from dicom_node.store.overview import series_choices
 
         with self.node.engine.connect() as conn:
             choices = series_choices(conn)
         return self._page("Rules tester", pages.rules_page(principal, choices, None), principal)
 
-    def rules_test(self, request: Request, principal: Principal | None) -> Response:
-        assert principal is not None
+    def rules_test(self, request: Request, principal: Principal) -> Response:
         from dicom_node.routing import SeriesAttributes, explain
         from dicom_node.store.overview import series_choices, series_row
 
@@ -545,7 +541,7 @@ class DashboardApp:
                 ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
                 facts = extract_facts(ds, ts, calling, self.cfg.node.ae_title)
             except Exception as exc:
-                raise HTTPError(HTTPStatus.BAD_REQUEST, f"not a readable DICOM file: {exc}")
+                raise HTTPError(HTTPStatus.BAD_REQUEST, f"not a readable DICOM file: {exc}") from exc
             attrs = SeriesAttributes.from_row(facts)
             label = f"uploaded file {upload[0] or ''} ({facts.modality} {facts.series_description!r})"
         elif str(form.get("series", "")).isdigit():
@@ -590,8 +586,7 @@ class DashboardApp:
         except OSError as exc:
             return [], [f"cannot read {source}: {exc.strerror or exc}"]
 
-    def audit_log(self, request: Request, principal: Principal | None) -> Response:
-        assert principal is not None
+    def audit_log(self, request: Request, principal: Principal) -> Response:
         filters = {k: request.query.get(k, "") for k in ("action", "actor", "uid")}
         with self.node.engine.connect() as conn:
             events = audit.query(conn, action=filters["action"] or None, actor=filters["actor"] or None,

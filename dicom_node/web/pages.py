@@ -6,7 +6,8 @@ import datetime as dt
 import html
 import json
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from dicom_node import __version__
 from dicom_node.web.auth import Principal

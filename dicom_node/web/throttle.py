@@ -42,7 +42,7 @@ class Limits:
     lockout: dt.timedelta = dt.timedelta(minutes=15)
 
     @classmethod
-    def from_settings(cls, web: Any) -> "Limits":
+    def from_settings(cls, web: Any) -> Limits:
         """The limits configured in a :class:`~dicom_node.config.WebSettings`."""
         return cls(web.login_max_failures, web.login_max_failures_per_address,
                    dt.timedelta(minutes=web.login_window_minutes), dt.timedelta(minutes=web.login_lockout_minutes))
@@ -83,13 +83,16 @@ def active_lock(conn: Connection, user: str, address: str, now: dt.datetime) -> 
 
 def _row_for_update(conn: Connection, kind: str, subject: str, now: dt.datetime) -> Any:
     """The throttle row of ``(kind, subject)``, created when missing, locked until the transaction ends."""
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+    values = {"kind": kind, "subject": subject, "failures": 0, "window_start": now, "last_failure_at": now,
+              "locked_until": None}
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        conn.execute(postgresql_insert(LoginThrottle).values(**values).on_conflict_do_nothing())
     else:
-        from sqlalchemy.dialects.sqlite import insert
-    conn.execute(insert(LoginThrottle).values(kind=kind, subject=subject, failures=0, window_start=now,
-                                              last_failure_at=now, locked_until=None).on_conflict_do_nothing())
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        conn.execute(sqlite_insert(LoginThrottle).values(**values).on_conflict_do_nothing())
     return conn.execute(select(LoginThrottle.__table__).where(LoginThrottle.kind == kind,
                                                               LoginThrottle.subject == subject)
                         .with_for_update()).one()

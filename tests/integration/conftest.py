@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator
 
 import pytest
 
@@ -20,7 +20,7 @@ def _peer_programs() -> None:
         require_program(program)
 
 
-NodeFactory = Callable[..., ContextManager[Peer]]
+NodeFactory = Callable[..., contextlib.AbstractContextManager[Peer]]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
     """Start ``dicom-node serve`` subprocesses: ``with node_factory(extra_env={...}) as node: ...``."""
     stack = contextlib.ExitStack()
 
-    def start(data_dir: Path | None = None, config: Path | None = None, **kwargs) -> ContextManager[Peer]:
+    def start(data_dir: Path | None = None, config: Path | None = None,
+              **kwargs) -> contextlib.AbstractContextManager[Peer]:
         return dicom_node(data_dir or tmp_path / "node", config=config, **kwargs)
 
     with stack:

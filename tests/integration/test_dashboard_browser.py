@@ -23,7 +23,6 @@ from tests.integration.test_pipeline import CT_RULE, db_rows, orthanc_series, wa
 from tests.peers import dicom_node, free_port, orthanc_config, start_orthanc, stop_process, wait_for_port
 from tests.webdriver import Browser, chromium
 
-
 #: Widths the dashboard must fit without sideways scrolling: a laptop and a full-HD monitor.
 LAYOUT_WIDTHS = (1280, 1920)
 

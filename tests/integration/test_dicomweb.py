@@ -18,9 +18,10 @@ import shutil
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -67,7 +68,7 @@ def sequence_uids(answer: dict[str, Any], tag: str) -> dict[str, Any]:
 def rows(data_dir: Path, table: Any) -> list[Any]:
     engine = create_engine(f"sqlite:///{data_dir / 'dicom-node.sqlite3'}")
     with engine.connect() as conn:
-        found = conn.execute(select(table.__table__)).all()
+        found = list(conn.execute(select(table.__table__)))
     engine.dispose()
     return found
 
@@ -242,7 +243,9 @@ class _FlakyStow(BaseHTTPRequestHandler):
         for part in message.iter_parts():
             from io import BytesIO
 
-            ds = dcmread(BytesIO(part.get_payload(decode=True)))
+            payload = part.get_payload(decode=True)
+            assert isinstance(payload, bytes), "a part without a body"
+            ds = dcmread(BytesIO(payload))
             with self.lock:
                 self.stored.append(str(ds.SOPInstanceUID))
             items.append({"00081150": {"vr": "UI", "Value": [str(ds.SOPClassUID)]},

@@ -8,8 +8,9 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -86,7 +87,7 @@ def orthanc_series(peer: Peer, study_uid: str) -> dict[str, dict[str, Any]]:
     if not studies:
         return {}
     out = {}
-    for series in orthanc_get(peer, f"/studies/{studies[0]['ID']}/series"):  # type: ignore[union-attr]
+    for series in orthanc_get(peer, f"/studies/{studies[0]['ID']}/series"):
         tags = series["MainDicomTags"]
         out[tags["SeriesInstanceUID"]] = {"description": tags.get("SeriesDescription", ""),
                                           "instances": series["Instances"]}
@@ -96,7 +97,7 @@ def orthanc_series(peer: Peer, study_uid: str) -> dict[str, dict[str, Any]]:
 def db_rows(data_dir: Path, table: Any) -> list[Any]:
     engine = create_engine(f"sqlite:///{data_dir / 'dicom-node.sqlite3'}")
     with engine.connect() as conn:
-        rows = conn.execute(select(table.__table__)).all()
+        rows = list(conn.execute(select(table.__table__)))
     engine.dispose()
     return rows
 
@@ -126,9 +127,9 @@ def test_series_reaches_pacs_denoised_beside_the_original(tmp_path: Path, model_
             referenced = set()
             for instance_id in series[derived_uid]["instances"]:
                 tags = orthanc_get(pacs_peer, f"/instances/{instance_id}/simplified-tags")
-                assert tags["StudyInstanceUID"] == study_uid  # type: ignore[index]
-                assert tags["ImageType"].startswith("DERIVED\\SECONDARY")  # type: ignore[index]
-                for item in tags["SourceImageSequence"]:  # type: ignore[index]
+                assert tags["StudyInstanceUID"] == study_uid
+                assert tags["ImageType"].startswith("DERIVED\\SECONDARY")
+                for item in tags["SourceImageSequence"]:
                     referenced.add(item["ReferencedSOPInstanceUID"])
             assert referenced == sources
 

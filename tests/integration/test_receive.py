@@ -11,10 +11,9 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
-import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE
 from sqlalchemy import create_engine, select
@@ -22,6 +21,7 @@ from sqlalchemy import create_engine, select
 from dicom_node.store.schema import Instance, Series
 from dicom_node.synthetic import make_ct_series
 from tests import malformed
+from tests.helpers import pydicom_test_file
 from tests.peers import DCMTK_ENV, Peer, free_port, node_command, storescp, storescu, wait_for_port
 
 #: storescu option that proposes exactly a file's transfer syntax first, so nothing is transcoded on the way.
@@ -50,7 +50,7 @@ def dataset_bytes(path: Path) -> tuple[bytes, str, str]:
     return raw[fp.tell():], str(meta.TransferSyntaxUID), str(meta.MediaStorageSOPInstanceUID)
 
 
-def rows_by_sop(data_dir: Path) -> dict[str, Instance]:
+def rows_by_sop(data_dir: Path) -> dict[str, Any]:
     engine = create_engine(f"sqlite:///{data_dir / 'dicom-node.sqlite3'}")
     with engine.connect() as conn:
         rows = {r.sop_instance_uid: r for r in conn.execute(select(Instance)).all()}
@@ -161,7 +161,7 @@ def test_bad_input_gets_the_right_status_and_leaves_nothing(node_factory, tmp_pa
             assert scu_send_raw(node.port, path) == expected[name], name
         # pydicom's own truncated test files (explicit and implicit VR), sent as they are.
         for name in ("MR_truncated.dcm", "rtplan_truncated.dcm"):
-            assert scu_send_raw(node.port, Path(get_testdata_file(name))) == 0xC210, name
+            assert scu_send_raw(node.port, pydicom_test_file(name)) == 0xC210, name
         # And the node goes on serving.
         assert echo(node.port).returncode == 0
         assert scu_send_raw(node.port, source) == 0x0000

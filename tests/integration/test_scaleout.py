@@ -12,8 +12,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from sqlalchemy import create_engine, func, select, text
@@ -158,16 +158,17 @@ def test_three_workers_one_receiver_on_postgresql(tmp_path: Path, pg: PostgresSe
                 processed = conn.execute(select(func.count()).select_from(AuditEvent)
                                          .where(AuditEvent.action == "series.processed")).scalar()
                 assert processed == 30
-                assert conn.execute(text("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")).scalar() == 0
+                unfinished = conn.execute(text("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"))
+                assert unfinished.scalar() == 0
             assert len(by_worker) >= 2, f"jobs were not spread over workers: {by_worker}"
             # Orthanc has each derived series once, complete.
             orthanc_series = orthanc_get(pacs_peer, "/series?expand")
-            assert len(orthanc_series) == 30  # type: ignore[arg-type]
-            for s in orthanc_series:  # type: ignore[union-attr]
+            assert len(orthanc_series) == 30
+            for s in orthanc_series:
                 assert len(s["Instances"]) == 6
                 assert s["MainDicomTags"]["SeriesDescription"].endswith(" DN")
             stats = orthanc_get(pacs_peer, "/statistics")
-            assert stats["CountInstances"] == 180  # type: ignore[index]
+            assert stats["CountInstances"] == 180
         engine.dispose()
 
 

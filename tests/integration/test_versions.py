@@ -101,8 +101,9 @@ def test_unchanged_resend_is_idempotent_and_a_new_strength_is_a_labelled_new_ser
             wait_until(lambda: exports_done(data_dir), 120, "first delivery")
             for count in (2, 3):  # re-pushed twice, unchanged, each time after the series completed
                 send(node.port, ct)
+                # (wait_until calls the lambda before the loop moves on: count is the current one)
                 wait_until(lambda: [(s.completion_count, s.state.value) for s in db_rows(data_dir, Series)]
-                           == [(count, "complete")], 60, f"completion {count} of the same series")
+                           == [(count, "complete")], 60, f"completion {count} of the same series")  # noqa: B023
             time.sleep(1.5)  # a job queued by a completion would be visible by now
             assert len(db_rows(data_dir, Job)) == 1
             (row,) = db_rows(data_dir, Series)

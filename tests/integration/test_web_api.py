@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -65,8 +66,8 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
 
 
 def wait_exports_done(node: Peer) -> None:
-    from tests.integration.test_pipeline import db_rows
     from dicom_node.store.schema import Export
+    from tests.integration.test_pipeline import db_rows
 
     wait_until(lambda: (rows := db_rows(node.storage, Export)) and len(rows) == 2 and
                all(r.state.value in ("succeeded", "failed") for r in rows), 60, "both exports finished")
@@ -151,7 +152,8 @@ def test_roles_and_csrf(running: dict[str, Any]) -> None:
     token = Client(base)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     assert token.request("GET", "/api/status", headers=headers).status == 200
-    assert token.request("POST", "/actions/retry", {"kind": "export", "id": failed["id"]}, headers=headers).status == 403
+    retried = token.request("POST", "/actions/retry", {"kind": "export", "id": failed["id"]}, headers=headers)
+    assert retried.status == 403
 
     admin = Client(base)
     assert admin.login("admin", "admin-pass-1").status == 200
@@ -171,7 +173,8 @@ def test_roles_and_csrf(running: dict[str, Any]) -> None:
     # The retry runs (and fails again: nobody listens), and both are in the audit log with the user as actor.
     wait_until(lambda: (again := _failed_export(admin)) and again["attempts"] == 1 and
                any(e["action"] == "export.failed" and e["object_id"] == failed["id"]
-                   for e in admin.request("GET", "/audit?limit=500").json()[:3]), 60, "the retried export failing again")
+                   for e in admin.request("GET", "/audit?limit=500").json()[:3]),
+               60, "the retried export failing again")
     events = admin.request("GET", "/audit?action=export.retry").json()
     assert [(e["actor"], e["object_id"]) for e in events] == [("user:admin", failed["id"])]
     logins = admin.request("GET", "/audit?action=login").json()

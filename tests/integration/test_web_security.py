@@ -10,8 +10,9 @@ import json
 import os
 import subprocess
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -119,7 +120,7 @@ def test_wrong_passwords_lock_the_user_until_unlocked_by_the_cli(node_web: dict[
     refused = client.login("admin", "admin-pass-1")
     assert refused.status == 429, refused.text
     message = refused.json()["error"]
-    assert "Too many failed logins" in message and "'admin'" in message and "web unlock admin" in message
+    assert "Too many failed logins" in message and "'admin'" in message and "web unlock 'admin'" in message
     assert int(refused.headers["Retry-After"]) > 800
     page = browser_login(base, "admin", "admin-pass-1", "/")
     assert page.status == 429 and "Too many failed logins" in page.text and "Set-Cookie" not in page.headers
@@ -150,7 +151,8 @@ def request_from(source: str, base: str, method: str, path: str, form: dict[str,
                  cookie: str = "") -> tuple[int, dict[str, str], bytes]:
     """A request from another loopback address (e.g. 127.0.0.2), as a second client machine sends it."""
     parsed = urllib.parse.urlsplit(base)
-    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60, source_address=(source, 0))
+    conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=60,
+                                      source_address=(source, 0))
     body = urllib.parse.urlencode(form).encode() if form is not None else None
     headers = {"Accept": "application/json"}
     if body is not None:

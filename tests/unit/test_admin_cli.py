@@ -70,8 +70,9 @@ def test_evaluate_shows_progress_and_writes_where_help_says(tmp_path: Path, caps
     for step in (f"report in {report}", f"folder 1/1: reading {data / 'noisy'}", "identity on 2 slice(s)",
                  "nlm baseline, slice 1/2", "nlm baseline, slice 2/2", "metrics"):
         assert step in err, step
-    from training.cli import add_evaluate_arguments
     import argparse
+
+    from training.cli import add_evaluate_arguments
 
     parser = argparse.ArgumentParser()
     add_evaluate_arguments(parser)

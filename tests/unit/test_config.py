@@ -172,7 +172,7 @@ def test_rule_naming_an_unknown_model_is_refused_with_the_closest_name(tmp_path:
                                    "model": "ct-cnn-small", "strength": 0.5},
                                   {"name": "typo", "match": {"Modality": "CT", "BodyPartExamined": "HEAD"},
                                    "model": "ct-cnn-smal"}], tmp_path / "none", tmp_path)
-    assert problems == ["rules[1].model: unknown model 'ct-cnn-smal' (known: ct-cnn, ct-cnn-small, mr-cnn, xr-cnn; "
+    assert problems == ["rules[1].model: unknown model 'ct-cnn-smal' (known: ct-cnn, ct-cnn-small, endo-cnn, mr-cnn, us-cnn, xr-cnn; "
                         "did you mean 'ct-cnn-small'?)"]
 
 
@@ -236,3 +236,9 @@ def test_the_example_rule_fits_its_model_and_the_old_one_did_not(tmp_path: Path)
     old_rule = {"name": "ct", "match": {"Modality": "CT"}, "model": "ct-cnn-small", "strength": 0.5}
     problems = model_problems_of([old_rule], tmp_path / "none", tmp_path)
     assert len(problems) == 1 and problems[0].startswith("rules[0].match.BodyPartExamined: missing")
+
+
+def test_job_retry_policy_is_checked() -> None:
+    problems = problems_of({"worker": {"backoff_base_seconds": 0.0}, "export": {"backoff_base_seconds": 700.0}})
+    assert "worker.backoff_base_seconds: must be positive" in problems
+    assert "export.backoff_max_seconds: must be at least export.backoff_base_seconds" in problems

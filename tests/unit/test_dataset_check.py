@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID
 
 from dicom_node.dataset_check import MalformedDataset, check_dataset_structure, inflate
 from dicom_node.synthetic import make_ct_series
 from tests import malformed
+from tests.helpers import pydicom_test_file
 
 
 def split_file(path: Path) -> tuple[bytes, UID]:
@@ -35,7 +35,7 @@ def ct_body(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     "image_dfl.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm", "nested_priv_SQ.dcm",
 ])
 def test_wellformed_pydicom_files_pass(name: str) -> None:
-    body, ts = split_file(get_testdata_file(name))
+    body, ts = split_file(pydicom_test_file(name))
     if ts == "1.2.840.10008.1.2.1.99":
         body = inflate(body)
     assert check_dataset_structure(body, ts.is_implicit_VR, ts.is_little_endian) >= 3
@@ -79,7 +79,7 @@ def test_header_cut_short_and_undefined_length_without_delimiter(ct_body: bytes)
 
 
 def test_pydicom_truncated_test_files_are_refused() -> None:
-    body, ts = split_file(get_testdata_file("rtplan_truncated.dcm"))
+    body, ts = split_file(pydicom_test_file("rtplan_truncated.dcm"))
     with pytest.raises(MalformedDataset):
         check_dataset_structure(body, ts.is_implicit_VR, ts.is_little_endian)
 

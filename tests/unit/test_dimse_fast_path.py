@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
@@ -10,7 +12,7 @@ from dicom_node.scp_reactor import command_p_data_tf, encode_c_store_rsp, encode
 
 
 def _response(status: int, comment: str | None, sop_instance_uid: str) -> C_STORE:
-    primitive = C_STORE()
+    primitive: Any = C_STORE()  # (pynetdicom types some of its setters as taking None)
     primitive.MessageIDBeingRespondedTo = 7
     primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     primitive.AffectedSOPInstanceUID = sop_instance_uid
@@ -34,7 +36,7 @@ def test_c_store_response_matches_pynetdicom(status: int, comment: str | None, s
 
 
 def test_responses_it_does_not_handle_fall_back() -> None:
-    primitive = _response(0xC210, None, "1.2.3")
+    primitive: Any = _response(0xC210, None, "1.2.3")
     primitive.OffendingElement = [0x00100010]
     assert encode_c_store_rsp(primitive) is None
     request = C_STORE()  # a request, not a response
@@ -43,10 +45,10 @@ def test_responses_it_does_not_handle_fall_back() -> None:
 
 def _stored_request(tmp_path, sop_instance_uid: str, priority: int, message_id: int, data_bytes: int):
     """A C-STORE request for a file sent as stored, as ``send_c_store(path)`` makes it."""
-    from pynetdicom.dsutils import split_dataset
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
     import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian
+    from pynetdicom.dsutils import split_dataset
 
     ds = pydicom.Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
@@ -55,7 +57,7 @@ def _stored_request(tmp_path, sop_instance_uid: str, priority: int, message_id: 
     ds.add_new(0x00091010, "OB", bytes(range(256)) * (data_bytes // 256))  # bulk, so the data set fragments
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     path = tmp_path / f"{sop_instance_uid}-{data_bytes}.dcm"
     ds.save_as(path, enforce_file_format=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from dicom_node import audit
 from dicom_node.config import ConfigError, config_from_mapping
@@ -77,21 +77,21 @@ def test_web_configuration_is_validated(tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
+def engine(tmp_path: Path):
     eng = make_engine(f"sqlite:///{tmp_path / 'db.sqlite3'}")
     migrate(eng)
     yield eng
     eng.dispose()
 
 
-def _instance(conn, i: int, series: str = "1.2.3.4") -> None:  # type: ignore[no-untyped-def]
+def _instance(conn, i: int, series: str = "1.2.3.4") -> None:
     facts = InstanceFacts(study_uid="1.2.3", series_uid=series, sop_instance_uid=f"{series}.{i}",
                           sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
                           modality="CT", patient_name="DOE^JANE", patient_id="PID-7")
     record_instance(conn, facts, f"spool/{i}.dcm", 10, utcnow())
 
 
-def test_config_changes_are_audited(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_config_changes_are_audited(engine, tmp_path: Path) -> None:
     cfg = config_from_mapping({"node": {"data_dir": str(tmp_path)}}, "a.toml", environ={})
     now = utcnow()
     with engine.begin() as conn:
@@ -106,7 +106,7 @@ def test_config_changes_are_audited(engine, tmp_path: Path) -> None:  # type: ig
     assert '"changed": ["node", "worker"]' in events[0].detail and events[0].actor == "file:a.toml"
 
 
-def test_audit_query_and_retention(engine) -> None:  # type: ignore[no-untyped-def]
+def test_audit_query_and_retention(engine) -> None:
     now = utcnow()
     with engine.begin() as conn:
         audit.record(conn, "series.received", "node:assemble", now - dt.timedelta(days=40), series_uid="1.2.3")
@@ -128,7 +128,7 @@ def test_audit_query_and_retention(engine) -> None:  # type: ignore[no-untyped-d
         assert [e.action for e in audit.query(conn)] == ["series.exported"]
 
 
-def test_copy_database_keeps_keys_and_refuses_a_full_target(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_copy_database_keeps_keys_and_refuses_a_full_target(engine, tmp_path: Path) -> None:
     with engine.begin() as conn:
         for i in range(3):
             _instance(conn, i)
@@ -149,7 +149,7 @@ def test_copy_database_keeps_keys_and_refuses_a_full_target(engine, tmp_path: Pa
     empty.dispose()
 
 
-def test_overview_hides_patient_data_unless_asked(engine) -> None:  # type: ignore[no-untyped-def]
+def test_overview_hides_patient_data_unless_asked(engine) -> None:
     with engine.begin() as conn:
         _instance(conn, 1)
         conn.exec_driver_sql("UPDATE series SET completion_count = 1, state = 'complete', completed_at = "
@@ -163,7 +163,7 @@ def test_overview_hides_patient_data_unless_asked(engine) -> None:  # type: igno
     assert summary["series_completed"] == 1 and summary["series"]["complete"] == 1
 
 
-def test_health_checks(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_health_checks(engine, tmp_path: Path) -> None:
     cfg = config_from_mapping({"node": {"data_dir": str(tmp_path), "min_free_disk_gb": 0.0},
                                "rules": [{"name": "r", "model": "no-such-model"}]}, environ={})
     assert check_database(engine).ok
@@ -202,7 +202,7 @@ def test_jobs_retry_says_why_it_cannot(tmp_path: Path, capsys: pytest.CaptureFix
     with eng.begin() as conn:
         _instance(conn, 1)
         job = enqueue_job(conn, 1, 1, "ct", "m", 1.0, utcnow())
-        conn.execute(Job.__table__.update().where(Job.id == job).values(state=JobState.succeeded))
+        conn.execute(update(Job).where(Job.id == job).values(state=JobState.succeeded))
     eng.dispose()
     assert main(["jobs", "retry", str(job), "--config", str(config)]) == 1
     assert capsys.readouterr().err.strip() == (f"dicom-node: job {job} is succeeded; only a failed or cancelled "
@@ -238,7 +238,7 @@ port = 8080
 # Dashboard users, one line each.
 users = [
     # { name = "alice", role = "admin", password_hash = "..." },
-    { name = "bob", role = "read", password_hash = "%s" }   # radiology
+    { name = "bob", role = "read", password_hash = "PASSWORD_HASH" }   # radiology
 ]
 tokens = []
 
@@ -246,7 +246,7 @@ tokens = []
 name = "ct"
 match = { Modality = "CT" }
 forward_original = true
-''' % PASSWORD_HASH
+'''.replace("PASSWORD_HASH", PASSWORD_HASH)
 
 
 def test_add_user_edits_only_the_users_array(tmp_path: Path) -> None:

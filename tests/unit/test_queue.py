@@ -8,25 +8,25 @@ import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 
 from dicom_node.store.database import make_engine, migrate, utcnow
 from dicom_node.store.queue import (
+    ProcessIdentity,
     RetryPolicy,
     cancel,
     claim_export,
     claim_job,
+    end_process,
     enqueue_export,
     enqueue_job,
     fail_job,
     finish_export,
     finish_job,
     heartbeat_job,
+    job_covering,
     pending_export_instances,
     record_instance_status,
-    ProcessIdentity,
-    end_process,
-    job_covering,
     register_process,
     renew_lease,
     requeue_orphans,
@@ -45,10 +45,10 @@ def engine(tmp_path: Path):
     migrate(engine)
     now = utcnow()
     with engine.begin() as conn:
-        conn.execute(Study.__table__.insert().values(id=1, study_uid="1.2", study_date="", accession_number="",
+        conn.execute(insert(Study).values(id=1, study_uid="1.2", study_date="", accession_number="",
                                                      created_at=now))
         for i in range(1, 21):
-            conn.execute(Series.__table__.insert().values(
+            conn.execute(insert(Series).values(
                 id=i, series_uid=f"1.2.{i}", study_pk=1, modality="CT", series_description="", body_part="",
                 manufacturer="", image_type="", calling_ae="", called_ae="", is_node_output=False,
                 state="complete", completion_count=1, first_received_at=now, last_received_at=now))
@@ -196,7 +196,7 @@ def test_a_version_covers_exactly_its_instances_and_an_unchanged_resend_needs_no
     now = utcnow()
 
     def add(conn, uid: str) -> None:
-        conn.execute(Instance.__table__.insert().values(
+        conn.execute(insert(Instance).values(
             sop_instance_uid=uid, series_pk=1, sop_class_uid="1.2", transfer_syntax_uid="1.2", path=f"{uid}.dcm",
             size_bytes=1, received_at=now, receive_count=1))
 
@@ -232,6 +232,36 @@ def test_fail_job_with_a_worker_id_leaves_a_job_taken_over_meanwhile_alone(engin
         assert not fail_job(conn, key, "late failure of a dead worker", now, None, "w2")
         assert conn.execute(select(Job.state).where(Job.id == key)).scalar_one() == JobState.running
         assert fail_job(conn, key, "real failure", now, None, "w1")
+
+
+def test_the_worker_waits_as_the_configured_job_retry_policy_says(engine, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicom_node.worker as worker_module
+    from dicom_node.config import config_from_mapping
+
+    cfg = config_from_mapping({"node": {"data_dir": str(tmp_path)},
+                               "worker": {"max_attempts": 2, "backoff_base_seconds": 1000.0,
+                                          "backoff_max_seconds": 1500.0}}, environ={})
+
+    def transient_failure(*args, **kwargs):
+        raise OSError("disk busy")
+
+    monkeypatch.setattr(worker_module, "run_job", transient_failure)
+    worker = worker_module.Worker(cfg, engine, threading.Event(), worker_id="w1")
+    with engine.begin() as conn:
+        key = enqueue_job(conn, 1, 1, "r", "m", 1.0, utcnow())
+    before = utcnow()
+    assert worker.run_once()
+    with engine.begin() as conn:
+        row = conn.execute(select(Job.__table__).where(Job.id == key)).one()
+    # First failure: uniform in [base/2, base] seconds (the old hard-coded policy waited at most 10 s).
+    assert row.state == JobState.queued and "disk busy" in row.last_error
+    assert 500.0 <= (row.not_before - before).total_seconds() <= 1000.0 + 60.0
+    with engine.begin() as conn:  # the back-off has passed: attempt 2 of 2 fails for good
+        conn.execute(update(Job).where(Job.id == key).values(not_before=utcnow()))
+    assert worker.run_once()
+    with engine.begin() as conn:
+        assert conn.execute(select(Job.state).where(Job.id == key)).scalar_one() == JobState.failed
 
 
 def test_a_new_export_of_a_grown_series_does_not_send_what_the_destination_already_accepted(engine) -> None:

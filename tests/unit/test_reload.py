@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,7 +73,7 @@ def test_editor_refuses_a_file_it_cannot_rewrite() -> None:
 
 
 def test_apply_config_changes_live_keys_in_place_and_reports_restart_keys(tmp_path: Path) -> None:
-    base = {"node": {"data_dir": str(tmp_path), "quiet_seconds": 5.0, "port": 11112},
+    base: dict[str, Any] = {"node": {"data_dir": str(tmp_path), "quiet_seconds": 5.0, "port": 11112},
             "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104}],
             "rules": [{"name": "ct", "match": {"Modality": "CT"}, "forward_original": True,
                        "destinations": ["pacs"]}]}

@@ -15,8 +15,15 @@ from dicom_node.config import config_from_mapping
 from dicom_node.receive import Receiver, store_instance
 from dicom_node.retention import purge_once
 from dicom_node.store.database import make_engine, migrate, utcnow
-from dicom_node.store.queue import claim_export, claim_job, enqueue_export, finish_export, finish_job, \
-    record_instance_status, pending_export_instances
+from dicom_node.store.queue import (
+    claim_export,
+    claim_job,
+    enqueue_export,
+    finish_export,
+    finish_job,
+    pending_export_instances,
+    record_instance_status,
+)
 from dicom_node.store.schema import Export, Instance, Series, SeriesState
 from dicom_node.store.spool import Spool
 from dicom_node.synthetic import make_ct_series
@@ -62,10 +69,10 @@ def test_unrouted_and_delivered_series_are_purged_but_undelivered_ones_kept(setu
             out.mkdir(parents=True)
             (out / "x.dcm").write_bytes(b"derived")
             finish_job(conn, job.id, "w", f"{uid}.9", later)
-            export = enqueue_export(conn, f"{uid}.9", "pacs", [("1.9", f"outbox/job-{job.id}/x.dcm")], later,
-                                    job_pk=job.id)
+            enqueue_export(conn, f"{uid}.9", "pacs", [("1.9", f"outbox/job-{job.id}/x.dcm")], later,
+                           job_pk=job.id)
         # the first series' export is delivered, the second one's failed for good
-        for n, delivered in ((1, True), (2, False)):
+        for delivered in (True, False):
             claimed = claim_export(conn, "pacs", "e", later)
             (item,) = pending_export_instances(conn, claimed.id)
             record_instance_status(conn, item[0], 0 if delivered else 0xA700, "", later)

@@ -6,11 +6,14 @@ import datetime as dt
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import inspect, select, update
+from sqlalchemy import delete, inspect, select, update
 
+from dicom_node.assemble import assemble_once
+from dicom_node.config import config_from_mapping
 from dicom_node.receive import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_INVALID_UID,
@@ -22,8 +25,6 @@ from dicom_node.receive import (
     store_instance,
 )
 from dicom_node.store.database import make_engine, migrate, schema_head, schema_version, utcnow
-from dicom_node.assemble import assemble_once
-from dicom_node.config import config_from_mapping
 from dicom_node.store.repository import status_counts
 from dicom_node.store.schema import Base, Instance, Job, JobState, Series, SeriesState
 from dicom_node.store.spool import Spool, is_valid_uid
@@ -193,7 +194,7 @@ def test_quiet_series_completes_and_late_instance_makes_a_new_version(receiver: 
         send(receiver, path)
     with receiver.engine.connect() as conn:
         since = conn.execute(select(Series.receiving_since)).scalar_one()
-    assert since > done_at  # the re-send's receive time counts from the re-send, not from version 1
+    assert since is not None and since > done_at  # the re-send's receive time counts from the re-send, not v1
     third = assemble_once(receiver.engine, cfg, later + dt.timedelta(seconds=61))
     assert third[0].version == 3 and third[0].job_pk is None and "unchanged re-send" in third[0].note
     with receiver.engine.connect() as conn:
@@ -224,7 +225,7 @@ def test_older_database_is_upgraded_in_place(tmp_path: Path, series_files: list[
 def test_reindex_spool_recovers_rows_and_removes_partials(receiver: Receiver, series_files: list[Path]) -> None:
     relative = send(receiver, series_files[0])
     with receiver.engine.begin() as conn:  # as if a power loss lost the last commit
-        conn.execute(Instance.__table__.delete())
+        conn.execute(delete(Instance))
     (receiver.spool.incoming / "dead.part").write_bytes(b"half a file")
     assert reindex_spool(receiver) == 1
     with receiver.engine.connect() as conn:
@@ -239,7 +240,7 @@ def test_reindex_spool_quarantines_a_cut_short_file_without_row(receiver: Receiv
     relative = send(receiver, series_files[0])
     whole = receiver.spool.absolute(relative)
     with receiver.engine.begin() as conn:
-        conn.execute(Instance.__table__.delete())
+        conn.execute(delete(Instance))
     whole.write_bytes(whole.read_bytes()[:3000])  # cut inside the pixel data
     assert reindex_spool(receiver) == 0
     assert not whole.exists()
@@ -260,7 +261,8 @@ def test_next_due_follows_each_series_rule_quiet_time(receiver: Receiver, series
     send(receiver, series_files[0])
     left = seconds_until_next_due(receiver.engine, cfg, now)
     assert left is not None and 19.0 < left <= 20.5  # the rule's 20 s, not the node's 60 s
-    assert seconds_until_next_due(receiver.engine, cfg, now + dt.timedelta(seconds=25)) < 0  # overdue
+    overdue = seconds_until_next_due(receiver.engine, cfg, now + dt.timedelta(seconds=25))
+    assert overdue is not None and overdue < 0
     assemble_once(receiver.engine, cfg, now + dt.timedelta(seconds=25))
     assert seconds_until_next_due(receiver.engine, cfg, now) is None  # complete: nothing waits
 
@@ -311,7 +313,11 @@ def test_idle_worker_reads_quiet_routed_series_ahead_and_the_scan_uses_them(
     assert worker.prefetch_headers() == 0  # nothing is read twice
     reads: list[Path] = []
     real = series_module.read_instance_header
-    monkeypatch.setattr(series_module, "read_instance_header", lambda p: reads.append(p) or real(p))
+    def counted_read(path: Path) -> Any:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(series_module, "read_instance_header", counted_read)
     stored = spool_files(receiver)
     later = time.time_ns() + 10**9
     os.utime(stored[0], ns=(later, later))  # changed since it was read: read again
