@@ -25,6 +25,7 @@ from sqlalchemy import Engine, select, update
 from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config
 from dicom_node.denoise.series import HeaderCache
+from dicom_node.denoise.trust_note import trust_note, write_trust_note
 from dicom_node.doorbell import Doorbell
 from dicom_node.routing import SeriesAttributes, route
 from dicom_node.store.database import utcnow
@@ -160,6 +161,7 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
             derived_uid = derived_series_uid(series.series_uid, card.name, card.version, card.sha256,
                                              job.strength, cfg.derived.uid_root)
             settings = DerivedSeriesSettings.from_config(cfg.derived)
+            settings.trust_note = cfg.worker.trust_policy != "off"
             with engine.connect() as conn:
                 settings.description_suffix += derived_series_label(conn, job.series_pk, derived_uid)
             result = denoise_series(paths, model_engine, out_dir, strength=job.strength, settings=settings,
@@ -173,6 +175,9 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
     write_preview(out_dir, result)
     # "off": no check at all (it costs 0.1-1.5 s of CPU per series, which matters beside a GPU's 3 s).
     trust = trust_check(result) if cfg.worker.trust_policy != "off" else None
+    if settings.trust_note:  # the verdict into the files' DerivationDescription, before anything is exported
+        write_trust_note(result.paths, trust_note(trust.verdict if trust is not None else None,
+                                                  trust.score if trust is not None else None))
     # Derived files are named <SOPInstanceUID>.dcm (denoise_series), so the UIDs need no second read.
     instances = [(path.stem, path.relative_to(cfg.data_path).as_posix()) for path in result.paths]
     export_uid = result.series_instance_uid

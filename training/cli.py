@@ -7,6 +7,7 @@ node never imports this package's training code at run time.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -181,8 +182,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     progress(f"evaluating {args.model}; report in {out}")
     recipe = _recipe_of_model(args.model)
     if recipe is not None:  # MR, X-ray, ultrasound, endoscopy: their own images, noise and baselines
+        # Recipes that cache their classical baselines (BM3D is the slow part) take --cache too.
+        takes_cache = "cache_dir" in inspect.signature(recipe.evaluate).parameters
+        cache = {"cache_dir": args.cache} if args.cache and takes_cache else {}
         recipe.evaluate(args.model, data, out, seed=args.seed, max_images=args.slices, progress=progress,
-                        write_card=args.write_card)
+                        write_card=args.write_card, **cache)
         print((out / "table.md").read_text())
         print(f"report in {out}")
         return 0

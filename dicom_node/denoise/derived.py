@@ -50,6 +50,7 @@ from pydicom.uid import PYDICOM_ROOT_UID, UID, ExplicitVRLittleEndian, RLELossle
 
 from dicom_node import __version__
 from dicom_node.denoise.pixels import PixelFormat
+from dicom_node.denoise.trust_note import PENDING_NOTE
 from dicom_node.fsync import fsync_path
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, NODE_MANUFACTURER
 
@@ -119,6 +120,10 @@ class DerivationInfo:
         Creation time written as InstanceCreation/Content/ContributionDateTime (UTC now when ``None``).
     uid_root
         The site's UID root for derived SOP Instance UIDs ("": pydicom's root).
+    trust_note
+        End DerivationDescription with a fixed-width "trust check pending" note that
+        :func:`dicom_node.denoise.trust_note.write_trust_note` overwrites with the verdict once the series is
+        written (the check needs the whole series).
     """
 
     series_instance_uid: str
@@ -132,6 +137,7 @@ class DerivationInfo:
     node_version: str = __version__
     created: _dt.datetime | None = None
     uid_root: str = ""
+    trust_note: bool = False
 
     def __post_init__(self) -> None:
         if not self.series_instance_uid or not UID(self.series_instance_uid).is_valid:
@@ -143,9 +149,10 @@ class DerivationInfo:
 
     @property
     def description(self) -> str:
-        """DerivationDescription (ST): model, version, hash prefix and strength."""
+        """DerivationDescription (ST): model, version, hash prefix and strength (and the trust note's place)."""
         return (f"Denoised by {NODE_MANUFACTURER} {self.node_version} with model {self.model_name} "
-                f"{self.model_version} (sha256 {self.model_sha256[:12]}), strength {self.strength:.2f}")
+                f"{self.model_version} (sha256 {self.model_sha256[:12]}), strength {self.strength:.2f}"
+                + (PENDING_NOTE if self.trust_note else ""))
 
 
 def _uid_prefix(uid_root: str) -> str:
@@ -884,6 +891,7 @@ class DerivedSeriesSettings:
     description_suffix: str = " DN"
     transfer_syntax: str = "explicit-vr-little-endian"
     uid_root: str = ""
+    trust_note: bool = False  # the worker sets it when the trust check runs (worker.trust_policy is not "off")
 
     @classmethod
     def from_config(cls, derived: Any) -> DerivedSeriesSettings:

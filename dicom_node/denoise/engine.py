@@ -632,7 +632,7 @@ def denoise_series(
         series_instance_uid=series_instance_uid or new_series_uid(uid_root=settings.uid_root),
         model_name=card.name, model_version=card.version, model_sha256=card.sha256, strength=float(strength),
         series_number_offset=settings.series_number_offset, description_suffix=settings.description_suffix,
-        transfer_syntax=settings.transfer_syntax, uid_root=settings.uid_root,
+        transfer_syntax=settings.transfer_syntax, uid_root=settings.uid_root, trust_note=settings.trust_note,
         # One creation time for the whole derived series: it is one derivation, and the elements that carry the
         # time are then encoded once per series rather than once per instance.
         created=datetime.datetime.now(datetime.UTC),

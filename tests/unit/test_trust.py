@@ -190,6 +190,18 @@ def _run(cfg, engine, job):
     return row, exports
 
 
+def _derivation_descriptions(cfg, series_uid: str) -> set[str]:
+    """DerivationDescription of every derived file of ``series_uid`` under the node's data folder."""
+    import pydicom
+
+    found = set()
+    for path in Path(cfg.node.data_dir).rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if ds.SeriesInstanceUID == series_uid:
+            found.add(str(ds.DerivationDescription))
+    return found
+
+
 def _dashboard(engine) -> str:
     """The dashboard page as an admin sees it."""
     from dicom_node.store.database import utcnow
@@ -219,6 +231,9 @@ def test_hold_keeps_a_blurring_models_series_from_export_until_released(tmp_path
     from dicom_node.commands import _trust_line
 
     assert _trust_line(row).startswith("fail 0.00 (edge_ratio ") and "(fail at 3)" in _trust_line(row)
+    # Every derived file says so in its DerivationDescription (written in place after the check).
+    [description] = _derivation_descriptions(cfg, row.output_series_uid)
+    assert description.endswith("strength 1.00; trust check:    fail (score 0.00)"), description
     assert 'class="trust trust-fail" id="trust-1"' in _dashboard(engine) and "trust: fail 0.00" in _dashboard(engine)
     # An administrator releases it: `jobs retry` queues it again, and the rerun sends it despite the verdict.
     with engine.begin() as conn:
@@ -249,3 +264,29 @@ def test_hold_lets_an_honest_models_series_through(tmp_path: Path) -> None:
     assert row.state.value == "succeeded" and row.trust_verdict == "pass" and row.trust_score == 1.0
     assert "trust: pass 1.00" in _dashboard(engine)
     assert [e.series_uid for e in exports] == [row.output_series_uid]
+    [description] = _derivation_descriptions(cfg, row.output_series_uid)
+    assert description.endswith("strength 1.00; trust check:    pass (score 1.00)"), description
+
+
+def test_with_the_check_off_no_trust_note_is_written(tmp_path: Path) -> None:
+    cfg, engine, job = _job_with_series(tmp_path, "off")
+    row, _exports = _run(cfg, engine, job)
+    [description] = _derivation_descriptions(cfg, row.output_series_uid)
+    assert row.state.value == "succeeded" and "trust" not in description
+    assert description.endswith("strength 1.00")
+
+
+def test_trust_note_is_written_in_place_and_only_over_the_placeholder(tmp_path: Path) -> None:
+    from dicom_node.denoise.trust_note import NOTE_WIDTH, PENDING_NOTE, trust_note, write_trust_note
+
+    assert len(PENDING_NOTE) == NOTE_WIDTH == len(trust_note("warn", 0.5)) == len(trust_note(None))
+    with pytest.raises(ValueError):
+        write_trust_note([], "too short")
+    pending = tmp_path / "pending.bin"
+    pending.write_bytes(b"head " + PENDING_NOTE.encode() + b" tail " + PENDING_NOTE.encode() + b" end")
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"nothing to change here")
+    assert write_trust_note([pending, other], trust_note("warn", 0.5), durable=False) == 1
+    assert pending.read_bytes() == (b"head " + trust_note("warn", 0.5).encode() + b" tail "
+                                    + trust_note("warn", 0.5).encode() + b" end")
+    assert other.read_bytes() == b"nothing to change here"
