@@ -453,6 +453,29 @@ def save_model_folder(network: nn.Module, card: ModelCard, path: str | os.PathLi
     return read_card(folder)  # exactly what a loader will see (numpy scalars and paths become plain values)
 
 
+def update_card(card: ModelCard, path: str | os.PathLike[str]) -> ModelCard:
+    """Rewrite only ``card.toml`` of the model folder ``path`` (new metrics, say); the weights are not touched.
+
+    The card must describe the weights already there (same sha256), so a model's identity, which derived series
+    UIDs are made from, never changes by re-scoring it.
+
+    Returns
+    -------
+    ModelCard
+        The card as written (read back).
+    """
+    folder = Path(path)
+    actual = sha256_file(folder / WEIGHTS_FILE)
+    if card.sha256 != actual:
+        raise ModelIntegrityError(f"{folder}: the card is for weights {card.sha256[:12]}, the folder holds "
+                                  f"{actual[:12]}")
+    card.validate(f"card of {card.name!r}")
+    tmp_card = folder / (CARD_FILE + ".tmp")
+    tmp_card.write_text(card.to_toml(), encoding="utf-8")
+    os.replace(tmp_card, folder / CARD_FILE)
+    return read_card(folder)
+
+
 def read_card(path: str | os.PathLike[str]) -> ModelCard:
     """Read and validate ``card.toml`` of the model folder ``path``."""
     card_path = Path(path) / CARD_FILE

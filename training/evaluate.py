@@ -460,7 +460,7 @@ def evaluate(model: str | os.PathLike, data: Sequence[str], out_dir: str | os.Pa
     test on up to ``detectability_slices`` slices of the CT ``data`` series (one per series, in order), writing
     ``detectability.md`` and ``detectability.json`` and adding its summary to the metrics.
     """
-    from models.folder import load_model_folder, save_model_folder
+    from models.folder import load_model_folder, update_card
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -509,7 +509,7 @@ def evaluate(model: str | os.PathLike, data: Sequence[str], out_dir: str | os.Pa
     plot_training_curves(run_log, out / "training_curves.png")
     if write_card:
         card.metrics = card_metrics(metrics)
-        save_model_folder(network, card, model)
+        update_card(card, model)
     return metrics
 
 

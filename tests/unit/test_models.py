@@ -227,3 +227,18 @@ def test_card_and_network_channels_must_agree(tmp_path: Path) -> None:
     assert load_model_folder(tmp_path / "m").card.context == 1
     with pytest.raises(CardError, match="samples_per_pixel"):
         ModelCard.from_dict({**good.to_dict(), "samples_per_pixel": 2})
+
+
+def test_update_card_rewrites_only_the_card_and_refuses_another_models_card(tmp_path: Path) -> None:
+    from models.folder import update_card
+
+    net = build_network("unet-res-small", **TINY["unet-res-small"])
+    saved = save_model_folder(net, tiny_card(), tmp_path / "m")
+    weights = (tmp_path / "m" / "weights.safetensors").read_bytes()
+    saved.metrics = {"psnr_db": 41.5}
+    assert update_card(saved, tmp_path / "m").metrics == {"psnr_db": 41.5}
+    assert (tmp_path / "m" / "weights.safetensors").read_bytes() == weights  # the model's identity is unchanged
+    assert load_model_folder(tmp_path / "m").card.metrics == {"psnr_db": 41.5}
+    saved.sha256 = "0" * 64
+    with pytest.raises(ModelIntegrityError, match="the card is for weights 000000000000"):
+        update_card(saved, tmp_path / "m")

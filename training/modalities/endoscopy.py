@@ -518,7 +518,7 @@ def evaluate(model_dir: str | Path, data: Sequence[str], out_dir: str | Path, *,
     light level, first image) into ``out_dir``; ``write_card`` stores a summary in the model's card (same
     weights). Returns the metrics.
     """
-    from models.folder import load_model_folder, save_model_folder
+    from models.folder import load_model_folder, update_card
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -558,7 +558,7 @@ def evaluate(model_dir: str | Path, data: Sequence[str], out_dir: str | Path, *,
     (out / "table.md").write_text(_table(metrics))
     if write_card:
         card.metrics = card_metrics(metrics)
-        save_model_folder(network, card, model_dir)
+        update_card(card, model_dir)
     return metrics
 
 

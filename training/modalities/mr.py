@@ -526,7 +526,7 @@ def evaluate(
     PSNR (peak: the series' 0.5-99.5 percentile range) and SSIM, both over the object only. Writes
     ``metrics.json``, ``table.md`` and one figure per series; ``write_card`` stores the summary in the card.
     """
-    from models.folder import load_model_folder, save_model_folder
+    from models.folder import load_model_folder, update_card
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -605,7 +605,7 @@ def evaluate(
     (out / "table.md").write_text(table_markdown(rows))
     if write_card:
         card.metrics = card_metrics(rows)
-        save_model_folder(network, card, model_dir)
+        update_card(card, model_dir)
     return metrics
 
 

@@ -605,13 +605,12 @@ def write_report(out: Path, model: str, scored: list[Scored], settings: dict[str
 
 def store_card_metrics(model_dir: str | Path, metrics: dict[str, Any]) -> None:
     """Write the per-level means (and the settings) into the model's card; the weights are unchanged."""
-    from models.folder import load_model_folder, save_model_folder
+    from models.folder import read_card, update_card
 
-    loaded = load_model_folder(model_dir, "cpu")
-    card = loaded.card
+    card = read_card(model_dir)
     card.metrics = {k: v for k, v in metrics.items() if k not in ("images", "model", "summary")}
     card.metrics.update({k.replace(".", "_"): v for k, v in metrics["summary"].items()})
-    save_model_folder(loaded.network, card, model_dir)
+    update_card(card, model_dir)
 
 
 def _quiet(_message: str) -> None:
