@@ -172,7 +172,8 @@ def test_rule_naming_an_unknown_model_is_refused_with_the_closest_name(tmp_path:
                                    "model": "ct-cnn-small", "strength": 0.5},
                                   {"name": "typo", "match": {"Modality": "CT", "BodyPartExamined": "HEAD"},
                                    "model": "ct-cnn-smal"}], tmp_path / "none", tmp_path)
-    assert problems == ["rules[1].model: unknown model 'ct-cnn-smal' (known: ct-cnn, ct-cnn-small, endo-cnn, mr-cnn, us-cnn, xr-cnn; "
+    assert problems == ["rules[1].model: unknown model 'ct-cnn-smal' "
+                        "(known: ct-cnn, ct-cnn-small, endo-cnn, mr-cnn, us-cnn, xr-cnn; "
                         "did you mean 'ct-cnn-small'?)"]
 
 
