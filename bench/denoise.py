@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dicom_node.denoise.engine import Engine, choose_batch_size, denoise_series  # noqa: E402
-from dicom_node.denoise.testing import make_tiny_model, write_series  # noqa: E402
 from models.folder import load_model_folder  # noqa: E402
 from models.networks import build_network, count_flops, count_parameters  # noqa: E402
+from tests.fixtures.images import make_tiny_model, write_series  # noqa: E402
 
 LOGGER = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dicom_node.synthetic import make_ct_series  # noqa: E402
+from tests.fixtures.synthetic import make_ct_series  # noqa: E402
 from tests.peers import dicom_node, orthanc, require, storescp, storescu  # noqa: E402
 
 

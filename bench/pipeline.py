@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sqlalchemy import Engine, create_engine, func, select  # noqa: E402
 
 from dicom_node.store.schema import Export, ExportInstance, Job, Series  # noqa: E402
-from dicom_node.synthetic import make_ct_series  # noqa: E402
+from tests.fixtures.synthetic import make_ct_series  # noqa: E402
 from tests.peers import Peer, dicom_node, orthanc, orthanc_get, require, storescu  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def model_alone(files: list[Path], model: str, models_dir: list[str], device: st
     import numpy as np
     import torch
 
-    from dicom_node.cpu_memory import keep_freed_memory
+    from dicom_node.denoise.cpu_memory import keep_freed_memory
     from dicom_node.denoise.engine import Engine
     from dicom_node.denoise.series import read_frames, scan
     from models.folder import load_model

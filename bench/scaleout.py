@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import func, select, text, update  # noqa: E402
 
-from dicom_node.denoise.testing import make_tiny_model  # noqa: E402
 from dicom_node.store.database import make_engine, utcnow  # noqa: E402
 from dicom_node.store.schema import Export, Job  # noqa: E402
-from dicom_node.synthetic import make_ct_series  # noqa: E402
+from tests.fixtures.images import make_tiny_model  # noqa: E402
+from tests.fixtures.synthetic import make_ct_series  # noqa: E402
 from tests.peers import free_port, node_command, require, stop_process, storescu, wait_for_port  # noqa: E402
 from tests.postgres import postgres_server  # noqa: E402
 

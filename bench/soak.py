@@ -39,9 +39,9 @@ from pydicom import dcmread  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 from sqlalchemy import create_engine, select  # noqa: E402
 
-from dicom_node.denoise.testing import make_tiny_model  # noqa: E402
 from dicom_node.store.schema import Export, Instance, Job, Series  # noqa: E402
-from dicom_node.synthetic import make_ct_series  # noqa: E402
+from tests.fixtures.images import make_tiny_model  # noqa: E402
+from tests.fixtures.synthetic import make_ct_series  # noqa: E402
 from tests.peers import (  # noqa: E402
     Peer,
     free_port,

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dicom_node.dicomweb.status import parse_json_response  # noqa: E402
 from dicom_node.dicomweb.stow_send import MultipartStream  # noqa: E402
-from dicom_node.synthetic import make_ct_series  # noqa: E402
 from dicom_node.web.auth import token_digest  # noqa: E402
+from tests.fixtures.synthetic import make_ct_series  # noqa: E402
 from tests.peers import dicom_node, free_port, orthanc_dicomweb, require, wait_for_port  # noqa: E402
 
 TOKEN = "bench-token"

@@ -76,7 +76,7 @@ class NodeSettings:
     network_timeout: float = 60.0
     #: Seconds a new connection has for its TLS handshake and its A-ASSOCIATE-RQ before it is closed.
     association_request_timeout: float = 5.0
-    #: The event-driven association reactor and direct DIMSE encoders (scp_reactor.py); false: stock pynetdicom.
+    #: The event-driven association reactor and direct DIMSE encoders (dimse/reactor.py); false: stock pynetdicom.
     dimse_fast_path: bool = True
     log_level: str = "INFO"
 
@@ -134,7 +134,7 @@ class ModelSettings:
     directories: list[str] = field(default_factory=list)
     #: ``auto`` uses CUDA when torch sees a GPU, the CPU otherwise.
     device: str = "auto"
-    #: Keep freed CPU memory for reuse (glibc allocator tuning, see ``dicom_node.cpu_memory``): CPU inference
+    #: Keep freed CPU memory for reuse (glibc allocator tuning, see ``dicom_node.denoise.cpu_memory``): CPU inference
     #: about a third faster, at the cost of keeping the peak heap.
     keep_freed_cpu_memory: bool = True
 
@@ -735,7 +735,7 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "configuration",
                         environ: Mapping[str, str] | None = None, *, check_models: bool = False) -> Config:
     """Validate a parsed TOML table (plus environment overrides) into a :class:`Config`.
 
-    ``check_models`` also checks each rule against the models the node can load (:mod:`dicom_node.model_check`:
+    ``check_models`` also checks each rule against the models the node can load (:mod:`dicom_node.denoise.model_check`:
     the model exists, fits the rule's modality and body parts, allows its strength); ``config check``, ``rules
     test`` and ``serve`` ask for it, other commands do not need it.
 
@@ -773,7 +773,7 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "configuration",
     cfg = Config(**{k: v for k, v in kwargs.items() if v is not None}, source=source)
     _validate(cfg, problems)
     if check_models:
-        from dicom_node.model_check import model_problems
+        from dicom_node.denoise.model_check import model_problems
 
         problems.extend(model_problems(cfg))
     if problems:

@@ -1,4 +1,4 @@
-"""Denoising stage: inference engine and derived-series builder (imports torch; never used by receive).
+"""Denoising stage: the worker, inference engine and derived-series builder (imports torch; never used by receive).
 
 Public API (import from the submodules; this package imports nothing on its own so that importing
 ``dicom_node.denoise.derived`` or ``.series`` does not pull in torch):
@@ -14,5 +14,10 @@ Public API (import from the submodules; this package imports nothing on its own 
   :func:`~dicom_node.denoise.derived.write_instance`, :class:`~dicom_node.denoise.derived.DerivedSeriesWriter`
   (a whole series, same bytes, less CPU); pydicom only.
 - :mod:`dicom_node.denoise.errors`: :class:`~dicom_node.denoise.errors.SeriesRefused`.
-- :mod:`dicom_node.denoise.testing`: synthetic series and tiny model folders for tests.
+- :mod:`dicom_node.denoise.worker`: :class:`~dicom_node.denoise.worker.Worker` (claims jobs, denoises, queues the
+  exports).
+- :mod:`dicom_node.denoise.model_check`: a configuration's rules checked against the installed models.
+- :mod:`dicom_node.denoise.cpu_memory`: glibc allocator tuning for CPU inference.
+
+Synthetic series and tiny model folders for tests are in ``tests/fixtures/images.py``.
 """

@@ -51,8 +51,8 @@ from pydicom.uid import PYDICOM_ROOT_UID, UID, ExplicitVRLittleEndian, RLELossle
 from dicom_node import __version__
 from dicom_node.denoise.pixels import PixelFormat
 from dicom_node.denoise.trust_note import PENDING_NOTE
-from dicom_node.fsync import fsync_path
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, NODE_MANUFACTURER
+from dicom_node.store.fsync import fsync_path
 
 LOGGER = logging.getLogger(__name__)
 

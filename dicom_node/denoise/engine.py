@@ -53,7 +53,7 @@ from dicom_node.denoise.pixels import (
     tissue_region_mask,
 )
 from dicom_node.denoise.series import HeaderCache, Instance, Series, check_series, frame_order, read_frames, scan
-from dicom_node.fsync import fsync_path
+from dicom_node.store.fsync import fsync_path
 from models.folder import LoadedModel, ModelMismatch, resolve_device
 from models.networks import receptive_radius, size_multiple
 

@@ -35,18 +35,18 @@ from http import HTTPStatus
 from typing import Any
 from xml.sax.saxutils import escape
 
-from dicom_node import receive
+from dicom_node.receive import receiver
 
 FAILURE_OUT_OF_RESOURCES = 0xA700
 FAILURE_TRANSFER_SYNTAX = 0xC122
 FAILURE_PROCESSING = 0x0110
 
-#: C-STORE status (dicom_node.receive) -> STOW-RS Failure Reason (PS3.18 Table I.2-2).
+#: C-STORE status (dicom_node.receive.receiver) -> STOW-RS Failure Reason (PS3.18 Table I.2-2).
 CSTORE_TO_FAILURE_REASON: dict[int, int] = {
-    receive.STATUS_OUT_OF_RESOURCES: FAILURE_OUT_OF_RESOURCES,
-    receive.STATUS_CANNOT_UNDERSTAND: 0xC210,
-    receive.STATUS_INVALID_UID: 0xC211,
-    receive.STATUS_UID_MISMATCH: 0xC212,
+    receiver.STATUS_OUT_OF_RESOURCES: FAILURE_OUT_OF_RESOURCES,
+    receiver.STATUS_CANNOT_UNDERSTAND: 0xC210,
+    receiver.STATUS_INVALID_UID: 0xC211,
+    receiver.STATUS_UID_MISMATCH: 0xC212,
 }
 
 MEDIA_JSON = "application/dicom+json"

@@ -1,7 +1,7 @@
 """STOW-RS receive (PS3.18 10.5, origin server): ``POST /dicomweb/studies[/{study}]`` on the web port.
 
 Served by processes with the ``receive`` role when ``[dicomweb] enabled = true``. Each instance goes through the
-C-STORE handler's own durable path, :func:`dicom_node.receive.store_instance` (structure check, write, fsync,
+C-STORE handler's own durable path, :func:`dicom_node.receive.receiver.store_instance` (structure check, write, fsync,
 rename, row committed), with the SOP Class, SOP Instance and Transfer Syntax UIDs of the part's File Meta
 Information in the place of the C-STORE request's; the calling AE title recorded is the source's ``ae_title``
 (default: its name, cut to 16 characters).
@@ -10,7 +10,7 @@ Order of checks, each answered before any byte of the body is read:
 
 ====  ==============================================================================================
 429   the client's address, or the basic user name it claims, is locked by the login throttle
-      (:mod:`dicom_node.web.throttle`, the dashboard's limits; the name counted as ``dicomweb:NAME``)
+      (:mod:`dicom_node.store.throttle`, the dashboard's limits; the name counted as ``dicomweb:NAME``)
 401   no or wrong credentials (bearer token or HTTP basic of a ``[dicomweb] sources`` entry); audited as
       ``login.failed``, logged and counted by the login throttle, like a failed dashboard login
 415   the Content-Type is not ``multipart/related; type="application/dicom"``
@@ -43,14 +43,13 @@ from http import HTTPStatus
 from io import BytesIO
 from typing import Any
 
-from dicom_node import audit
 from dicom_node.dicomweb import status as stow_status
 from dicom_node.dicomweb.multipart import MalformedMultipart, ReceivedPart, parse_media_type, read_multipart
 from dicom_node.dicomweb.status import InstanceOutcome
-from dicom_node.receive import ACCEPTED_TRANSFER_SYNTAXES, StoreRefused, store_instance
+from dicom_node.receive.receiver import ACCEPTED_TRANSFER_SYNTAXES, StoreRefused, store_instance
+from dicom_node.store import audit, throttle
 from dicom_node.store.database import utcnow
 from dicom_node.store.spool import is_valid_uid
-from dicom_node.web import throttle
 from dicom_node.web.auth import _DUMMY_HASH, token_digest, verify_password
 
 LOGGER = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ The instances go in batches of ``batch_size`` per ``POST {url}/studies``, each a
 type="application/dicom"`` body streamed from the files as stored (no decoding, a known Content-Length, nothing
 held in memory). Each instance's outcome is read from the Store Instances Response (ReferencedSOPSequence,
 FailedSOPSequence) and reported through the same ``on_status(key, status, error)`` callback the C-STORE sender
-uses (:func:`dicom_node.export.send_series`), so retries, back-off, per-instance status, the failed state and
+uses (:func:`dicom_node.export.exporter.send_series`), so retries, back-off, per-instance status, the failed state and
 ``jobs retry`` work as for DIMSE destinations:
 
 - stored: status ``0x0000`` (or its Warning Reason, ``0xB000``/``0xB006``/``0xB007``, which count as stored);

@@ -36,7 +36,7 @@ class SeriesState(str, enum.Enum):
 
     ``receiving`` until no instance arrived for the quiet time, then ``complete``. A late instance puts a complete
     series back to ``receiving``; its next completion gets a higher ``completion_count`` (a new job version).
-    ``purged`` once retention removed its files (see :mod:`dicom_node.retention`).
+    ``purged`` once retention removed its files (see :mod:`dicom_node.store.retention`).
     """
 
     receiving = "receiving"
@@ -267,7 +267,7 @@ class AuditEvent(Base):
 
 
 class LoginThrottle(Base):
-    """Failed dashboard logins of one user name or one client address, and its lock-out (``dicom_node.web.throttle``).
+    """Failed dashboard logins of one user name or one client address, and its lock-out (``dicom_node.store.throttle``).
 
     Kept in the database so a lock-out survives a restart and holds for every web process of a site.
     """

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from dicom_node.fsync import fsync_path
+from dicom_node.store.fsync import fsync_path
 
 LOGGER = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from dicom_node import audit
+from dicom_node.store import audit
 from dicom_node.store.database import utcnow
 from dicom_node.web import pages
 from dicom_node.web.auth import Authenticator, Principal, csrf_ok
@@ -119,7 +119,7 @@ def _redirect(location: str, headers: list[tuple[str, str]] | None = None) -> Re
 
 
 class DashboardApp:
-    """The WSGI callable. ``node`` is the running :class:`~dicom_node.service.Node` (config, engine, roles)."""
+    """The WSGI callable. ``node`` is the running :class:`~dicom_node.ops.service.Node` (config, engine, roles)."""
 
     def __init__(self, node: Any) -> None:
         self.node = node
@@ -236,17 +236,17 @@ class DashboardApp:
     def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        from dicom_node.metrics import exposition
+        from dicom_node.ops.metrics import exposition
 
         return HTTPStatus.OK, [("Content-Type", CONTENT_TYPE_LATEST)], exposition(self.node, self.dashboard)
 
     def _checks(self) -> list[Any]:
-        from dicom_node.health import run_checks
+        from dicom_node.ops.health import run_checks
 
         return run_checks(self.node)
 
     def healthz(self, request: Request) -> Response:
-        from dicom_node.health import liveness
+        from dicom_node.ops.health import liveness
 
         checks = self._checks()
         ok = liveness(checks)
@@ -254,7 +254,7 @@ class DashboardApp:
                      HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
     def readyz(self, request: Request) -> Response:
-        from dicom_node.health import overall_state
+        from dicom_node.ops.health import overall_state
 
         checks = self._checks()
         ok = all(c.ok for c in checks)
@@ -267,7 +267,7 @@ class DashboardApp:
         return _html(pages.login_page(next_url=same_site_path(request.query.get("next", "/"))))
 
     def login(self, request: Request) -> Response:
-        from dicom_node.web import throttle
+        from dicom_node.store import throttle
 
         form = request.form()
         name, password = str(form.get("username", "")), str(form.get("password", ""))
@@ -337,8 +337,8 @@ class DashboardApp:
         return principal.is_admin and self.cfg.web.show_patient_data
 
     def _context(self, principal: Principal) -> dict[str, Any]:
+        from dicom_node.denoise.worker import PREVIEW_NAME
         from dicom_node.store.overview import failures, queue_summary, recent_series
-        from dicom_node.worker import PREVIEW_NAME
 
         now = utcnow()
         with self.node.engine.connect() as conn:
@@ -368,7 +368,7 @@ class DashboardApp:
                       "user": {"name": principal.name, "role": principal.role}})
 
     def preview(self, request: Request, principal: Principal) -> Response:
-        from dicom_node.worker import PREVIEW_NAME
+        from dicom_node.denoise.worker import PREVIEW_NAME
 
         name = request.path.removeprefix("/preview/")
         if not name.endswith(".png") or not name[:-4].isdigit():
@@ -406,7 +406,7 @@ class DashboardApp:
 
     def action_echo(self, request: Request, principal: Principal) -> Response:
         self._require_admin(principal)
-        from dicom_node.commands import echo_destination
+        from dicom_node.export.exporter import echo_destination
 
         name = str(request.form().get("destination", ""))
         try:
@@ -427,7 +427,7 @@ class DashboardApp:
         """The configuration file's rules and destinations as TOML, and the digest of the whole file."""
         import tomllib
 
-        from dicom_node.reload import file_digest, rules_and_destinations_toml
+        from dicom_node.ops.reload import file_digest, rules_and_destinations_toml
 
         if self.cfg.source == "defaults":
             return "", ""
@@ -442,8 +442,8 @@ class DashboardApp:
                         problems: list[str] | None = None,
                         edited: str | None = None, tested: tuple[list[str], str] | None = None) -> Response:
         """The admin page: configuration (reload, rules and destinations editor, rules tester) and lock-outs."""
+        from dicom_node.store import throttle
         from dicom_node.store.overview import series_choices
-        from dicom_node.web import throttle
 
         now = utcnow()
         with self.node.engine.connect() as conn:
@@ -467,7 +467,7 @@ class DashboardApp:
         """Reload the configuration file (as SIGHUP does)."""
         self._require_admin(principal)
         from dicom_node.config import ConfigError
-        from dicom_node.reload import reload_node
+        from dicom_node.ops.reload import reload_node
 
         try:
             result = reload_node(self.node, principal.actor)
@@ -483,7 +483,7 @@ class DashboardApp:
     def admin_config_save(self, request: Request, principal: Principal) -> Response:
         """Validate the edited rules and destinations, write them to the file (with a backup) and reload."""
         self._require_admin(principal)
-        from dicom_node.reload import EditRefused, save_rules_and_destinations
+        from dicom_node.ops.reload import EditRefused, save_rules_and_destinations
 
         form = request.form()
         edited = str(form.get("toml", ""))
@@ -500,7 +500,7 @@ class DashboardApp:
 
     def action_unlock(self, request: Request, principal: Principal) -> Response:
         self._require_admin(principal)
-        from dicom_node.web import throttle
+        from dicom_node.store import throttle
 
         form = request.form()
         kind, subject = str(form.get("kind", "")), str(form.get("subject", ""))
@@ -525,7 +525,7 @@ class DashboardApp:
         return self._page("Rules tester", pages.rules_page(principal, choices, None), principal)
 
     def rules_test(self, request: Request, principal: Principal) -> Response:
-        from dicom_node.routing import SeriesAttributes, explain
+        from dicom_node.assemble.routing import SeriesAttributes, explain
         from dicom_node.store.overview import series_choices, series_row
 
         form = request.form()
@@ -534,7 +534,7 @@ class DashboardApp:
         if isinstance(upload, tuple) and upload[1]:
             from pydicom import dcmread
 
-            from dicom_node.receive import extract_facts
+            from dicom_node.receive.receiver import extract_facts
 
             try:
                 ds = dcmread(BytesIO(upload[1]), stop_before_pixels=True, force=True)
@@ -574,7 +574,7 @@ class DashboardApp:
     def _edited_rules(self, edited: str) -> tuple[list[Any], list[str]]:
         """The rules of the editor's text as the node would load them, and the problems found (then no rules)."""
         from dicom_node.config import ConfigError, config_from_mapping
-        from dicom_node.reload import EditRefused, edited_file_text
+        from dicom_node.ops.reload import EditRefused, edited_file_text
 
         source = self.cfg.source
         try:

@@ -26,7 +26,7 @@ NodeFactory = Callable[..., contextlib.AbstractContextManager[Peer]]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with one small CT model, ``tiny-ct`` (not the identity: derived pixels differ from the source)."""
-    from dicom_node.denoise.testing import make_tiny_model
+    from tests.fixtures.images import make_tiny_model
 
     folder = tmp_path_factory.mktemp("models")
     make_tiny_model(folder, name="tiny-ct", identity=False, seed=3)

@@ -17,7 +17,7 @@ from typing import Any
 from pydicom import dcmread
 
 from dicom_node.store.schema import Export, Instance, Series
-from dicom_node.synthetic import make_ct_series
+from tests.fixtures.synthetic import make_ct_series
 from tests.http import Client
 from tests.integration.test_pipeline import db_rows, wait_until
 from tests.integration.test_web_api import TOKEN, users_toml

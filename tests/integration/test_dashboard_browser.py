@@ -14,10 +14,10 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from dicom_node.denoise.testing import make_tiny_model
 from dicom_node.store.schema import Export, Job
-from dicom_node.synthetic import make_ct_series
 from dicom_node.web.auth import hash_password
+from tests.fixtures.images import make_tiny_model
+from tests.fixtures.synthetic import make_ct_series
 from tests.helpers import require_program
 from tests.integration.test_pipeline import CT_RULE, db_rows, orthanc_series, wait_until, write_config
 from tests.peers import dicom_node, free_port, orthanc_config, start_orthanc, stop_process, wait_for_port

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dicom_node.cli import main
-from dicom_node.denoise.testing import make_tiny_model, write_series
+from tests.fixtures.images import make_tiny_model, write_series
 
 torch.set_num_threads(1)
 
@@ -124,8 +124,8 @@ def test_denoise_without_model_follows_the_rules_of_the_configuration(setup: tup
 
 def test_default_model_per_device(tmp_path: Path) -> None:
     """What `denoise` picks without --model on each device type (no GPU needed to check the choice)."""
+    from dicom_node.cli.denoise import choose_model
     from dicom_node.config import load_config
-    from dicom_node.denoise.cli import choose_model
     from dicom_node.denoise.series import scan
 
     write_series(tmp_path / "ct", np.zeros((1, 8, 8), np.uint16), bits_stored=12)

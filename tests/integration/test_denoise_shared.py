@@ -25,8 +25,8 @@ import torch
 from dicom_node.denoise.engine import Engine, denoise_series
 from dicom_node.denoise.errors import SeriesRefused
 from dicom_node.denoise.series import Series, scan
-from dicom_node.denoise.testing import make_tiny_model
 from models.folder import load_model_folder
+from tests.fixtures.images import make_tiny_model
 from tests.helpers import require_program
 
 pytestmark = pytest.mark.integration

@@ -30,8 +30,8 @@ from sqlalchemy import create_engine, select
 
 from dicom_node.dicomweb.stow_send import MultipartStream
 from dicom_node.store.schema import AuditEvent, Export, ExportInstance, Instance, Series
-from dicom_node.synthetic import make_ct_series
 from dicom_node.web.auth import token_digest
+from tests.fixtures.synthetic import make_ct_series
 from tests.helpers import require_program
 from tests.integration.test_pipeline import orthanc_series, wait_until, write_config
 from tests.peers import Peer, dicom_node, free_port, node_command, orthanc_dicomweb

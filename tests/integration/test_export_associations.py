@@ -16,9 +16,9 @@ import pydicom
 import pytest
 
 from dicom_node.config import Config, Destination
-from dicom_node.export import send_series
-from dicom_node.scp_reactor import use_event_driven_requestors
-from dicom_node.synthetic import make_ct_series
+from dicom_node.dimse.reactor import use_event_driven_requestors
+from dicom_node.export.exporter import send_series
+from tests.fixtures.synthetic import make_ct_series
 from tests.peers import free_port, stop_process
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from dicom_node.store.schema import Job
-from dicom_node.synthetic import make_ct_series
+from tests.fixtures.synthetic import make_ct_series
 from tests.helpers import require_program
 from tests.integration.test_pipeline import db_rows, wait_until
 from tests.peers import free_port, node_command, stop_process, storescu, wait_for_port

@@ -14,7 +14,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.store.schema import Job
-from dicom_node.synthetic import make_ct_series
+from tests.fixtures.synthetic import make_ct_series
 from tests.integration.test_pipeline import db_rows, send, wait_until
 from tests.peers import dicom_node, free_port, node_command
 

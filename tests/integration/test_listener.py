@@ -18,8 +18,8 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.synthetic import make_ct_series
 from tests import malformed
+from tests.fixtures.synthetic import make_ct_series
 from tests.integration.test_pipeline import wait_until
 from tests.integration.test_receive import echo
 from tests.peers import DCMTK_ENV, free_port, node_command, storescu
@@ -27,7 +27,7 @@ from tests.peers import DCMTK_ENV, free_port, node_command, storescu
 #: A second loopback address, so "another host" can connect without a network (Linux routes all of 127/8 to lo).
 OTHER_HOST = "127.0.0.2"
 
-#: What only the fast path does (scp_reactor.EventDrivenServer: per-host cap, request timeout, TLS off the accept
+#: What only the fast path does (dimse.reactor.EventDrivenServer: per-host cap, request timeout, TLS off the accept
 #: loop, I/O timeouts): these tests run it even in CI's stock-pynetdicom pass, which lacks it (see the README).
 FAST_PATH = {"DICOM_NODE_NODE__DIMSE_FAST_PATH": "true"}
 

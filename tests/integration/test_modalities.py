@@ -30,11 +30,11 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
+from dicom_node.denoise.model_check import suggested_body_part_pattern
 from dicom_node.denoise.pixels import GREY_TOLERANCE, tissue_region_mask
 from dicom_node.denoise.series import palette_to_rgb
-from dicom_node.denoise.testing import make_tiny_model
-from dicom_node.model_check import suggested_body_part_pattern
 from models.folder import CardError, ModelError, load_model_folder
+from tests.fixtures.images import make_tiny_model
 from tests.helpers import PROJECT_ROOT, require_program
 from tests.integration.test_pipeline import pacs, wait_until, write_config
 from tests.integration.test_receive import STORESCU_PROPOSE

@@ -17,7 +17,7 @@ from pydicom import dcmread
 from sqlalchemy import create_engine, select
 
 from dicom_node.store.schema import Export, Job, Series
-from dicom_node.synthetic import make_ct_series
+from tests.fixtures.synthetic import make_ct_series
 from tests.helpers import require_program
 from tests.peers import (
     Peer,

@@ -19,8 +19,8 @@ from pynetdicom import AE
 from sqlalchemy import create_engine, select
 
 from dicom_node.store.schema import Instance, Series
-from dicom_node.synthetic import make_ct_series
 from tests import malformed
+from tests.fixtures.synthetic import make_ct_series
 from tests.helpers import pydicom_test_file
 from tests.peers import DCMTK_ENV, Peer, free_port, node_command, storescp, storescu, wait_for_port
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
-from dicom_node.denoise.testing import make_tiny_model
 from dicom_node.store.schema import AuditEvent, Export, Instance, Job, Series
-from dicom_node.synthetic import make_ct_series
+from tests.fixtures.images import make_tiny_model
+from tests.fixtures.synthetic import make_ct_series
 from tests.helpers import require_program
 from tests.integration.test_pipeline import CT_RULE, pacs, wait_until, write_config
 from tests.peers import DCMTK_ENV, free_port, node_command, orthanc, orthanc_get, stop_process, wait_for_port

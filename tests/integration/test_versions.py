@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_node.store.schema import Export, ExportInstance, Job, Series
-from dicom_node.synthetic import make_ct_series
+from tests.fixtures.synthetic import make_ct_series
 from tests.helpers import require_program
 from tests.integration.test_pipeline import db_rows, orthanc_series, send, wait_until
 from tests.peers import Peer, dicom_node, free_port, node_command, orthanc, stop_process, wait_for_port

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from dicom_node.store.schema import Export
-from dicom_node.synthetic import make_ct_series
+from tests.fixtures.synthetic import make_ct_series
 from tests.http import Client
 from tests.integration.test_pipeline import db_rows, wait_until
 from tests.integration.test_web_api import TOKEN, users_toml

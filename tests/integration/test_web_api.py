@@ -18,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.filereader import read_file_meta_info
 
-from dicom_node.synthetic import make_ct_series
 from dicom_node.web.auth import hash_password, token_digest
+from tests.fixtures.synthetic import make_ct_series
 from tests.http import Client
 from tests.integration.test_pipeline import wait_until
 from tests.peers import Peer, dicom_node, free_port, node_command, storescu, wait_for_port

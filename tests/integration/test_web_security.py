@@ -217,8 +217,8 @@ def test_failures_from_concurrent_processes_are_all_counted_on_postgresql() -> N
 
     from sqlalchemy import select
 
+    from dicom_node.store import throttle
     from dicom_node.store.database import make_engine, migrate
-    from dicom_node.web import throttle
     from tests.postgres import postgres_server
 
     limits = throttle.Limits(max_failures=12, max_failures_per_address=1000)

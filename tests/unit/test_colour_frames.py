@@ -13,14 +13,14 @@ import torch
 from dicom_node.denoise.engine import Engine, denoise_series
 from dicom_node.denoise.errors import SeriesRefused
 from dicom_node.denoise.series import scan
-from dicom_node.denoise.testing import (
+from models.folder import load_model_folder
+from tests.fixtures.images import (
     make_colour_image,
     make_multiframe,
     make_palette_image,
     make_tiny_model,
     write_series,
 )
-from models.folder import load_model_folder
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Admission of TCP connections to the SCP before they associate (dicom_node.scp_reactor.ConnectionGate)."""
+"""Admission of TCP connections to the SCP before they associate (dicom_node.dimse.reactor.ConnectionGate)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from dicom_node.scp_reactor import ConnectionGate
+from dicom_node.dimse.reactor import ConnectionGate
 
 
 def gate(hosts: list[str], cap: int = 2) -> ConnectionGate:
@@ -44,7 +44,7 @@ def test_each_host_has_its_own_cap_and_a_place_comes_back_once() -> None:
 
 def test_refusals_are_logged_once_a_minute_per_host_and_reason(caplog: pytest.LogCaptureFixture) -> None:
     g = gate(["10.0.0.0/8"])
-    with caplog.at_level(logging.WARNING, logger="dicom_node.scp_reactor"):
+    with caplog.at_level(logging.WARNING, logger="dicom_node.dimse.reactor"):
         for port in range(100):
             g.admit("192.0.2.1", port)
         g.admit("192.0.2.2", 1)

@@ -10,9 +10,9 @@ from pydicom import dcmread
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID
 
-from dicom_node.dataset_check import MalformedDataset, check_dataset_structure, inflate
-from dicom_node.synthetic import make_ct_series
+from dicom_node.receive.dataset_check import MalformedDataset, check_dataset_structure, inflate
 from tests import malformed
+from tests.fixtures.synthetic import make_ct_series
 from tests.helpers import pydicom_test_file
 
 

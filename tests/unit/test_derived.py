@@ -22,7 +22,7 @@ from dicom_node.denoise.derived import (
     write_instance,
 )
 from dicom_node.denoise.pixels import pixel_format_from_dataset
-from dicom_node.denoise.testing import make_image, make_multiframe
+from tests.fixtures.images import make_image, make_multiframe
 
 SHA = "ab" * 32
 
@@ -297,7 +297,7 @@ def _series_writer_matches_builder(paths: list[Path], tmp_path: Path,
 
 
 def test_series_writer_writes_what_the_builder_writes(tmp_path: Path) -> None:
-    from dicom_node.synthetic import make_ct_series
+    from tests.fixtures.synthetic import make_ct_series
 
     paths = make_ct_series(tmp_path / "ct", n_slices=6, rows=32, cols=32)
     writer = _series_writer_matches_builder(paths, tmp_path)
@@ -307,7 +307,7 @@ def test_series_writer_writes_what_the_builder_writes(tmp_path: Path) -> None:
 def _edited_series(folder: Path, n_slices: int, edit: Callable[[int, pydicom.Dataset], bool]) -> list[Path]:
     """A synthetic CT series whose files were changed by ``edit(index, ds)`` and saved again (so the reader
     sees the changes as raw elements, as it would from a scanner)."""
-    from dicom_node.synthetic import make_ct_series
+    from tests.fixtures.synthetic import make_ct_series
 
     paths = make_ct_series(folder, n_slices=n_slices, rows=32, cols=32)
     for index, path in enumerate(paths):
@@ -350,7 +350,7 @@ def test_series_writer_ignores_what_the_builder_leaves_out(tmp_path: Path) -> No
 
 
 def test_series_writer_takes_a_sop_instance_uid_already_decoded(tmp_path: Path) -> None:
-    from dicom_node.synthetic import make_ct_series
+    from tests.fixtures.synthetic import make_ct_series
 
     def look(index: int, ds: pydicom.Dataset) -> None:
         assert ds.SOPInstanceUID  # decodes the element: the writer then sees a value, not raw bytes
@@ -388,7 +388,7 @@ def _jpeg_baseline_source(quality: int = 80) -> tuple[pydicom.Dataset, int]:
     from PIL import Image
     from pydicom.encaps import encapsulate
 
-    from dicom_node.denoise.testing import SECONDARY_CAPTURE, make_colour_image
+    from tests.fixtures.images import SECONDARY_CAPTURE, make_colour_image
 
     rgb = np.random.default_rng(0).integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
     ds = make_colour_image(rgb, modality="OT", sop_class_uid=SECONDARY_CAPTURE)
@@ -442,7 +442,7 @@ def test_series_writer_writes_what_the_builder_writes_for_colour(tmp_path: Path,
     """Colour series (RGB by plane, palette) written from the template: the same bytes as built in full."""
     from pydicom.uid import generate_uid
 
-    from dicom_node.denoise.testing import make_colour_image, make_palette_image
+    from tests.fixtures.images import make_colour_image, make_palette_image
 
     rng = np.random.default_rng(1)
     series_uid, study_uid, paths = generate_uid(), generate_uid(), []

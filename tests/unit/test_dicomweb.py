@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node import receive
 from dicom_node.config import ConfigError, config_from_mapping
 from dicom_node.dicomweb import status as st
 from dicom_node.dicomweb.multipart import MalformedMultipart, parse_media_type, read_multipart
 from dicom_node.dicomweb.stow_receive import authenticate, is_stow_path
 from dicom_node.dicomweb.stow_send import MultipartStream, auth_headers
+from dicom_node.receive import receiver
 from dicom_node.web.auth import hash_password, token_digest
 
 
@@ -101,9 +101,9 @@ def test_multipart_stream_has_its_announced_length_and_parses_back(tmp_path: Pat
 
 
 def test_cstore_statuses_map_to_stow_failure_reasons() -> None:
-    assert st.failure_reason(receive.STATUS_OUT_OF_RESOURCES) == 0xA700
+    assert st.failure_reason(receiver.STATUS_OUT_OF_RESOURCES) == 0xA700
     # The C-STORE "cannot understand" codes keep their value: they lie in PS3.18's Cxxx range.
-    for code in (receive.STATUS_CANNOT_UNDERSTAND, receive.STATUS_INVALID_UID, receive.STATUS_UID_MISMATCH):
+    for code in (receiver.STATUS_CANNOT_UNDERSTAND, receiver.STATUS_INVALID_UID, receiver.STATUS_UID_MISMATCH):
         assert st.failure_reason(code) == code and 0xC000 <= code <= 0xCFFF
     assert st.failure_reason(0x1234) == 0x0110
 

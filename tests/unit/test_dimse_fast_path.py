@@ -8,7 +8,7 @@ import pytest
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 
-from dicom_node.scp_reactor import command_p_data_tf, encode_c_store_rsp, encode_p_data, error_comment
+from dicom_node.dimse.reactor import command_p_data_tf, encode_c_store_rsp, encode_p_data, error_comment
 
 
 def _response(status: int, comment: str | None, sop_instance_uid: str) -> C_STORE:
@@ -79,7 +79,7 @@ def test_c_store_request_of_a_stored_file_matches_pynetdicom(tmp_path, maximum_p
                                                              data_bytes: int) -> None:
     from pynetdicom.dimse_messages import C_STORE_RQ
 
-    from dicom_node.scp_reactor import encode_c_store_rq, file_data_set_p_data_tfs
+    from dicom_node.dimse.reactor import encode_c_store_rq, file_data_set_p_data_tfs
 
     request = _stored_request(tmp_path, sop_instance_uid, priority, message_id, data_bytes)
     message = C_STORE_RQ()
@@ -93,7 +93,7 @@ def test_c_store_request_of_a_stored_file_matches_pynetdicom(tmp_path, maximum_p
 
 
 def test_requests_it_does_not_handle_fall_back(tmp_path) -> None:
-    from dicom_node.scp_reactor import encode_c_store_rq
+    from dicom_node.dimse.reactor import encode_c_store_rq
 
     request = _stored_request(tmp_path, "1.2.3", 2, 1, 0)
     request.MoveOriginatorApplicationEntityTitle = "MOVER"
@@ -103,7 +103,7 @@ def test_requests_it_does_not_handle_fall_back(tmp_path) -> None:
 
 
 def test_pdus_are_joined_into_blocks_in_order() -> None:
-    from dicom_node.scp_reactor import joined
+    from dicom_node.dimse.reactor import joined
 
     pdus = [bytes([i]) * 10 for i in range(7)]
     blocks = list(joined(pdus, 25))

@@ -15,9 +15,9 @@ from torch import nn
 from dicom_node.denoise.engine import Engine, choose_batch_size, denoise_series, tiled_apply
 from dicom_node.denoise.errors import SeriesRefused
 from dicom_node.denoise.series import Instance, read_instance_header, scan
-from dicom_node.denoise.testing import make_image, make_multiframe, make_tiny_model, write_series
 from models.folder import load_model_folder
 from models.networks import build_network, receptive_radius, size_multiple
+from tests.fixtures.images import make_image, make_multiframe, make_tiny_model, write_series
 
 torch.set_num_threads(1)
 

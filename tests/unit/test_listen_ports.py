@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from dicom_node.config import config_from_mapping
-from dicom_node.service import ListenError, check_listen_ports
+from dicom_node.ops.service import ListenError, check_listen_ports
 
 
 def config(node_port: int, web_port: int, address: str = "127.0.0.1"):

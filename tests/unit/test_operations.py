@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import func, select, update
 
-from dicom_node import audit
 from dicom_node.config import ConfigError, config_from_mapping
-from dicom_node.health import check_database, check_disk, check_models, check_threads
-from dicom_node.service import parse_roles
+from dicom_node.ops.health import check_database, check_disk, check_models, check_threads
+from dicom_node.ops.service import parse_roles
+from dicom_node.store import audit
 from dicom_node.store.copy import CopyRefused, copy_database
 from dicom_node.store.database import make_engine, migrate, utcnow
 from dicom_node.store.overview import queue_summary, recent_series
@@ -250,7 +250,7 @@ forward_original = true
 
 
 def test_add_user_edits_only_the_users_array(tmp_path: Path) -> None:
-    from dicom_node.config_edit import ConfigEditError, add_web_user
+    from dicom_node.ops.config_edit import ConfigEditError, add_web_user
 
     site = tmp_path / "site.toml"
     site.write_text(SITE_TEXT)

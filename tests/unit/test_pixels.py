@@ -147,7 +147,7 @@ def test_ct_rescale_unit_reads_spellings_of_hounsfield_units(written: str | None
 
 
 def _ct_slice(rescale_type: str | None, series_uid: str, number: int):
-    from dicom_node.denoise.testing import make_image
+    from tests.fixtures.images import make_image
 
     ds = make_image(np.full((8, 8), 1000, np.int16), series_uid=series_uid, study_uid="1.2.3",
                     frame_of_reference_uid="1.2.3.4", position=(0.0, 0.0, float(number)), instance_number=number)

@@ -1,4 +1,4 @@
-"""The fence around pynetdicom's internals: the originals that ``scp_reactor.py`` copies or overrides are the ones
+"""The fence around pynetdicom's internals: the originals that ``dimse/reactor.py`` copies or overrides are the ones
 it was checked against, and the patched association is installed only where ``Node.start`` installs it."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from importlib.metadata import version
 import pynetdicom.ae
 import pytest
 
-from dicom_node import scp_reactor
-from dicom_node.scp_reactor import (
+from dicom_node.dimse import reactor
+from dicom_node.dimse.reactor import (
     UPSTREAM_PYNETDICOM_VERSION,
     UPSTREAM_SOURCE_SHA256,
     EventDrivenAssociation,
@@ -23,10 +23,10 @@ RELIED_ON = {"pynetdicom.ae.ApplicationEntity.associate"}
 
 
 def _overridden_pynetdicom_methods() -> set[str]:
-    """``module.Class.method`` of every pynetdicom method a class in ``scp_reactor`` overrides."""
+    """``module.Class.method`` of every pynetdicom method a class in ``reactor`` overrides."""
     found = set()
-    for _name, cls in inspect.getmembers(scp_reactor, inspect.isclass):
-        if cls.__module__ != scp_reactor.__name__:
+    for _name, cls in inspect.getmembers(reactor, inspect.isclass):
+        if cls.__module__ != reactor.__name__:
             continue
         for attribute, value in vars(cls).items():
             if not callable(value):
@@ -41,13 +41,13 @@ def _overridden_pynetdicom_methods() -> set[str]:
 
 def test_the_installed_pynetdicom_is_the_version_the_hashes_were_taken_from() -> None:
     assert version("pynetdicom") == UPSTREAM_PYNETDICOM_VERSION, (
-        f"pynetdicom {version('pynetdicom')} is installed; scp_reactor.py was checked against "
+        f"pynetdicom {version('pynetdicom')} is installed; dimse/reactor.py was checked against "
         f"{UPSTREAM_PYNETDICOM_VERSION}: see the README, 'Moving to a new pynetdicom release'")
 
 
 def test_every_overridden_pynetdicom_method_has_a_recorded_hash() -> None:
     assert _overridden_pynetdicom_methods() | RELIED_ON == set(UPSTREAM_SOURCE_SHA256), (
-        "UPSTREAM_SOURCE_SHA256 in dicom_node/scp_reactor.py must list exactly the pynetdicom methods the module "
+        "UPSTREAM_SOURCE_SHA256 in dicom_node/dimse/reactor.py must list exactly the pynetdicom methods the module "
         "overrides (and those in RELIED_ON); add the new one's hash from upstream_source_sha256()")
 
 
@@ -56,8 +56,8 @@ def test_upstream_original_is_unchanged(qualified_name: str) -> None:
     installed = upstream_source_sha256(qualified_name)
     assert installed == UPSTREAM_SOURCE_SHA256[qualified_name], (
         f"{qualified_name} differs from the pynetdicom {UPSTREAM_PYNETDICOM_VERSION} source that "
-        f"dicom_node/scp_reactor.py copies or overrides. Read the upstream change (diff the two releases' "
-        f"source of this method), port it into scp_reactor.py, run the tests with and without "
+        f"dicom_node/dimse/reactor.py copies or overrides. Read the upstream change (diff the two releases' "
+        f"source of this method), port it into dimse/reactor.py, run the tests with and without "
         f"DICOM_NODE_NODE__DIMSE_FAST_PATH=false, then set its hash to {installed} in UPSTREAM_SOURCE_SHA256 "
         f"and UPSTREAM_PYNETDICOM_VERSION to the new release (README: 'Moving to a new pynetdicom release')")
 
@@ -77,7 +77,7 @@ def test_a_changed_original_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_sending_a_series_leaves_the_association_class_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only ``Node.start`` decides which association ``AE.associate`` builds; the export used to patch it on its
     first series, so a C-ECHO's association depended on whether something had been exported before."""
-    from dicom_node.export import _configure_pynetdicom
+    from dicom_node.export.exporter import _configure_pynetdicom
 
     stock = pynetdicom.ae.Association
     monkeypatch.setattr(pynetdicom.ae, "Association", stock)
@@ -98,8 +98,8 @@ def test_the_setting_chooses_the_server(tmp_path) -> None:
     from pynetdicom.transport import ThreadedAssociationServer
 
     from dicom_node.config import config_from_mapping
-    from dicom_node.receive import start_scp
-    from dicom_node.scp_reactor import AllowListServer, EventDrivenServer
+    from dicom_node.dimse.reactor import AllowListServer, EventDrivenServer
+    from dicom_node.receive.receiver import start_scp
     from tests.peers import free_port
 
     for fast, expected in (("true", EventDrivenServer), ("false", AllowListServer)):

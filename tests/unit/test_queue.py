@@ -236,7 +236,7 @@ def test_fail_job_with_a_worker_id_leaves_a_job_taken_over_meanwhile_alone(engin
 
 def test_the_worker_waits_as_the_configured_job_retry_policy_says(engine, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import dicom_node.worker as worker_module
+    import dicom_node.denoise.worker as worker_module
     from dicom_node.config import config_from_mapping
 
     cfg = config_from_mapping({"node": {"data_dir": str(tmp_path)},

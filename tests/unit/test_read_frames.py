@@ -13,7 +13,7 @@ from dicom_node.denoise import series as series_module
 from dicom_node.denoise.errors import SeriesRefused
 from dicom_node.denoise.pixels import clean_stored
 from dicom_node.denoise.series import read_frames, read_instance_header
-from dicom_node.denoise.testing import make_image, make_multiframe
+from tests.fixtures.images import make_image, make_multiframe
 
 
 def _pydicom_frames(path: Path) -> np.ndarray:
@@ -116,7 +116,7 @@ def test_derived_file_is_the_same_whichever_way_the_source_was_read(tmp_path: Pa
     import datetime
 
     from dicom_node.denoise.derived import DerivationInfo, build_derived_instance, encode_file
-    from dicom_node.synthetic import make_ct_series
+    from tests.fixtures.synthetic import make_ct_series
 
     info = DerivationInfo(series_instance_uid="1.2.826.0.1.3680043.8.498.1", model_name="m", model_version="1",
                           model_sha256="0" * 64, created=datetime.datetime(2026, 1, 2, 3, 4, 5))

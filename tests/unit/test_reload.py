@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from dicom_node.config import config_from_mapping
-from dicom_node.reload import EditRefused, apply_config, edited_file_text, rules_and_destinations_toml
+from dicom_node.ops.reload import EditRefused, apply_config, edited_file_text, rules_and_destinations_toml
 
 FILE = """# Site configuration
 [node]

@@ -10,10 +10,9 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select, update
 
-from dicom_node.assemble import assemble_once
+from dicom_node.assemble.assembler import assemble_once
 from dicom_node.config import config_from_mapping
-from dicom_node.receive import Receiver, store_instance
-from dicom_node.retention import purge_once
+from dicom_node.receive.receiver import Receiver, store_instance
 from dicom_node.store.database import make_engine, migrate, utcnow
 from dicom_node.store.queue import (
     claim_export,
@@ -24,10 +23,11 @@ from dicom_node.store.queue import (
     pending_export_instances,
     record_instance_status,
 )
+from dicom_node.store.retention import purge_once
 from dicom_node.store.schema import Export, Instance, Series, SeriesState
 from dicom_node.store.spool import Spool
-from dicom_node.synthetic import make_ct_series
 from tests import malformed
+from tests.fixtures.synthetic import make_ct_series
 
 
 @pytest.fixture()

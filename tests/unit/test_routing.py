@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from dicom_node.assemble.routing import SeriesAttributes, explain, min_quiet_seconds, route
 from dicom_node.config import config_from_mapping
-from dicom_node.routing import SeriesAttributes, explain, min_quiet_seconds, route
 
 RULES = config_from_mapping({
     "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],

@@ -12,9 +12,9 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import delete, inspect, select, update
 
-from dicom_node.assemble import assemble_once
+from dicom_node.assemble.assembler import assemble_once
 from dicom_node.config import config_from_mapping
-from dicom_node.receive import (
+from dicom_node.receive.receiver import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_INVALID_UID,
     STATUS_OUT_OF_RESOURCES,
@@ -28,8 +28,8 @@ from dicom_node.store.database import make_engine, migrate, schema_head, schema_
 from dicom_node.store.repository import status_counts
 from dicom_node.store.schema import Base, Instance, Job, JobState, Series, SeriesState
 from dicom_node.store.spool import Spool, is_valid_uid
-from dicom_node.synthetic import make_ct_series
 from tests import malformed
+from tests.fixtures.synthetic import make_ct_series
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
@@ -159,7 +159,7 @@ def test_database_failure_refuses_and_removes_the_file(receiver: Receiver, serie
     def broken(*_args, **_kwargs):
         raise RuntimeError("database is locked")
 
-    monkeypatch.setattr("dicom_node.receive.record_instance", broken)
+    monkeypatch.setattr("dicom_node.receive.receiver.record_instance", broken)
     with pytest.raises(StoreRefused) as info:
         send(receiver, series_files[0])
     assert info.value.status == STATUS_OUT_OF_RESOURCES
@@ -251,7 +251,7 @@ def test_reindex_spool_quarantines_a_cut_short_file_without_row(receiver: Receiv
 
 
 def test_next_due_follows_each_series_rule_quiet_time(receiver: Receiver, series_files: list[Path]) -> None:
-    from dicom_node.assemble import seconds_until_next_due
+    from dicom_node.assemble.assembler import seconds_until_next_due
 
     cfg = config_from_mapping({"node": {"quiet_seconds": 60},
                                "rules": [{"name": "ct", "match": {"Modality": "CT"}, "model": "m",
@@ -271,7 +271,7 @@ def test_doorbell_wakes_a_waiter_and_never_misses_an_earlier_ring() -> None:
     import threading
     import time
 
-    from dicom_node.doorbell import Doorbell
+    from dicom_node.store.doorbell import Doorbell
 
     bell = Doorbell()
     seen = bell.rings
@@ -300,7 +300,7 @@ def test_idle_worker_reads_quiet_routed_series_ahead_and_the_scan_uses_them(
 
     import dicom_node.denoise.series as series_module
     from dicom_node.denoise.series import scan
-    from dicom_node.worker import PREFETCH_AFTER_SECONDS, Worker
+    from dicom_node.denoise.worker import PREFETCH_AFTER_SECONDS, Worker
 
     cfg = config_from_mapping({"node": {"data_dir": str(tmp_path), "quiet_seconds": 60},
                                "rules": [{"name": "ct", "match": {"Modality": "CT"}, "model": "m"}]}, environ={})
@@ -331,7 +331,7 @@ def test_read_ahead_skips_unrouted_series_and_forgets_finished_ones(
         receiver: Receiver, series_files: list[Path], tmp_path: Path) -> None:
     import time
 
-    from dicom_node.worker import PREFETCH_AFTER_SECONDS, Worker
+    from dicom_node.denoise.worker import PREFETCH_AFTER_SECONDS, Worker
 
     unrouted = config_from_mapping({"node": {"data_dir": str(tmp_path), "quiet_seconds": 60},
                                     "rules": [{"name": "mr", "match": {"Modality": "MR"}, "model": "m"}]},

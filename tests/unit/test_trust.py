@@ -24,7 +24,7 @@ from dicom_node.config import (
     config_from_mapping,
 )
 from dicom_node.denoise.trust import MAX_FRAMES, check_frames
-from dicom_node.synthetic import phantom_slice
+from tests.fixtures.synthetic import phantom_slice
 
 ROWS = COLS = 256
 SPACING_MM = 0.5  # the synthetic series' PixelSpacing
@@ -143,11 +143,11 @@ def _job_with_series(tmp_path: Path, policy: str, rows: int = 128):
     """A node configuration, database and claimed job for one synthetic CT series of 6 slices."""
     import pydicom
 
-    from dicom_node.denoise.testing import make_tiny_model
     from dicom_node.store.database import make_engine, migrate, utcnow
     from dicom_node.store.queue import claim_job, enqueue_job
     from dicom_node.store.schema import Instance, Series, Study
-    from dicom_node.synthetic import make_ct_series
+    from tests.fixtures.images import make_tiny_model
+    from tests.fixtures.synthetic import make_ct_series
 
     data = tmp_path / "data"
     files = make_ct_series(data / "archive" / "s1", n_slices=6, rows=rows, cols=rows, seed=2)
@@ -179,7 +179,7 @@ def _job_with_series(tmp_path: Path, policy: str, rows: int = 128):
 
 
 def _run(cfg, engine, job):
-    from dicom_node.worker import ModelCache, run_job
+    from dicom_node.denoise.worker import ModelCache, run_job
 
     run_job(cfg, engine, ModelCache(cfg), job, "test-worker")
     from dicom_node.store.schema import Export, Job
@@ -228,7 +228,7 @@ def test_hold_keeps_a_blurring_models_series_from_export_until_released(tmp_path
     assert json.loads(row.trust_detail)["checks"]["edge_ratio"] > 3.0
     assert row.state.value == "failed" and row.last_error.startswith("held by the trust check")
     assert row.output_series_uid and exports == []
-    from dicom_node.commands import _trust_line
+    from dicom_node.cli.commands import _trust_line
 
     assert _trust_line(row).startswith("fail 0.00 (edge_ratio ") and "(fail at 3)" in _trust_line(row)
     # Every derived file says so in its DerivationDescription (written in place after the check).

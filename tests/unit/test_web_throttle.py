@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from dicom_node.store import throttle
 from dicom_node.store.database import make_engine, migrate
-from dicom_node.web import throttle
 from dicom_node.web.app import same_site_path
 
 NOW = dt.datetime(2026, 12, 4, 12, 0, 0)

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import Config, ModelSettings, Rule
-from dicom_node.denoise.testing import make_tiny_model
-from dicom_node.worker import ModelCache
+from dicom_node.denoise.worker import ModelCache
+from tests.fixtures.images import make_tiny_model
 
 # Allocates and frees a 96 MB block twice in a fresh thread and prints the page faults of the second time.
 _FAULTS_OF_REUSE = textwrap.dedent("""
     import resource, sys, threading
     if sys.argv[1] == "tuned":
-        from dicom_node.cpu_memory import keep_freed_memory
+        from dicom_node.denoise.cpu_memory import keep_freed_memory
         assert keep_freed_memory()
     result = []
     def run():
@@ -55,7 +55,7 @@ def test_preload_loads_rule_models_and_reports_missing_ones(tmp_path: Path,
                  rules=[Rule(name="ct", model="tiny-ct"), Rule(name="mr", model="no-such-model"),
                         Rule(name="ct-again", model="tiny-ct")])
     cache = ModelCache(cfg)
-    with caplog.at_level(logging.ERROR, logger="dicom_node.worker"):
+    with caplog.at_level(logging.ERROR, logger="dicom_node.denoise.worker"):
         cache.preload(rule.model for rule in cfg.rules)
     assert cache.loaded_names() == ["tiny-ct"]
     assert any("no-such-model cannot be loaded" in r.getMessage() for r in caplog.records)

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.cli import CommandError, add_config_argument, config_from_args, existing_database, setup_logging
-from dicom_node.config import Config, Destination, example_config_text, load_config
-from dicom_node.identity import application_entity
+from dicom_node.config import example_config_text, load_config
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from dicom_node.service import parse_roles, serve
+    from dicom_node.ops.service import parse_roles, serve
 
     try:
         roles = parse_roles(args.role or ["all"])
@@ -41,38 +40,9 @@ def _cmd_config_example(_args: argparse.Namespace) -> int:
     return 0
 
 
-def echo_destination(cfg: Config, dest: Destination) -> tuple[bool, str]:
-    """C-ECHO ``dest`` (PS3.4 A.4), or for a ``dicomweb`` destination a QIDO-RS ``GET {url}/studies?limit=1``;
-    return whether it answered success and a one-line description."""
-    if dest.type == "dicomweb":
-        from dicom_node.dicomweb.stow_send import echo_dicomweb
-
-        return echo_dicomweb(dest)
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-    ae = application_entity(dest.calling_ae_title or cfg.node.ae_title)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
-    from dicom_node.export import client_ssl_context
-
-    tls_args = (client_ssl_context(cfg), dest.host) if dest.tls else None
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
-    if not assoc.is_established:
-        from dicom_node.export import association_failure
-
-        return False, f"{dest.name}: {association_failure(assoc, dest)}"
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    code = getattr(status, "Status", None)
-    if code == 0x0000:
-        return True, f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): C-ECHO success"
-    shown = f"0x{code:04X}" if code is not None else "no response"
-    return False, f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): C-ECHO failed ({shown})"
-
-
 def _cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.export.exporter import echo_destination
+
     cfg = config_from_args(args)
     try:
         dest = cfg.destination(args.destination)
@@ -85,7 +55,7 @@ def _cmd_echo(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from dicom_node.probe import probe_node
+    from dicom_node.ops.probe import probe_node
     from dicom_node.store.repository import status_counts
 
     probe = probe_node(cfg)
@@ -263,7 +233,7 @@ def _trust_line(job: Any) -> str:
 def _cmd_jobs_action(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from dicom_node import audit
+    from dicom_node.store import audit
     from dicom_node.store.database import utcnow
     from dicom_node.store.queue import cancel, retry
     from dicom_node.store.schema import Export, Job
@@ -293,9 +263,9 @@ def _cmd_jobs_action(args: argparse.Namespace) -> int:
 def _cmd_rules_test(args: argparse.Namespace) -> int:
     from pydicom import dcmread
 
-    from dicom_node.model_check import available_models, rule_model_problems
-    from dicom_node.receive import extract_facts
-    from dicom_node.routing import SeriesAttributes, explain, route
+    from dicom_node.assemble.routing import SeriesAttributes, explain, route
+    from dicom_node.denoise.model_check import available_models, rule_model_problems
+    from dicom_node.receive.receiver import extract_facts
 
     cfg = config_from_args(args)
     models = available_models(cfg.models.directories)

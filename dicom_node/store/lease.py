@@ -15,9 +15,9 @@ from collections.abc import Iterable
 
 from sqlalchemy import Engine
 
-from dicom_node.doorbell import Doorbell
-from dicom_node.periodic import PeriodicTask
 from dicom_node.store.database import utcnow
+from dicom_node.store.doorbell import Doorbell
+from dicom_node.store.periodic import PeriodicTask
 from dicom_node.store.queue import ProcessIdentity, end_process, register_process, renew_lease, requeue_orphans
 
 LOGGER = logging.getLogger(__name__)

@@ -28,17 +28,17 @@ from typing import Any
 from sqlalchemy import Engine
 
 from dicom_node import __version__
-from dicom_node.assemble import Assembler
+from dicom_node.assemble.assembler import Assembler
 from dicom_node.config import Config
-from dicom_node.cpu_memory import keep_freed_memory
-from dicom_node.doorbell import Doorbell
-from dicom_node.export import Exporter, StalledExportSweeper, destinations_to_serve
-from dicom_node.lease import LeaseKeeper, start_lease, stop_lease
-from dicom_node.receive import Receiver, reindex_spool, start_scp
-from dicom_node.retention import RetentionSweeper
-from dicom_node.scp_reactor import use_event_driven_requestors
+from dicom_node.denoise.cpu_memory import keep_freed_memory
+from dicom_node.dimse.reactor import use_event_driven_requestors
+from dicom_node.export.exporter import Exporter, StalledExportSweeper, destinations_to_serve
+from dicom_node.receive.receiver import Receiver, reindex_spool, start_scp
 from dicom_node.store.database import make_engine, migrate, utcnow
+from dicom_node.store.doorbell import Doorbell
+from dicom_node.store.lease import LeaseKeeper, start_lease, stop_lease
 from dicom_node.store.queue import ProcessIdentity
+from dicom_node.store.retention import RetentionSweeper
 from dicom_node.store.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -110,14 +110,14 @@ class Node:
         """
         check_listen_ports(self.cfg, self.roles)
         if self.cfg.node.dimse_fast_path:
-            # Before any stage runs, so every association this process opens is of one kind (see scp_reactor).
+            # Before any stage runs, so every association this process opens is of one kind (see dimse.reactor).
             use_event_driven_requestors()
         runs_models = "worker" in self.roles and self.cfg.worker.enabled
         if runs_models and self.cfg.models.keep_freed_cpu_memory:
             keep_freed_memory()  # before any thread starts: a thread keeps the malloc arena it first used
         engine, spool = open_storage(self.cfg)
         self.engine = engine
-        from dicom_node import audit
+        from dicom_node.store import audit
 
         receiver: Receiver | None = None  # role "receive" only
         if "receive" in self.roles:
@@ -136,7 +136,7 @@ class Node:
             threads.append(audit.AuditPurger(self.cfg, engine, self.stop_event))
             threads.append(RetentionSweeper(self.cfg, engine, self.stop_event))
         if runs_models:
-            from dicom_node.worker import ModelCache, Worker
+            from dicom_node.denoise.worker import ModelCache, Worker
 
             self.models = ModelCache(self.cfg)
             threads.append(Worker(self.cfg, engine, self.stop_event, self.identity.worker_id("worker"),
@@ -199,7 +199,7 @@ class Node:
 
 def log_dashboard(cfg: Config) -> None:
     """Log where the dashboard is and whether anyone can log in (a WARNING naming the command when nobody can)."""
-    from dicom_node.probe import web_url
+    from dicom_node.ops.probe import web_url
 
     url = web_url(cfg, "/")
     if cfg.web.bind_address.strip() in ("", "0.0.0.0", "::", "*"):
@@ -280,7 +280,7 @@ def _count_associations(server: Any) -> None:
     server; the receive module stays untouched)."""
     from pynetdicom import evt
 
-    from dicom_node import metrics
+    from dicom_node.ops import metrics
 
     server.gate.on_close = metrics.count_closed_connection
 
@@ -297,7 +297,7 @@ def serve(cfg: Config, roles: frozenset[str] = frozenset(ROLES)) -> int:
     """
     node = Node(cfg, roles)
     reload_requested = threading.Event()
-    # SIGHUP reloads the configuration file (dicom_node.reload); installed first, since by default it would end
+    # SIGHUP reloads the configuration file (dicom_node.ops.reload); installed first, since by default it would end
     # the process. The reload runs in this thread, never inside the handler.
     signal.signal(signal.SIGHUP, lambda _signum, _frame: reload_requested.set())
     try:
@@ -327,7 +327,7 @@ def serve(cfg: Config, roles: frozenset[str] = frozenset(ROLES)) -> int:
 def _reload_on_signal(node: Node) -> None:
     """Reload after SIGHUP; an invalid file is logged with every problem and the running configuration kept."""
     from dicom_node.config import ConfigError
-    from dicom_node.reload import reload_node
+    from dicom_node.ops.reload import reload_node
 
     LOGGER.info("received SIGHUP, reloading %s", node.cfg.source)
     try:

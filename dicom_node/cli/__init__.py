@@ -1,7 +1,8 @@
 """The ``dicom-node`` command line.
 
-Each group of commands lives beside the code it drives and adds itself here through a ``register(subparsers)``
-function, so this module only wires them together.
+Each group of commands is a module of this package (``commands``: serve, config, echo, status, jobs, rules;
+``ops_commands``: db, web, audit, health; ``denoise``: denoise and models) or ``training.cli``, and adds itself
+here through a ``register(subparsers)`` function; this module holds what they share and wires them together.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ LOGGER = logging.getLogger(__name__)
 
 #: Modules that contribute commands; each has ``register(subparsers) -> None``.
 COMMAND_MODULES = (
-    "dicom_node.commands",
-    "dicom_node.ops_commands",
-    "dicom_node.denoise.cli",
+    "dicom_node.cli.commands",
+    "dicom_node.cli.ops_commands",
+    "dicom_node.cli.denoise",
     "training.cli",
 )
 

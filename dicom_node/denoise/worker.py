@@ -22,13 +22,14 @@ from typing import Any
 
 from sqlalchemy import Engine, select, update
 
-from dicom_node import audit, metrics
+from dicom_node.assemble.routing import SeriesAttributes, route
 from dicom_node.config import LOCAL_DESTINATION, Config
 from dicom_node.denoise.series import HeaderCache
 from dicom_node.denoise.trust_note import trust_note, write_trust_note
-from dicom_node.doorbell import Doorbell
-from dicom_node.routing import SeriesAttributes, route
+from dicom_node.ops import metrics
+from dicom_node.store import audit
 from dicom_node.store.database import utcnow
+from dicom_node.store.doorbell import Doorbell
 from dicom_node.store.queue import (
     ClaimedJob,
     RetryPolicy,

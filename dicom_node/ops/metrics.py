@@ -9,7 +9,7 @@ Two kinds of values:
   scaled-out site does not count them several times.
 
 No metric carries patient data or UIDs as labels. The C-STORE handler never imports this module; the service
-reads the :class:`~dicom_node.receive.Receiver` counters at scrape time.
+reads the :class:`~dicom_node.receive.receiver.Receiver` counters at scrape time.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def count_association(outcome: str) -> None:
 
 
 def count_closed_connection(reason: str) -> None:
-    """Count a connection the SCP closed before it associated (see ``scp_reactor.ConnectionGate``)."""
+    """Count a connection the SCP closed before it associated (see ``dimse.reactor.ConnectionGate``)."""
     CONNECTIONS_CLOSED.labels(reason).inc()
 
 

@@ -12,7 +12,7 @@ loaded in the background. Each reload is written to the audit log as ``config.re
 
 :func:`save_rules_and_destinations` rewrites the ``[[rules]]`` and ``[[destinations]]`` of a configuration file
 (for the dashboard's editor) after checking that nothing else in the file changes, atomically and keeping the old
-file as ``FILE.bak`` (:mod:`dicom_node.config_edit`, as ``dicom-node web add-user`` does).
+file as ``FILE.bak`` (:mod:`dicom_node.ops.config_edit`, as ``dicom-node web add-user`` does).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def reload_node(node: Any, actor: str, new: Config | None = None, note: str = ""
     ConfigError
         When the file is invalid; nothing is changed then.
     """
-    from dicom_node import audit
+    from dicom_node.store import audit
     from dicom_node.store.database import utcnow
 
     with _RELOAD_LOCK:
@@ -173,7 +173,7 @@ def reload_node(node: Any, actor: str, new: Config | None = None, note: str = ""
 def _start_new_exporters(node: Any, result: ReloadResult) -> None:
     if "destinations" not in result.applied or "export" not in node.roles:
         return
-    from dicom_node.export import Exporter, destinations_to_serve
+    from dicom_node.export.exporter import Exporter, destinations_to_serve
 
     serving = {t.destination for t in node.threads if isinstance(t, Exporter)}
     for name in destinations_to_serve(node.cfg):
@@ -297,7 +297,7 @@ def save_rules_and_destinations(node: Any, edited: str, expected_digest: str, ac
     """
     from importlib import resources
 
-    from dicom_node.config_edit import replace_keeping_backup
+    from dicom_node.ops.config_edit import replace_keeping_backup
 
     source = node.cfg.source
     if source == "defaults":

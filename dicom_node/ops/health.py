@@ -108,7 +108,7 @@ def check_models(cfg: Config, loaded: list[str] | None = None) -> Check:
 
 def check_gpu() -> Check:
     """GPUs torch sees in this process, with memory (only when torch is already loaded)."""
-    from dicom_node.metrics import gpu_samples
+    from dicom_node.ops.metrics import gpu_samples
 
     gpus = gpu_samples()
     if not gpus:
@@ -212,7 +212,7 @@ def check_threads(threads: list[Any]) -> Check:
 
 
 def run_checks(node: Any) -> list[Check]:
-    """Every check for a running :class:`~dicom_node.service.Node`."""
+    """Every check for a running :class:`~dicom_node.ops.service.Node`."""
     cfg = node.cfg
     models = getattr(node, "models", None)
     checks = [check_database(node.engine), check_disk(cfg)]

@@ -12,14 +12,13 @@ its row, and only then answers success. It never imports torch. Status codes (PS
 ==========  =====================================================================
 
 Failures carry an Error Comment (0000,0902) with the reason (one value of printable ASCII, at most 64 characters:
-see :func:`dicom_node.scp_reactor.error_comment`), and every failure is logged.
+see :func:`dicom_node.dimse.reactor.error_comment`), and every failure is logged.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import ssl
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -54,14 +53,15 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine
 
 from dicom_node.config import Config
-from dicom_node.dataset_check import MalformedDataset, check_dataset_structure, inflate
+from dicom_node.dimse.reactor import AllowListServer, ConnectionGate, EventDrivenServer, error_comment
+from dicom_node.dimse.transport import quiet_peer_error_tracebacks, server_ssl_context, set_no_delay
 from dicom_node.identity import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     NODE_MANUFACTURER,
     application_entity,
 )
-from dicom_node.scp_reactor import AllowListServer, ConnectionGate, EventDrivenServer, error_comment
+from dicom_node.receive.dataset_check import MalformedDataset, check_dataset_structure, inflate
 from dicom_node.store.database import utcnow
 from dicom_node.store.repository import InstanceFacts, forget_instance, record_instance
 from dicom_node.store.spool import Spool, is_valid_uid
@@ -419,34 +419,6 @@ def handle_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
 
 
-def set_no_delay(assoc: Any) -> None:
-    """Turn off Nagle's algorithm on an association's socket (pynetdicom leaves it on).
-
-    With Nagle on, a write made while the previous one is unacknowledged waits for the peer's delayed ACK. A series
-    sent to a PACS goes out as many PDUs of the destination's maximum length (16 KiB for Orthanc and dcmtk by
-    default), each its own ``send``: measured on loopback, pynetdicom sent 26 instances/s to Orthanc with Nagle
-    on and about 60/s with it off.
-    """
-    import socket
-
-    try:
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError) as exc:
-        LOGGER.debug("cannot set TCP_NODELAY: %s", exc)
-
-
-class _NoTracebackForPeerErrors(logging.Filter):
-    """Drop the traceback pynetdicom's DUL logs (at ERROR, ``LOGGER.exception``) when a peer's connection breaks
-    or times out mid-PDU: a peer can cause it at will, and the one-line message before it says what happened."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], OSError):
-            record.exc_info = None
-            record.exc_text = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
-
-
 def _log_association(event: evt.Event) -> None:
     assoc = event.assoc
     LOGGER.info("assoc %s %s: calling %s at %s", assoc.native_id, event.event.name.removeprefix("EVT_").lower(),
@@ -507,19 +479,6 @@ def _log_rejected(event: evt.Event, cfg: Config) -> None:
                    assoc.requestor.address, assoc.requestor.port, rejection_reason(assoc, cfg))
 
 
-def make_ssl_context(cfg: Config) -> ssl.SSLContext:
-    """Server TLS context from ``[security]`` (PS3.15 B.1, TLS 1.2 or newer)."""
-    sec = cfg.security
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(sec.certificate, sec.private_key)
-    if sec.trusted_cas:
-        context.load_verify_locations(cafile=sec.trusted_cas)
-    context.verify_mode = ssl.CERT_REQUIRED if sec.require_client_certificate else (
-        ssl.CERT_OPTIONAL if sec.trusted_cas else ssl.CERT_NONE)
-    return context
-
-
 def build_ae(cfg: Config) -> AE:
     """Build the SCP application entity: every storage SOP class with every accepted transfer syntax."""
     ae = application_entity(cfg.node.ae_title)
@@ -552,10 +511,8 @@ def start_scp(cfg: Config, receiver: Receiver) -> tuple[AE, Any]:
     # get node.association_request_timeout for their request (see ConnectionGate).
     gate = ConnectionGate([ipaddress.ip_network(h, strict=False) for h in cfg.security.allowed_hosts],
                           cfg.security.max_pending_per_host, cfg.node.association_request_timeout)
-    dul_logger = logging.getLogger("pynetdicom.dul")
-    if not any(isinstance(f, _NoTracebackForPeerErrors) for f in dul_logger.filters):
-        dul_logger.addFilter(_NoTracebackForPeerErrors())
-    ssl_context = make_ssl_context(cfg) if cfg.security.tls else None
+    quiet_peer_error_tracebacks()
+    ssl_context = server_ssl_context(cfg) if cfg.security.tls else None
     # ae.start_server(block=False), with pynetdicom's polling reactors replaced by event-driven ones on the fast
     # path; on the stock path pynetdicom's own server, with the allow-list checked at accept.
     server_class = EventDrivenServer if cfg.node.dimse_fast_path else AllowListServer

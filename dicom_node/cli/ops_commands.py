@@ -54,7 +54,7 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from dicom_node import audit
+    from dicom_node.store import audit
     from dicom_node.store.database import utcnow
 
     cfg = config_from_args(args)
@@ -79,7 +79,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from dicom_node.probe import ask_web, web_url
+    from dicom_node.ops.probe import ask_web, web_url
 
     url = args.url
     if not url:
@@ -129,7 +129,7 @@ def _cmd_add_user(args: argparse.Namespace) -> int:
     from importlib import resources
     from pathlib import Path
 
-    from dicom_node.config_edit import USER_NAME, ConfigEditError, add_web_user
+    from dicom_node.ops.config_edit import USER_NAME, ConfigEditError, add_web_user
     from dicom_node.web.auth import hash_password
 
     path = args.config or os.environ.get("DICOM_NODE_CONFIG")
@@ -162,9 +162,8 @@ def _cmd_new_token(_args: argparse.Namespace) -> int:
 
 
 def _cmd_unlock(args: argparse.Namespace) -> int:
-    from dicom_node import audit
+    from dicom_node.store import audit, throttle
     from dicom_node.store.database import utcnow
-    from dicom_node.web import throttle
 
     if bool(args.user) == bool(args.address):
         raise CommandError("name a user or give --address ADDRESS", 2)

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, insert, select
 
 from dicom_node.config import Config
-from dicom_node.periodic import PeriodicTask
+from dicom_node.store.periodic import PeriodicTask
 from dicom_node.store.schema import AuditEvent
 
 LOGGER = logging.getLogger(__name__)

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, select, update
 
-from dicom_node import audit, metrics
+from dicom_node.assemble.routing import SeriesAttributes, min_quiet_seconds, route
 from dicom_node.config import LOCAL_DESTINATION, Config
-from dicom_node.doorbell import Doorbell
-from dicom_node.routing import SeriesAttributes, min_quiet_seconds, route
+from dicom_node.ops import metrics
+from dicom_node.store import audit
 from dicom_node.store.database import utcnow
+from dicom_node.store.doorbell import Doorbell
 from dicom_node.store.queue import (
     enqueue_export,
     enqueue_job,

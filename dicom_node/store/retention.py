@@ -22,8 +22,8 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, delete, select, update
 
 from dicom_node.config import Config
-from dicom_node.periodic import PeriodicTask
 from dicom_node.store.database import utcnow
+from dicom_node.store.periodic import PeriodicTask
 from dicom_node.store.schema import Export, Instance, Job, Series, SeriesState
 
 LOGGER = logging.getLogger(__name__)

@@ -116,8 +116,8 @@ def choose_model(series: Any, cfg: Config, model: str | None, strength: float | 
         return ModelChoice(folder, chosen, "--model")
     note = ""
     if use_rules:
-        from dicom_node.receive import extract_facts
-        from dicom_node.routing import SeriesAttributes, route
+        from dicom_node.assemble.routing import SeriesAttributes, route
+        from dicom_node.receive.receiver import extract_facts
 
         try:
             facts = extract_facts(series.first, "", "", cfg.node.ae_title)
@@ -175,7 +175,7 @@ def run_denoise(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if cfg.models.keep_freed_cpu_memory:
-        from dicom_node.cpu_memory import keep_freed_memory
+        from dicom_node.denoise.cpu_memory import keep_freed_memory
 
         keep_freed_memory()  # as `serve` does: the denoise threads start below
     if not args.input.exists():

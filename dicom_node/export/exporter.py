@@ -19,7 +19,6 @@ import datetime as dt
 import logging
 import os
 import shutil
-import ssl
 import threading
 import time
 from collections import deque
@@ -31,13 +30,14 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import Engine
 
-from dicom_node import audit, metrics
 from dicom_node.config import LOCAL_DESTINATION, Config, Destination
-from dicom_node.doorbell import Doorbell
+from dicom_node.dimse.transport import association_failure, c_echo, client_ssl_context, set_no_delay
 from dicom_node.identity import application_entity
-from dicom_node.periodic import PeriodicTask
-from dicom_node.receive import set_no_delay
+from dicom_node.ops import metrics
+from dicom_node.store import audit
 from dicom_node.store.database import utcnow
+from dicom_node.store.doorbell import Doorbell
+from dicom_node.store.periodic import PeriodicTask
 from dicom_node.store.queue import (
     ClaimedExport,
     RetryPolicy,
@@ -55,32 +55,6 @@ UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 #: Destination answers are written to the database at least every this many instances or seconds.
 STATUS_BATCH = 32
 STATUS_BATCH_SECONDS = 1.0
-
-
-def client_ssl_context(cfg: Config) -> ssl.SSLContext:
-    """Client TLS context for destinations with ``tls = true`` (our certificate when configured)."""
-    sec = cfg.security
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=sec.trusted_cas or None)
-    if sec.certificate and sec.private_key:
-        context.load_cert_chain(sec.certificate, sec.private_key)
-    return context
-
-
-def association_failure(assoc: Any, dest: Destination) -> str:
-    """Why an association with ``dest`` was not established, in words an administrator can act on."""
-    import socket
-
-    where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-    if assoc.is_rejected:
-        rsp = getattr(assoc.acceptor, "primitive", None)
-        reason = getattr(rsp, "reason_str", "") if rsp is not None else ""
-        return f"association with {where} rejected{f' ({reason})' if reason else ''}"
-    try:
-        with socket.create_connection((dest.host, dest.port), timeout=min(5.0, dest.timeout_seconds)):
-            pass
-    except OSError as exc:
-        return f"association with {where} failed: cannot connect ({exc.strerror or exc})"
-    return f"association with {where} failed: the peer aborted or did not answer"
 
 
 def _headers(paths: list[tuple[int, str, Path]]) -> list[tuple[int, str, Path, str, str]]:
@@ -102,7 +76,7 @@ def _configure_pynetdicom() -> None:
       a pynetdicom option, used on both paths.
 
     Which association class ``AE.associate`` builds is decided once, by ``Node.start`` (``node.dimse_fast_path``,
-    see :func:`dicom_node.scp_reactor.use_event_driven_requestors`), never here.
+    see :func:`dicom_node.dimse.reactor.use_event_driven_requestors`), never here.
     """
     from pynetdicom import _config
 
@@ -254,6 +228,16 @@ def send_to_destination(cfg: Config, dest: Destination, files: list[tuple[int, s
 
         return send_series_stow(cfg, dest, files, on_status)
     return send_series(cfg, dest, files, on_status)
+
+
+def echo_destination(cfg: Config, dest: Destination) -> tuple[bool, str]:
+    """C-ECHO ``dest`` (PS3.4 A.4), or for a ``dicomweb`` destination a QIDO-RS ``GET {url}/studies?limit=1``;
+    return whether it answered success and a one-line description."""
+    if dest.type == "dicomweb":
+        from dicom_node.dicomweb.stow_send import echo_dicomweb
+
+        return echo_dicomweb(dest)
+    return c_echo(cfg, dest)
 
 
 def copy_to_local(cfg: Config, files: list[tuple[int, str, Path]], on_status: Any) -> str:
