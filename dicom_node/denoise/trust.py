@@ -1,7 +1,7 @@
 """The trust check: is what the network removed from a series only noise?
 
 For a few frames of a job (input and output in the same physical units: HU for CT, stored values otherwise) the
-residual ``input - output`` is tested five ways (four scored, ``blob_z`` recorded):
+residual ``input - output`` is tested six ways (five scored, ``blob_z`` recorded):
 
 ``edge_ratio``
     RMS of the residual on the output's strongest edges over its RMS in the flattest pixels of the body. An honest
@@ -28,6 +28,10 @@ residual ``input - output`` is tested five ways (four scored, ``blob_z`` recorde
     The residual's noise power spectrum against the input's, in the same flat ROIs (32 px, clear of strong edges,
     on up to :data:`SPECTRAL_MAX_FRAMES` frames): the power the residual has beyond the input's, over the input's.
     An honest model removes at each frequency at most what the input holds there.
+``nps_peak``
+    The same spectra per Fourier coefficient (summed over every ROI): the largest excess of the residual's power
+    over the input's, over the input's. A periodic pattern the model added (a checkerboard, stripes) is a narrow
+    peak that the radial bins of ``nps_excess`` dilute.
 ``sfrc``
     Patch-wise Fourier ring correlation in the lesion band (sFRC-style, see :func:`_sfrc_patches`): the largest
     power the output added in a patch, anti-correlated with what was removed, over the input's power there.
@@ -101,6 +105,9 @@ SFRC_BODY_FRACTION = 0.5
 #: the sFRC's added power (the output's lesion-band power anti-correlated with what was removed, over the input's
 #: power in that patch and band). Set on the real CT of the evaluation set (README, "The trust check").
 NPS_EXCESS_LEVELS = (0.10, 0.20, 0.35)
+#: (ok, warn, fail) of the largest per-coefficient excess of the residual's power over the input's (a periodic
+#: pattern the model added; honest models stay at the statistical scatter of the sums).
+NPS_PEAK_LEVELS = (0.5, 1.0, 2.0)
 SFRC_LEVELS = (0.45, 0.6, 0.8)
 #: A residual this small (relative to the input's spread) is "nothing removed": trusted without testing.
 NOTHING_REMOVED = 1e-4
@@ -121,7 +128,8 @@ class TrustResult:
     verdict
         ``pass``, ``warn`` or ``fail``.
     checks
-        The numbers behind it (``edge_ratio``, ``bias``, ``nps_excess``, ``sfrc`` scored; the others for the record).
+        The numbers behind it (``edge_ratio``, ``bias``, ``nps_excess``, ``nps_peak``, ``sfrc`` scored; the others for
+        the record).
     reasons
         One line per check that reached its warn or fail level.
     frames
@@ -252,10 +260,13 @@ def _rfft_weights(size: int) -> np.ndarray:
     return w[None, :]
 
 
-def _nps_sums(x: np.ndarray, r: np.ndarray, body: np.ndarray, strong: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
-    """Power of the input and of the residual per radial bin, summed over the flat ROIs of one frame, and the ROIs'
-    count; ``None`` when the frame has none.
+NpsSums = tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]
+
+
+def _nps_sums(x: np.ndarray, r: np.ndarray, body: np.ndarray, strong: np.ndarray) -> NpsSums | None:
+    """Power of the input and of the residual per radial bin, summed over the flat ROIs of one frame, the
+    coefficients per bin, the ROIs' count, and the two powers per rfft2 coefficient (same sums); ``None`` when
+    the frame has none.
 
     The ROIs lie wholly in the body and clear of the strongest edges (``strong``); each ROI's mean is removed."""
     size = NPS_ROI_PX
@@ -279,7 +290,8 @@ def _nps_sums(x: np.ndarray, r: np.ndarray, body: np.ndarray, strong: np.ndarray
     keep = index >= 0
     count = np.bincount(index[keep], wide[keep], NPS_BINS + 1)[:NPS_BINS]
     return (np.bincount(index[keep], px[keep], NPS_BINS + 1)[:NPS_BINS],
-            np.bincount(index[keep], pr[keep], NPS_BINS + 1)[:NPS_BINS], count, len(starts))
+            np.bincount(index[keep], pr[keep], NPS_BINS + 1)[:NPS_BINS], count, len(starts),
+            np.where(keep, px, 0.0), np.where(keep, pr, 0.0))
 
 
 def _sfrc_patches(x: np.ndarray, y: np.ndarray, body: np.ndarray, spacing: float) -> tuple[np.ndarray, list]:
@@ -361,7 +373,7 @@ def check_frames(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *,
     spread = 0.0
     bands: list[list[tuple[np.ndarray, ...]]] = [[] for _ in diameters_px]
     spectral = set(np.linspace(0, len(picks) - 1, min(SPECTRAL_MAX_FRAMES, len(picks))).round().astype(int).tolist())
-    nps_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
+    nps_parts: list[NpsSums] = []
     sfrc_worst = (-math.inf, -1, 0, 0)  # value, frame, row, column
     sfrc_patches = 0
     for position, i in enumerate(picks):
@@ -421,7 +433,7 @@ def check_frames(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *,
     all_res = all_res.astype(np.float64)
     checks: dict[str, float] = {"residual_sd": noise_sd}
     if float(np.sqrt(np.mean(all_res ** 2))) <= NOTHING_REMOVED * max(spread, 1.0):
-        checks.update(edge_ratio=1.0, bias=0.0, blob_z=0.0, nps_excess=0.0, sfrc=0.0)
+        checks.update(edge_ratio=1.0, bias=0.0, blob_z=0.0, nps_excess=0.0, nps_peak=0.0, sfrc=0.0)
         return TrustResult(1.0, "pass", checks, ["nothing removed"], int(len(picks)))
 
     floor = NOTHING_REMOVED * max(spread, 1.0)
@@ -467,9 +479,17 @@ def check_frames(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *,
         # removes mostly the fine noise, so the shapes differ for honest models too.
         p_in = np.sum([part[0] for part in nps_parts], axis=0)
         p_res = np.sum([part[1] for part in nps_parts], axis=0)
-        count = np.maximum(np.sum([part[2] for part in nps_parts], axis=0), 1.0)
         excess = np.maximum(p_res - p_in, 0.0)
-        checks["nps_excess"] = float(excess.sum() / max(float(p_in.sum()), 1e-12))
+        # Per frequency bin, over the input's power in that bin: the low frequencies hold most of the input's
+        # power, so a total would hide a pattern added at high frequencies (a +/-10 HU checkerboard: 0.004).
+        per_bin = excess / np.maximum(p_in, 1e-12 * max(float(p_in.max()), 1e-12))
+        checks["nps_excess"] = float(per_bin.max())
+        checks["nps_excess_total"] = float(excess.sum() / max(float(p_in.sum()), 1e-12))
+        # A periodic pattern (a checkerboard, stripes) is a narrow peak: per coefficient, summed over every ROI.
+        c_in = np.sum([part[4] for part in nps_parts], axis=0)
+        c_res = np.sum([part[5] for part in nps_parts], axis=0)
+        ratio = (c_res - c_in) / np.where(c_in > 0, c_in, np.inf)
+        checks["nps_peak"] = max(0.0, float(ratio.max()))
         checks["nps_shape_distance"] = float(np.abs(p_res / max(float(p_res.sum()), 1e-12)
                                                     - p_in / max(float(p_in.sum()), 1e-12)).sum())
         frequencies = (np.arange(NPS_BINS) + 0.5) / NPS_BINS * 0.5 / spacing  # cycles/mm
@@ -477,10 +497,10 @@ def check_frames(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *,
         checks["nps_residual_mean_freq"] = float((frequencies * p_res).sum() / max(float(p_res.sum()), 1e-12))
         checks["nps_rois"] = float(sum(int(part[3]) for part in nps_parts))
         if excess.any():
-            k = int(np.argmax(excess / count))
+            k = int(np.argmax(per_bin))
             where["nps_excess"] = f"most at {frequencies[k]:.2f} cycles/mm"
     else:
-        checks["nps_excess"] = 0.0
+        checks["nps_excess"] = checks["nps_peak"] = 0.0
     checks["sfrc"] = max(0.0, sfrc_worst[0]) if sfrc_patches else 0.0
     checks["sfrc_patches"] = float(sfrc_patches)
     if sfrc_patches:
@@ -489,6 +509,7 @@ def check_frames(inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *,
     scored = (("edge_ratio", checks["edge_ratio"], EDGE_RATIO_LEVELS),
               ("bias", bias_scored, BIAS_HU_LEVELS if hu else BIAS_SIGMA_LEVELS),
               ("nps_excess", checks["nps_excess"], NPS_EXCESS_LEVELS),
+              ("nps_peak", checks["nps_peak"], NPS_PEAK_LEVELS),
               ("sfrc", checks["sfrc"], SFRC_LEVELS))
     score = 1.0
     verdict = "pass"

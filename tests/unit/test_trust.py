@@ -95,6 +95,17 @@ def test_a_model_that_shifts_the_mean_fails(phantom) -> None:
     assert result.checks["bias"] == pytest.approx(-20.0, abs=1.0)
 
 
+def test_a_model_that_adds_a_high_frequency_pattern_fails(phantom) -> None:
+    truth, noisy = phantom
+    yy, xx = np.mgrid[0:ROWS, 0:COLS]
+    checker = np.where((yy + xx) % 2 == 0, 10.0, -10.0)  # +/-10 HU, alternating every pixel
+    honest = [t + 0.3 * (x - t) for t, x in zip(truth, noisy)]
+    result = _check(noisy, [h + checker for h in honest])
+    assert result.verdict == "fail", result.describe()
+    assert any(reason.startswith("nps_excess") for reason in result.reasons)
+    assert result.checks["nps_excess"] > result.checks["nps_excess_total"]  # a total over all bins hides it
+
+
 def test_a_small_shift_warns_and_the_score_is_between(phantom) -> None:
     truth, noisy = phantom
     result = _check(noisy, [t + 0.3 * (x - t) + 5.0 for t, x in zip(truth, noisy)])
