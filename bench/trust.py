@@ -5,8 +5,8 @@ and 0.5 on every CT series under the shared data's ``ct`` folder (at most ``--ma
 series, as the worker keeps for the check). Bad "models" are made from the honest output of ``ct-cnn-small`` at
 1.0: a +/-20 HU shift, a Gaussian blur (sigma 1.5 px), a painted 8 mm disc of 20 and of 40 HU (in each checked
 slice, in soft tissue inside the body) and a +/-10 HU checkerboard of 2-pixel period. Each case is checked as the
-worker checks a job (``dicom_node.denoise.worker.trust_check``); a bad case is caught when it fails. Prints one row per case
-and a summary (false alarms, catches per bad kind, seconds per check).
+worker checks a job (``dicom_node.denoise.worker.trust_check``); a bad case is caught when it fails. Prints one
+row per case and a summary (false alarms, catches per bad kind, seconds per check).
 
     .venv/bin/python bench/trust.py                                  # all CT series, 16 slices each
     .venv/bin/python bench/trust.py --max-series 2 --json /tmp/trust.json

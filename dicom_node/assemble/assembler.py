@@ -52,6 +52,7 @@ def assemble_once(engine: Engine, cfg: Config, now: dt.datetime | None = None) -
     shortest = min_quiet_seconds(cfg.rules, cfg.node.quiet_seconds)
     done: list[Completion] = []
     with engine.begin() as conn:
+        record_routes(conn, cfg)
         candidates = conn.execute(
             select(Series.__table__).where(Series.state == SeriesState.receiving,
                                            Series.last_received_at <= now - dt.timedelta(seconds=shortest))
@@ -112,6 +113,22 @@ def assemble_once(engine: Engine, cfg: Config, now: dt.datetime | None = None) -
             LOGGER.info("series %s complete (%d instances, version %d): not routed: %s", c.series_uid,
                         c.instance_count, c.version, c.note)
     return done
+
+
+def record_routes(conn: Connection, cfg: Config) -> int:
+    """Record in ``route_rule`` the rule each series still receiving matches now; return how many changed.
+
+    The routing decision is the assembler's: the worker reads it to read ahead the headers of series a model
+    will get, instead of routing them itself. Recorded again on every pass, so a reloaded configuration counts.
+    """
+    changed = 0
+    for series in conn.execute(select(Series.__table__).where(Series.state == SeriesState.receiving)).all():
+        decision = route(cfg.rules, SeriesAttributes.from_row(series))
+        name = decision.rule.name if decision.rule else ""
+        if name != series.route_rule:
+            conn.execute(update(Series).where(Series.id == series.id).values(route_rule=name))
+            changed += 1
+    return changed
 
 
 def _queue_version(conn: Connection, series_pk: int, version: int, rule: str, model: str, strength: float,

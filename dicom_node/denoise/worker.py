@@ -20,9 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine
 
-from dicom_node.assemble.routing import SeriesAttributes, route
 from dicom_node.config import LOCAL_DESTINATION, Config
 from dicom_node.denoise.series import HeaderCache
 from dicom_node.denoise.trust_note import trust_note, write_trust_note
@@ -34,15 +33,20 @@ from dicom_node.store.queue import (
     ClaimedJob,
     RetryPolicy,
     claim_job,
+    derived_series_uids,
     enqueue_export,
     fail_job,
     finish_job,
     heartbeat_job,
+    job_last_error,
+    receiving_series_routes,
+    record_trust,
     requeue_stalled_jobs,
     series_by_pk,
     series_instance_paths,
+    series_instances,
+    series_with_open_jobs,
 )
-from dicom_node.store.schema import Instance, Job, JobState, Series, SeriesState
 
 LOGGER = logging.getLogger(__name__)
 
@@ -185,7 +189,7 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
     destinations = _rule_destinations(cfg, job.rule)
     policy = cfg.worker.trust_policy
     with engine.connect() as conn:
-        earlier_error = conn.execute(select(Job.last_error).where(Job.id == job.id)).scalar_one()
+        earlier_error = job_last_error(conn, job.id)
     # An administrator's `jobs retry` of a held job releases it: it is sent as the "send" policy would.
     released = policy != "send" and earlier_error.startswith(HELD_PREFIX)
     held = None
@@ -202,11 +206,7 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
             LOGGER.warning("job %d: the derived series failed the trust check (%s); the original series is sent "
                            "instead", job.id, trust.describe())
             with engine.connect() as conn:
-                instances = [(uid, path) for uid, path in conn.execute(
-                    select(Instance.sop_instance_uid, Instance.path).where(
-                        Instance.series_pk == job.series_pk,
-                        *([Instance.id <= job.last_instance_pk] if job.last_instance_pk is not None else []))
-                    .order_by(Instance.id))]
+                instances = series_instances(conn, job.series_pk, job.last_instance_pk)
             export_uid = series.series_uid
     elif trust is not None:
         LOGGER.info("job %d: trust check %s", job.id, trust.describe())
@@ -218,11 +218,8 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
             LOGGER.warning("job %d was cancelled or taken over while running; its output is discarded", job.id)
             return result.series_instance_uid
         if trust is not None or held is not None:
-            conn.execute(update(Job).where(Job.id == job.id).values(
-                output_series_uid=result.series_instance_uid,
-                trust_score=trust.score if trust is not None else None,
-                trust_verdict=trust.verdict if trust is not None else "",
-                trust_detail=trust.to_json() if trust is not None else ""))
+            record_trust(conn, job.id, result.series_instance_uid, trust.score if trust is not None else None,
+                         trust.verdict if trust is not None else "", trust.to_json() if trust is not None else "")
         if held is not None:
             audit.record(conn, "trust.held", worker_id, utcnow(), object_kind="job", object_id=job.id,
                          series_uid=series.series_uid, detail=held[:1000])
@@ -289,10 +286,7 @@ def derived_series_label(conn: Any, series_pk: int, derived_uid: str) -> str:
     A series that grew or was re-sent keeps its derived series (same UID, same label); only another model, model
     version or strength makes a new derived series, and the reader sees it as a separate, numbered one.
     """
-    earlier = [uid for uid in conn.execute(
-        select(Job.output_series_uid).where(Job.series_pk == series_pk, Job.state == JobState.succeeded,
-                                            Job.output_series_uid != "").order_by(Job.id)).scalars()]
-    distinct = list(dict.fromkeys(earlier))
+    distinct = derived_series_uids(conn, series_pk)
     ordinal = distinct.index(derived_uid) + 1 if derived_uid in distinct else len(distinct) + 1
     return "" if ordinal == 1 else str(ordinal)
 
@@ -340,23 +334,23 @@ class Worker(threading.Thread):
     def prefetch_headers(self) -> int:
         """Read ahead the headers of quiet series that a rule will send to a model; return how many were read.
 
-        Headers of series that are neither receiving nor waiting for a job are forgotten.
+        The rule is the one the assembler recorded for the receiving series (the worker does not route). Headers
+        of series that are neither receiving nor waiting for a job are forgotten.
         """
         now = utcnow()
         to_read: list[Path] = []
         keep: list[Path] = []
+        rules = {rule.name: rule for rule in self.cfg.rules}
         with self.engine.connect() as conn:
-            receiving = conn.execute(select(Series.__table__).where(Series.state == SeriesState.receiving)).all()
-            for row in receiving:
-                rule = route(self.cfg.rules, SeriesAttributes.from_row(row)).rule
+            for series_pk, rule_name, last_received_at in receiving_series_routes(conn):
+                rule = rules.get(rule_name)
                 if rule is None or not rule.model:
                     continue
-                paths = [self.cfg.data_path / p for p in series_instance_paths(conn, row.id)]
+                paths = [self.cfg.data_path / p for p in series_instance_paths(conn, series_pk)]
                 keep.extend(paths)
-                if row.last_received_at <= now - dt.timedelta(seconds=PREFETCH_AFTER_SECONDS):
+                if last_received_at <= now - dt.timedelta(seconds=PREFETCH_AFTER_SECONDS):
                     to_read.extend(paths)
-            waiting = conn.execute(select(Job.series_pk).where(Job.state.in_([JobState.queued, JobState.running])))
-            for series_pk in set(waiting.scalars()):
+            for series_pk in series_with_open_jobs(conn):
                 keep.extend(self.cfg.data_path / p for p in series_instance_paths(conn, series_pk))
         self.headers.forget(keep)
         return self.headers.prefetch(to_read, limit=PREFETCH_BATCH) if to_read else 0

@@ -29,6 +29,7 @@ from dicom_node.store.schema import (
     JobState,
     NodeProcess,
     Series,
+    SeriesState,
 )
 
 
@@ -198,6 +199,48 @@ def series_instance_paths(conn: Connection, series_pk: int, up_to: int | None = 
     if up_to is not None:
         query = query.where(Instance.id <= up_to)
     return list(conn.execute(query.order_by(Instance.id)).scalars())
+
+
+def series_instances(conn: Connection, series_pk: int, up_to: int | None = None) -> list[tuple[str, str]]:
+    """``(SOPInstanceUID, relative path)`` of a series' instances in arrival order (``up_to``: one version's)."""
+    query = select(Instance.sop_instance_uid, Instance.path).where(Instance.series_pk == series_pk)
+    if up_to is not None:
+        query = query.where(Instance.id <= up_to)
+    return [(uid, path) for uid, path in conn.execute(query.order_by(Instance.id))]
+
+
+def job_last_error(conn: Connection, job_id: int) -> str:
+    """The job's last error ("" when none)."""
+    return str(conn.execute(select(Job.last_error).where(Job.id == job_id)).scalar_one() or "")
+
+
+def record_trust(conn: Connection, job_id: int, output_series_uid: str, score: float | None, verdict: str,
+                 detail: str) -> None:
+    """Store a job's derived series UID and its trust check (score, verdict, JSON detail)."""
+    conn.execute(update(Job).where(Job.id == job_id).values(
+        output_series_uid=output_series_uid, trust_score=score, trust_verdict=verdict, trust_detail=detail))
+
+
+def derived_series_uids(conn: Connection, series_pk: int) -> list[str]:
+    """The derived series UIDs of a source series' succeeded jobs, oldest first, each once."""
+    uids = conn.execute(
+        select(Job.output_series_uid).where(Job.series_pk == series_pk, Job.state == JobState.succeeded,
+                                            Job.output_series_uid != "").order_by(Job.id)).scalars()
+    return list(dict.fromkeys(uids))
+
+
+def receiving_series_routes(conn: Connection) -> list[tuple[int, str, dt.datetime]]:
+    """``(series key, rule, last received)`` of each series still receiving; the rule is the one the assembler
+    recorded for it ("" when none matched), so readers need not route it again."""
+    rows = conn.execute(select(Series.id, Series.route_rule, Series.last_received_at)
+                        .where(Series.state == SeriesState.receiving))
+    return [(pk, rule, last) for pk, rule, last in rows]
+
+
+def series_with_open_jobs(conn: Connection) -> set[int]:
+    """Keys of the series with a queued or running job."""
+    return set(conn.execute(select(Job.series_pk).where(Job.state.in_([JobState.queued, JobState.running])))
+               .scalars())
 
 
 # ------------------------------------------------------------------------------------------------- exports

@@ -127,7 +127,8 @@ class Series(Base):
     #: (so the "receive" time of a re-sent series is the re-send's, not counted from the first version).
     receiving_since: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
-    #: The rule that matched at the last completion ("" when none did).
+    #: The rule that matched at the last completion ("" when none did); while the series is receiving, the rule
+    #: it matches now (recorded by the assembler on each pass, read by the worker's read-ahead).
     route_rule: Mapped[str] = mapped_column(String(64), default="", server_default="")
     #: Why the series was not routed (no rule matched, loop guard), shown to administrators.
     route_note: Mapped[str] = mapped_column(Text, default="", server_default="")

@@ -31,12 +31,8 @@ ALLOWED: dict[str, set[str]] = {
     "receive": {"dimse"},
     # Each stage counts its work in the process's Prometheus registry (the counters are defined once there).
     "assemble": {"ops.metrics"},
-    "denoise": {
-        "ops.metrics",
-        # The worker re-runs the routing rules to guess which exports the assembler will queue (issue 17 asks the
-        # assembler to record that decision instead; until then the rules are pure functions of the attributes).
-        "assemble.routing",
-    },
+    # The worker reads the rule the assembler recorded for a receiving series (store/), it never routes itself.
+    "denoise": {"ops.metrics"},
     # STOW-RS destinations are sent by dicomweb/stow_send, which shares its status mapping with the STOW-RS receive.
     "export": {"dimse", "dicomweb", "ops.metrics"},
     "dicomweb": {
@@ -70,8 +66,6 @@ ALLOWED: dict[str, set[str]] = {
 KNOWN_SQL_OUTSIDE_STORE: dict[str, str] = {
     "dicom_node.assemble.assembler": "reads a series' instances and marks series complete/versioned in its own "
     "transaction with the queueing it does",
-    "dicom_node.denoise.worker": "reads the series and its routing facts to guess the exports the assembler will "
-    "queue (to go when the assembler records that decision, issue 17)",
     "dicom_node.cli.commands": "`jobs list` / `jobs show` / `jobs retry` read jobs and exports for display",
     "dicom_node.web.app": "the dashboard's job, export and series pages read rows for display",
 }

@@ -307,6 +307,8 @@ def test_idle_worker_reads_quiet_routed_series_ahead_and_the_scan_uses_them(
     worker = Worker(cfg, receiver.engine, threading_event())
     for path in series_files:
         send(receiver, path)
+    assert worker.prefetch_headers() == 0  # not routed yet: the assembler has not recorded its rule
+    assert assemble_once(receiver.engine, cfg) == []  # still receiving, now with its rule recorded
     assert worker.prefetch_headers() == 0  # instances still arriving: reading now would compete with them
     time.sleep(PREFETCH_AFTER_SECONDS + 0.1)
     assert worker.prefetch_headers() == len(series_files)
@@ -339,10 +341,13 @@ def test_read_ahead_skips_unrouted_series_and_forgets_finished_ones(
     for path in series_files:
         send(receiver, path)
     time.sleep(PREFETCH_AFTER_SECONDS + 0.1)
+    assemble_once(receiver.engine, unrouted)
     assert Worker(unrouted, receiver.engine, threading_event()).prefetch_headers() == 0
     cfg = config_from_mapping({"node": {"data_dir": str(tmp_path), "quiet_seconds": 60},
                                "rules": [{"name": "ct", "match": {"Modality": "CT"}, "model": "m"}]}, environ={})
     worker = Worker(cfg, receiver.engine, threading_event())
+    assert worker.prefetch_headers() == 0  # the recorded rule is still the old configuration's (none)
+    assemble_once(receiver.engine, cfg)  # a reloaded configuration: the assembler records the new rule
     assert worker.prefetch_headers() == len(series_files)
     assemble_once(receiver.engine, cfg, utcnow() + dt.timedelta(seconds=61))  # complete: a job is queued
     worker.prefetch_headers()
