@@ -49,7 +49,7 @@ from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_ROOT_UID, UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from dicom_node import __version__
-from dicom_node.denoise.pixels import PixelFormat
+from dicom_node.denoise.pixels import PixelFormat, checked_strength
 from dicom_node.denoise.trust_note import PENDING_NOTE
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, NODE_MANUFACTURER
 from dicom_node.store.fsync import fsync_path
@@ -142,8 +142,7 @@ class DerivationInfo:
     def __post_init__(self) -> None:
         if not self.series_instance_uid or not UID(self.series_instance_uid).is_valid:
             raise ValueError(f"series_instance_uid {self.series_instance_uid!r} is not a valid UID")
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"strength {self.strength} is outside [0, 1]")
+        checked_strength(self.strength)
         if self.transfer_syntax not in TRANSFER_SYNTAXES:
             raise ValueError(f"transfer_syntax {self.transfer_syntax!r} is not one of {', '.join(TRANSFER_SYNTAXES)}")
 

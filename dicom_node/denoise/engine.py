@@ -47,6 +47,7 @@ from dicom_node.denoise.pixels import (
     PixelFormat,
     Scaling,
     apply_residual,
+    checked_strength,
     grey_pixel_mask,
     scaling_for,
     stored_to_physical,
@@ -312,8 +313,7 @@ class Engine:
         :data:`~dicom_node.denoise.pixels.GREY_TOLERANCE`: an ultrasound image's B-mode) and adds the same change to
         their three channels; colour pixels (Doppler overlays, coloured graphics) are left as they are.
         """
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], not {strength}")
+        strength = checked_strength(strength)
         colour = stored.ndim == 4 and stored.shape[-1] == 3
         if stored.ndim != (4 if colour else 3) or len(formats) != stored.shape[0]:
             raise ValueError("stored must be (frames, rows, columns[, 3]) with one format per frame")
@@ -479,6 +479,12 @@ def check_model_fits(series: Series, model: LoadedModel) -> None:
         raise SeriesRefused(str(exc)) from exc
 
 
+#: A decoded instance: the instance, its dataset (pixels not yet decoded into it) and its stored values.
+Decoded = tuple[Instance, Any, np.ndarray]
+#: A denoised instance: the decoded instance and its new stored values.
+Denoised = tuple[Instance, Any, np.ndarray, np.ndarray]
+
+
 def _run_key(inst: Instance) -> tuple[int, int, int]:
     """What single-frame instances must share to be stacked (and to be each other's neighbouring frames)."""
     return (*inst.shape, inst.formats[0].samples_per_pixel)
@@ -503,7 +509,7 @@ def _chunks(instances: Sequence[Instance], batch: int) -> Iterator[list[Instance
         yield run
 
 
-def _decode(chunk: list[Instance]) -> list[tuple[Instance, object, np.ndarray]]:
+def _decode(chunk: list[Instance]) -> list[Decoded]:
     return [(inst, *read_frames(inst)) for inst in chunk]
 
 
@@ -511,7 +517,7 @@ def _single_run(chunk: Sequence[Instance]) -> bool:
     return not (len(chunk) == 1 and (chunk[0].is_multiframe or chunk[0].frames != 1))
 
 
-def _neighbours(decoded: list[tuple[Instance, object, np.ndarray]], count: int,
+def _neighbours(decoded: list[Decoded], count: int,
                 from_end: bool) -> tuple[np.ndarray, list[PixelFormat]]:
     """The first (or last) ``count`` frames of a decoded single-frame run, as context for the next run."""
     picked = decoded[-count:] if from_end else decoded[:count]
@@ -612,46 +618,16 @@ def denoise_series(
     """
     started = time.perf_counter()
     stages = {"scan": 0.0, "wait_decode": 0.0, "model": 0.0, "wait_write": 0.0}
-    if not isinstance(series, Series):
-        found = scan(series, headers)
-        if len(found.series) != 1:
-            reasons = "; ".join(f"{p.name}: {why}" for p, why in found.skipped[:5])
-            raise SeriesRefused(f"expected one image series, found {len(found.series)}"
-                                + (f" ({reasons})" if reasons else ""))
-        series = found.series[0]
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], not {strength}")
-    engine = model if isinstance(model, Engine) else Engine(model, device=device)
-    check_series(series)
-    check_model_fits(series, engine.model)
-    if engine.samples == 3 and not any(inst.formats[0].is_colour for inst in series.instances):
-        raise SeriesRefused(f"model {engine.card.name} denoises colour (RGB) images; this series is greyscale")
-    settings = settings or DerivedSeriesSettings()
-    card = engine.card
-    info = DerivationInfo(
-        series_instance_uid=series_instance_uid or new_series_uid(uid_root=settings.uid_root),
-        model_name=card.name, model_version=card.version, model_sha256=card.sha256, strength=float(strength),
-        series_number_offset=settings.series_number_offset, description_suffix=settings.description_suffix,
-        transfer_syntax=settings.transfer_syntax, uid_root=settings.uid_root, trust_note=settings.trust_note,
-        # One creation time for the whole derived series: it is one derivation, and the elements that carry the
-        # time are then encoded once per series rather than once per instance.
-        created=datetime.datetime.now(datetime.UTC),
-    )
+    series, engine, info = _prepare(series, model, strength, settings, series_instance_uid, device, headers)
     series_writer = DerivedSeriesWriter(info)  # used by the write thread only
     stages["scan"] = time.perf_counter() - started
     rows, cols = series.instances[0].shape
     batch = engine.batch_for(rows, cols)
-    middle = series.frame_count // 2
-    preview = None
-    sample_at = set(np.linspace(0, series.frame_count - 1, min(keep_samples, series.frame_count)).round().astype(int)
-                    .tolist()) if keep_samples > 0 and series.frame_count else set()
-    samples: list[tuple[np.ndarray, np.ndarray, PixelFormat]] = []
-    pixel_spacing: float | None = None
+    summary = _Summary(series.frame_count, keep_preview, keep_samples)
     written: list[Path] = []
-    frames_done = 0
     chunks = list(_chunks(series.instances, batch))
-    LOGGER.info("denoising %s with %s %s on %s, batch %d", series.describe(), card.name, card.version,
-                engine.device, batch)
+    LOGGER.info("denoising %s with %s %s on %s, batch %d", series.describe(), engine.card.name,
+                engine.card.version, engine.device, batch)
     context = engine.context
     # With neighbouring frames, the run after the one in the network is needed first (its first frames are the
     # last frames' neighbours), so the decode thread works two runs ahead instead of one.
@@ -663,67 +639,39 @@ def denoise_series(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
             futures: dict[int, Future] = {}
+            next_to_submit = 0
 
             def submit_until(limit: int) -> None:
-                for j in range(len(futures) + submitted[0], min(limit, len(chunks))):
+                nonlocal next_to_submit
+                for j in range(next_to_submit, min(limit, len(chunks))):
                     futures[j] = decoder.submit(_decode, chunks[j])
+                next_to_submit = max(next_to_submit, min(limit, len(chunks)))
 
-            submitted = [0]  # chunks taken from ``futures`` so far
             submit_until(1)
             writing: Future | None = None
-            previous: list[tuple[Instance, object, np.ndarray]] | None = None
+            previous: list[Decoded] | None = None
             for index in range(len(chunks)):
                 mark = time.perf_counter()
                 decoded = futures.pop(index).result()
-                submitted[0] += 1
                 stages["wait_decode"] += time.perf_counter() - mark
                 submit_until(index + 1 + ahead)
                 mark = time.perf_counter()
                 if len(decoded) == 1 and decoded[0][0].frames > 1:
                     inst, ds, stored = decoded[0]
-                    region = tissue_region_mask(inst.header, *inst.shape)
-                    order = frame_order(inst) if context else np.arange(inst.frames)
-                    in_order = stored if bool((order == np.arange(inst.frames)).all()) else stored[order]
-                    new_ordered = engine.denoise_frames(
-                        in_order, [inst.formats[o] for o in order], strength,
-                        regions=None if region is None else [region] * inst.frames)
-                    new = new_ordered
-                    if in_order is not stored:
-                        new = np.empty_like(new_ordered)
-                        new[order] = new_ordered
-                    items = [(inst, ds, stored, new)]
+                    items = [_denoise_multiframe(engine, inst, ds, stored, strength)]
                 else:
                     lead = trail = None
-                    if context and previous is not None and _single_run([d[0] for d in previous]) \
-                            and _run_key(previous[0][0]) == _run_key(decoded[0][0]):
+                    if context and previous is not None and _continues(previous, decoded[0][0]):
                         lead = _neighbours(previous, context, from_end=True)
-                    if context and index + 1 < len(chunks) and _single_run(chunks[index + 1]) \
-                            and _run_key(chunks[index + 1][0]) == _run_key(decoded[0][0]):
+                    if context and index + 1 < len(chunks) and _continues(chunks[index + 1], decoded[0][0]):
                         mark_next = time.perf_counter()
                         upcoming = futures[index + 1].result()
                         stages["wait_decode"] += time.perf_counter() - mark_next
                         trail = _neighbours(upcoming, context, from_end=False)
-                    stack = np.concatenate([d[2] for d in decoded], axis=0)
-                    formats = [d[0].formats[0] for d in decoded]
-                    regions = [tissue_region_mask(d[0].header, *d[0].shape) for d in decoded]
-                    new_stack = engine.denoise_frames(stack, formats, strength, lead=lead, trail=trail,
-                                                      regions=regions if any(r is not None for r in regions)
-                                                      else None)
-                    del stack
-                    items = [(d[0], d[1], d[2], new_stack[i:i + 1]) for i, d in enumerate(decoded)]
+                    items = _denoise_run(engine, decoded, strength, lead, trail)
                 stages["model"] += time.perf_counter() - mark
-                for inst, ds, stored, new in items:
-                    if keep_preview and preview is None and frames_done <= middle < frames_done + inst.frames:
-                        k = middle - frames_done
-                        before, fmt = _summary_frame(stored[k], inst.formats[k])
-                        preview = (before, _summary_frame(new[k], inst.formats[k])[0], fmt)
-                    for k in range(inst.frames):
-                        if frames_done + k in sample_at:
-                            before, fmt = _summary_frame(stored[k], inst.formats[k])
-                            samples.append((before, _summary_frame(new[k], inst.formats[k])[0], fmt))
-                    if sample_at and pixel_spacing is None:
-                        pixel_spacing = _row_spacing(ds)
-                    frames_done += inst.frames
+                for item in items:
+                    summary.observe(*item)
                 mark = time.perf_counter()
                 if writing is not None:
                     written.extend(writing.result())
@@ -743,11 +691,104 @@ def denoise_series(
         _remove_partial(series, info, output_dir)
         raise
     seconds = time.perf_counter() - started
-    LOGGER.info("wrote %d derived instances (%d frames) in %.1f s", len(written), frames_done, seconds)
+    LOGGER.info("wrote %d derived instances (%d frames) in %.1f s", len(written), summary.frames_done, seconds)
     return DenoiseResult(paths=written, series_instance_uid=info.series_instance_uid,
-                         source_series_instance_uid=series.series_instance_uid, frames=frames_done,
-                         seconds=seconds, preview=preview, stages=stages, samples=samples,
-                         pixel_spacing_mm=pixel_spacing)
+                         source_series_instance_uid=series.series_instance_uid, frames=summary.frames_done,
+                         seconds=seconds, preview=summary.preview, stages=stages, samples=summary.samples,
+                         pixel_spacing_mm=summary.pixel_spacing)
+
+
+def _prepare(series: Series | Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+             model: LoadedModel | Engine, strength: float, settings: DerivedSeriesSettings | None,
+             series_instance_uid: str | None, device: str | torch.device | None,
+             headers: HeaderCache | None) -> tuple[Series, Engine, DerivationInfo]:
+    """The series (scanned when paths are given), the engine and the derivation, every check done: the strength
+    (by :class:`DerivationInfo`), the series' format and the model's fit."""
+    if not isinstance(series, Series):
+        found = scan(series, headers)
+        if len(found.series) != 1:
+            reasons = "; ".join(f"{p.name}: {why}" for p, why in found.skipped[:5])
+            raise SeriesRefused(f"expected one image series, found {len(found.series)}"
+                                + (f" ({reasons})" if reasons else ""))
+        series = found.series[0]
+    settings = settings or DerivedSeriesSettings()
+    engine = model if isinstance(model, Engine) else Engine(model, device=device)
+    card = engine.card
+    info = DerivationInfo(
+        series_instance_uid=series_instance_uid or new_series_uid(uid_root=settings.uid_root),
+        model_name=card.name, model_version=card.version, model_sha256=card.sha256, strength=float(strength),
+        series_number_offset=settings.series_number_offset, description_suffix=settings.description_suffix,
+        transfer_syntax=settings.transfer_syntax, uid_root=settings.uid_root, trust_note=settings.trust_note,
+        # One creation time for the whole derived series: it is one derivation, and the elements that carry the
+        # time are then encoded once per series rather than once per instance.
+        created=datetime.datetime.now(datetime.UTC),
+    )
+    check_series(series)
+    check_model_fits(series, engine.model)
+    if engine.samples == 3 and not any(inst.formats[0].is_colour for inst in series.instances):
+        raise SeriesRefused(f"model {card.name} denoises colour (RGB) images; this series is greyscale")
+    return series, engine, info
+
+
+def _continues(run: Sequence[Instance] | Sequence[Decoded], first: Instance) -> bool:
+    """Whether ``run`` is a single-frame run whose frames are neighbours of ``first``'s (same size and colour)."""
+    instances = [r if isinstance(r, Instance) else r[0] for r in run]
+    return _single_run(instances) and _run_key(instances[0]) == _run_key(first)
+
+
+def _denoise_multiframe(engine: Engine, inst: Instance, ds: Any, stored: np.ndarray, strength: float) -> Denoised:
+    """One multi-frame instance; with context, its frames are fed in slice order (:func:`frame_order`)."""
+    region = tissue_region_mask(inst.header, *inst.shape)
+    order = frame_order(inst) if engine.context else np.arange(inst.frames)
+    in_order = stored if bool((order == np.arange(inst.frames)).all()) else stored[order]
+    new_ordered = engine.denoise_frames(in_order, [inst.formats[o] for o in order], strength,
+                                        regions=None if region is None else [region] * inst.frames)
+    new = new_ordered
+    if in_order is not stored:
+        new = np.empty_like(new_ordered)
+        new[order] = new_ordered
+    return inst, ds, stored, new
+
+
+def _denoise_run(engine: Engine, decoded: list[Decoded], strength: float,
+                 lead: tuple[np.ndarray, list[PixelFormat]] | None,
+                 trail: tuple[np.ndarray, list[PixelFormat]] | None) -> list[Denoised]:
+    """A run of single-frame instances, stacked; ``lead``/``trail``: the neighbouring runs' frames."""
+    stack = np.concatenate([d[2] for d in decoded], axis=0)
+    formats = [d[0].formats[0] for d in decoded]
+    regions = [tissue_region_mask(d[0].header, *d[0].shape) for d in decoded]
+    new_stack = engine.denoise_frames(stack, formats, strength, lead=lead, trail=trail,
+                                      regions=regions if any(r is not None for r in regions) else None)
+    return [(d[0], d[1], d[2], new_stack[i:i + 1]) for i, d in enumerate(decoded)]
+
+
+class _Summary:
+    """What a job keeps of the frames besides the files: the middle frame before and after (the preview), up to
+    ``keep_samples`` evenly spaced frames (the trust check) and the row pixel spacing."""
+
+    def __init__(self, frame_count: int, keep_preview: bool, keep_samples: int) -> None:
+        self.middle = frame_count // 2 if keep_preview else -1
+        self.sample_at = (set(np.linspace(0, frame_count - 1, min(keep_samples, frame_count)).round().astype(int)
+                              .tolist()) if keep_samples > 0 and frame_count else set())
+        self.preview: tuple[np.ndarray, np.ndarray, PixelFormat] | None = None
+        self.samples: list[tuple[np.ndarray, np.ndarray, PixelFormat]] = []
+        self.pixel_spacing: float | None = None
+        self.frames_done = 0
+
+    def observe(self, inst: Instance, ds: Any, stored: np.ndarray, new: np.ndarray) -> None:
+        """Take what is needed of one denoised instance (frames in file order)."""
+        first = self.frames_done
+        if self.preview is None and first <= self.middle < first + inst.frames:
+            k = self.middle - first
+            before, fmt = _summary_frame(stored[k], inst.formats[k])
+            self.preview = (before, _summary_frame(new[k], inst.formats[k])[0], fmt)
+        for k in range(inst.frames):
+            if first + k in self.sample_at:
+                before, fmt = _summary_frame(stored[k], inst.formats[k])
+                self.samples.append((before, _summary_frame(new[k], inst.formats[k])[0], fmt))
+        if self.sample_at and self.pixel_spacing is None:
+            self.pixel_spacing = _row_spacing(ds)
+        self.frames_done += inst.frames
 
 
 def _row_spacing(ds: Any) -> float | None:

@@ -381,6 +381,17 @@ def scaling_for(physical: np.ndarray, fmt: PixelFormat, normalization: Any, mask
                    clip_high=clip_high, fill=fill)
 
 
+def checked_strength(strength: float) -> float:
+    """``strength`` as a float when it is in [0, 1] (the blend of output and input); ``ValueError`` otherwise.
+
+    The one place the rule is written: the derivation, the engine and :func:`apply_residual` all call it.
+    """
+    value = float(strength)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], not {strength}")
+    return value
+
+
 def apply_residual(stored: np.ndarray, residual_net: np.ndarray, scaling: Scaling, fmt: PixelFormat,
                    strength: float = 1.0, mask: np.ndarray | None = None) -> np.ndarray:
     """New stored values: the original plus ``strength`` times the network's change, rounded and clipped.
@@ -397,9 +408,7 @@ def apply_residual(stored: np.ndarray, residual_net: np.ndarray, scaling: Scalin
     mask
         ``(rows, columns)``: pixels returned untouched (padding; for colour, what must not be denoised).
     """
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], not {strength}")
-    delta = scaling.residual_to_stored(residual_net, fmt) * strength
+    delta = scaling.residual_to_stored(residual_net, fmt) * checked_strength(strength)
     lo, hi = fmt.stored_range
     out = np.clip(np.rint(stored.astype(np.float64) + delta), lo, hi).astype(fmt.dtype)
     if mask is not None:
