@@ -39,7 +39,6 @@ from torch import nn
 from dicom_node.denoise.derived import (
     DerivationInfo,
     DerivedSeriesSettings,
-    DerivedSeriesWriter,
     new_series_uid,
 )
 from dicom_node.denoise.errors import SeriesRefused
@@ -54,6 +53,7 @@ from dicom_node.denoise.pixels import (
     tissue_region_mask,
 )
 from dicom_node.denoise.series import HeaderCache, Instance, Series, check_series, frame_order, read_frames, scan
+from dicom_node.denoise.series_writer import DerivedSeriesWriter
 from dicom_node.store.fsync import fsync_path
 from models.folder import LoadedModel, ModelMismatch, resolve_device
 from models.networks import receptive_radius, size_multiple
@@ -531,12 +531,12 @@ def _summary_frame(stored: np.ndarray, fmt: PixelFormat) -> tuple[np.ndarray, Pi
     return np.rint(stored.mean(axis=-1)).astype(fmt.dtype), fmt.grey()
 
 
-def _write_chunk(items: list[tuple[object, np.ndarray, PixelFormat]], writer: DerivedSeriesWriter,
+def _write_chunk(items: list[tuple[Any, np.ndarray, PixelFormat]], writer: DerivedSeriesWriter,
                  output_dir: str | os.PathLike[str], progress: Callable[[int], None] | None,
                  durable: bool = False) -> list[Path]:
     paths = []
     for ds, new, fmt in items:
-        paths.append(writer.write(ds, new, fmt, output_dir, durable))  # type: ignore[arg-type]
+        paths.append(writer.write(ds, new, fmt, output_dir, durable))
         if progress is not None:
             progress(int(new.shape[0]))
     return paths
