@@ -72,7 +72,8 @@ DEFAULT_MODELS: dict[tuple[str, str], tuple[str, float]] = {
     ("DX", "cuda"): ("xr-cnn", 1.0),
     ("XA", "cpu"): ("xr-cnn", 1.0),
     ("XA", "cuda"): ("xr-cnn", 1.0),
-    # us-cnn made the held-out NEMA US1 image worse at 1.0 (models/bundled/README.md): start at half strength.
+    # us-cnn 1.1 is still below the noisy input on a crop of the held-out NEMA US1 image at full strength, above
+    # it at 0.5 (models/bundled/README.md): start at half strength.
     ("US", "cpu"): ("us-cnn", 0.5),
     ("US", "cuda"): ("us-cnn", 0.5),
     ("ES", "cpu"): ("endo-cnn", 1.0),

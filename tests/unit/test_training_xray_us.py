@@ -202,6 +202,65 @@ def test_dataset_items_are_normalised_patch_pairs(kind):
     assert torch.equal(a, a2) and torch.equal(b, b2)  # a function of (seed, index)
 
 
+def _speckle(im, clean, params, r):
+    return us.speckle_noisy(clean, 255.0, 2, 1.5, 2.0, 3.0, 55.0, r)  # strong: dark pixels get noise too
+
+
+def test_overlays_are_text_graphics_and_black_with_their_grey_levels():
+    rng = np.random.default_rng(5)
+    seen_black = seen_bright = 0
+    for _ in range(30):
+        values, mask = us.us_overlay((64, 64), rng)
+        assert values.shape == mask.shape == (64, 64) and mask.dtype == bool and mask.any()
+        v = values[mask]
+        assert np.all((v == 0) | ((v >= 150) & (v <= 255)))
+        assert not values[~mask].any()
+        seen_black += int((v == 0).any())
+        seen_bright += int((v >= 150).any())
+    assert seen_black >= 5 and seen_bright >= 5
+
+
+def test_overlay_pixels_are_identical_in_input_and_target_and_noise_falls_only_elsewhere():
+    rng = np.random.default_rng(9)
+    pixels = (rng.random((120, 150)) * 200 + 20).astype(np.float32)
+    image = xray.Image2D("a.png", pixels, "a", (0.0, 255.0), True)
+    data = us.OverlayPatchPairs([image], _speckle, 48, 20, seed=3, margin=0, overlay_probability=1.0)
+    for i in range(len(data)):
+        noisy, clean, overlay, k, _ = data.pair(i)
+        assert overlay is not None and overlay.any() and k == 0
+        assert np.array_equal(noisy[overlay], clean[overlay])  # text, lines, black: no noise, same in both
+        assert clean[overlay].min() >= 0 and np.all((clean[overlay] == 0) | (clean[overlay] >= 150))
+        if (~overlay).sum() > 100:
+            assert np.abs(noisy[~overlay] - clean[~overlay]).mean() > 1.0  # speckle on the B-mode pixels
+        a, b = data[i]  # normalised and augmented alike: still equal where the overlay is
+        assert int((a == b).sum()) >= int(overlay.sum())
+    off = us.OverlayPatchPairs([image], _speckle, 48, 5, seed=3, margin=0, overlay_probability=0.0)
+    plain = xray.PatchPairs([image], _speckle, 48, 5, seed=3, margin=0)
+    for i in range(len(off)):
+        assert off.pair(i)[2] is None
+        a, b = off[i]
+        a0, b0 = plain[i]
+        assert torch.equal(a, a0) and torch.equal(b, b0)  # probability 0: the recipe as before
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "often", True, [0.5]])
+def test_overlay_probability_is_validated(bad):
+    from training.config import TrainingConfigError, config_from_dict
+
+    cfg = config_from_dict({"name": "x", "modality": "US", "model": {"architecture": "unet-res-small"},
+                            "noise": {"kind": "ultrasound"}, "recipe": {"overlay_probability": bad}})
+    with pytest.raises(TrainingConfigError, match="overlay_probability"):
+        us.card_modalities(cfg)
+
+
+def test_us_cnn_config_trains_with_overlays():
+    from training.config import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / "training/configs/us-cnn.toml")
+    assert 0.0 < float(cfg.recipe["overlay_probability"]) <= 1.0
+    assert us.RECIPE_DEFAULTS["overlay_probability"] == 0.0  # other ultrasound configs: unchanged
+
+
 def test_recipes_are_found_by_kind_and_modality():
     assert recipe_for("xray") is xray and recipe_for("ultrasound") is us
     assert recipe_for_modality("XA") is xray and recipe_for_modality("CR") is xray

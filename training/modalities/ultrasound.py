@@ -23,6 +23,14 @@ Images: the HC18 fetal-head B-mode PNGs (8-bit grey, already log-compressed), an
 DICOM files (palette colour or YBR converted to RGB; pixels whose channels agree within the node's tolerance,
 inside the tissue regions of the Sequence of Ultrasound Regions, minus two pixels around every coloured one:
 Doppler overlays, coloured graphics).
+Overlays (``[recipe] overlay_probability``): a fraction of the training patches get burnt-in text (PIL's default
+bitmap font, grey 150-255), thin grey lines, calipers and depth ticks, and black (0) bands or wedges like the area
+outside a sector (:func:`us_overlay`), pasted into the clean patch *and* the noisy input, identical in both: a
+scanner draws them after log compression, and outside the sector it displays a digital 0 with no noise. Files
+without a Sequence of Ultrasound Regions (NEMA US1) put such pixels in front of the network, which must leave
+them as they are. Speckle and electronic noise fall only on the B-mode pixels. Validation patches get none, so
+the validation gain stays comparable between versions.
+
 Split by subject: the HC18 file name's number (``033_2HC.png`` is subject ``033``'s second image), hashed
 (:func:`training.modalities.xray.assign_split`); DICOM files by name (``[recipe] train`` / ``test``).
 
@@ -84,6 +92,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "test": [],
     "modalities": ["US"],
     "strength_range": [0.0, 1.0],
+    "overlay_probability": 0.0,  # fraction of training patches with text, graphics and black areas pasted in
 }
 #: Pixels beyond each patch edge the noise needs: none, the speckle is filtered circularly (a stationary field on
 #: the torus, so any patch of it is a correctly correlated field).
@@ -224,6 +233,172 @@ def speckle_noisy(clean: np.ndarray, top: float, looks: int, sigma_axial: float,
     return np.clip(np.rint(noisy), 0.0, top).astype(np.float32)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Overlays: text, graphics and black areas, the same in input and target
+# ---------------------------------------------------------------------------------------------------------------
+
+_TEXT_WORDS = ("LYMPH NODE", "THYROID", "LIVER", "KIDNEY", "FETAL HEAD", "BPD", "HC", "AC", "FL", "GA", "TIS",
+               "MI", "FR", "GAIN", "DR", "DEPTH", "FREQ", "RT", "LT", "TRANS", "SAG", "LONG", "CM", "MM", "HZ",
+               "DIST", "AREA", "C5-2", "L12-5", "P", "R", "ABD", "OB", "CARD")
+
+
+def _random_text(rng: np.random.Generator) -> str:
+    """A short scanner-like annotation: a word, a number with a unit, or random letters and digits."""
+    kind = int(rng.integers(4))
+    if kind == 0:
+        return str(rng.choice(_TEXT_WORDS))
+    if kind == 1:
+        return f"{rng.choice(_TEXT_WORDS)} {rng.uniform(0, 30):.{int(rng.integers(0, 3))}f}"
+    if kind == 2:
+        return f"{int(rng.integers(0, 100))}{rng.choice(['', 'dB', 'cm', 'mm', 'Hz', '%', 'fps'])}"
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.:/-+ "
+    return "".join(str(c) for c in rng.choice(list(alphabet), int(rng.integers(2, 11)))).strip() or "X"
+
+
+def _draw_text(values: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
+    """Burnt-in text, PIL's default bitmap font at 1x or 2x, one grey level 150-255; on a black box sometimes."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = values.shape
+    zoom = int(rng.choice([1, 1, 2]))
+    small = (max(1, h // zoom), max(1, w // zoom))
+    canvas = Image.new("L", (small[1], small[0]), 0)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default_imagefont()
+    for _ in range(int(rng.integers(1, 4))):  # one to three lines
+        x, y = int(rng.integers(-4, max(1, small[1] - 8))), int(rng.integers(-4, max(1, small[0] - 6)))
+        draw.text((x, y), _random_text(rng), fill=255, font=font)
+    ink = np.asarray(canvas) > 0
+    if zoom > 1:
+        ink = np.kron(ink, np.ones((zoom, zoom), dtype=bool))
+    full = np.zeros((h, w), dtype=bool)
+    full[:ink.shape[0], :ink.shape[1]] = ink[:h, :w]
+    if not full.any():
+        return
+    if rng.random() < 0.3:  # text on a black box (the band below or beside the image)
+        from scipy import ndimage
+
+        box = ndimage.binary_dilation(full, iterations=int(rng.integers(1, 4)))
+        values[box], mask[box] = 0.0, True
+    values[full], mask[full] = float(rng.integers(150, 256)), True
+
+
+def _draw_lines(values: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
+    """Thin grey graphics: frame lines (solid or dashed), a caliper cross, a depth scale with ticks."""
+    from PIL import Image, ImageDraw
+
+    h, w = values.shape
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(1, 4))):
+        kind = int(rng.integers(4))
+        width = int(rng.choice([1, 1, 1, 2]))
+        if kind == 0:  # a frame line, horizontal or vertical, solid or dashed
+            c = int(rng.integers(0, h if rng.random() < 0.5 else w))
+            horizontal = rng.random() < 0.5
+            dash, gap = (int(rng.integers(2, 8)), int(rng.integers(2, 8))) if rng.random() < 0.4 else (max(h, w), 0)
+            for a in range(0, max(h, w), dash + gap):
+                ends = [(a, c), (a + dash - 1, c)] if horizontal else [(c, a), (c, a + dash - 1)]
+                draw.line(ends, fill=255, width=width)
+        elif kind == 1:  # a line at an angle (a sector edge, a measurement)
+            draw.line([(int(rng.integers(w)), int(rng.integers(h))), (int(rng.integers(w)), int(rng.integers(h)))],
+                      fill=255, width=width)
+        elif kind == 2:  # a caliper: '+' or 'x', 5-11 px
+            x, y, r = int(rng.integers(w)), int(rng.integers(h)), int(rng.integers(2, 6))
+            if rng.random() < 0.5:
+                draw.line([(x - r, y), (x + r, y)], fill=255, width=width)
+                draw.line([(x, y - r), (x, y + r)], fill=255, width=width)
+            else:
+                draw.line([(x - r, y - r), (x + r, y + r)], fill=255, width=width)
+                draw.line([(x - r, y + r), (x + r, y - r)], fill=255, width=width)
+        else:  # a depth scale: a vertical line with ticks every few pixels, longer every fifth
+            x, step = int(rng.integers(2, max(3, w - 6))), int(rng.integers(4, 16))
+            if rng.random() < 0.5:
+                draw.line([(x, 0), (x, h)], fill=255, width=1)
+            for n, y in enumerate(range(int(rng.integers(step)), h, step)):
+                draw.line([(x, y), (x + (5 if n % 5 == 0 else 2), y)], fill=255, width=1)
+    ink = np.asarray(canvas) > 0
+    values[ink], mask[ink] = float(rng.integers(150, 256)), True
+
+
+def _draw_black(values: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
+    """A black (0) area: a band from an edge, a wedge beyond a slanted sector edge, or beyond a sector's arc."""
+    h, w = values.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    kind = int(rng.integers(3))
+    if kind == 0:  # band: rows or columns from one edge
+        size = int(rng.integers(3, max(4, (h if rng.random() < 0.5 else w) // 2)))
+        region = [yy < size, yy >= h - size, xx < size, xx >= w - size][int(rng.integers(4))]
+    elif kind == 1:  # beyond a straight edge through the patch at any angle
+        angle = rng.uniform(0.0, 2.0 * math.pi)
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        region = (yy - cy) * math.cos(angle) + (xx - cx) * math.sin(angle) > 0
+    else:  # beyond a circular arc (the bottom of a sector, or the apex)
+        radius = rng.uniform(0.5, 3.0) * max(h, w)
+        angle = rng.uniform(0.0, 2.0 * math.pi)
+        cy = h / 2 + (radius - rng.uniform(-0.3, 0.3) * h) * math.cos(angle)
+        cx = w / 2 + (radius - rng.uniform(-0.3, 0.3) * w) * math.sin(angle)
+        inside = np.hypot(yy - cy, xx - cx) < radius
+        region = ~inside if rng.random() < 0.5 else inside
+    values[region], mask[region] = 0.0, True
+
+
+def us_overlay(shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, mask)``: one to three of text, grey lines and black areas for a patch of ``shape``.
+
+    ``mask`` marks the overlay pixels, ``values`` their grey levels (text and graphics 150-255, black areas 0);
+    pasted into the clean patch and the noisy input alike (:class:`OverlayPatchPairs`).
+    """
+    values = np.zeros(shape, dtype=np.float32)
+    mask = np.zeros(shape, dtype=bool)
+    kinds = rng.permutation(3)[:int(rng.integers(1, 4))]
+    for kind in sorted(kinds, key=lambda k: (k != 2, k)):  # black first, graphics and text drawn over it
+        (_draw_text, _draw_lines, _draw_black)[int(kind)](values, mask, rng)
+    return values, mask
+
+
+class OverlayPatchPairs(PatchPairs):
+    """:class:`PatchPairs` whose training patches get, with probability ``overlay_probability``, an overlay
+    (:func:`us_overlay`) pasted into the clean patch before the noise and into the noisy patch after it: overlay
+    pixels are the same in input and target, noise falls only on the B-mode pixels."""
+
+    def __init__(self, *args: Any, overlay_probability: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.overlay_probability = float(overlay_probability)
+
+    def pair(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, np.random.Generator]:
+        """``(noisy, clean, overlay mask or None, image index, rng)`` of item ``index``, before normalisation and
+        augmentation."""
+        rng = np.random.default_rng([self.seed, int(index)])
+        k = int(rng.choice(len(self.images), p=self.weights))
+        im, p, m = self.images[k], self.patch, self.margin
+        y, x = self._origin(k, rng)
+        clean = im.pixels[y - m:y + p + m, x - m:x + p + m].astype(np.float32)
+        overlay: np.ndarray | None = None
+        values = np.zeros_like(clean)
+        if self.overlay_probability > 0.0 and rng.random() < self.overlay_probability:
+            values, overlay = us_overlay(clean.shape, rng)
+            clean = np.where(overlay, values, clean).astype(np.float32)
+        noisy = self.noise(im, clean, self.params[k], rng)
+        if overlay is not None:
+            noisy = np.where(overlay, values, noisy).astype(np.float32)
+            overlay = overlay[m:m + p, m:m + p]
+        return noisy[m:m + p, m:m + p], clean[m:m + p, m:m + p], overlay, k, rng
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        import torch
+
+        from training.data import augment
+
+        noisy, clean, _, k, rng = self.pair(index)
+        offset, scale = self.params[k]
+        a = torch.from_numpy(((noisy - offset) / scale).astype(np.float32))[None]
+        b = torch.from_numpy(((clean - offset) / scale).astype(np.float32))[None]
+        if self.augment:
+            a, b = augment((a, b), rng)
+        return a, b
+
+
 def draw_us_level(recipe: dict[str, Any], rng: np.random.Generator) -> tuple[int, float, float, float, float]:
     """``(looks, speckle_sigma, lateral_ratio, electronic_db, dynamic_range_db)`` from the recipe's ranges."""
     l0, l1 = recipe["looks_range"]
@@ -239,7 +414,14 @@ def draw_us_level(recipe: dict[str, Any], rng: np.random.Generator) -> tuple[int
 
 
 def _settings(cfg) -> dict[str, Any]:
-    return recipe_settings(cfg.recipe, RECIPE_DEFAULTS, cfg.source or "config")
+    from training.config import TrainingConfigError
+
+    where = cfg.source or "config"
+    settings = recipe_settings(cfg.recipe, RECIPE_DEFAULTS, where)
+    p = settings["overlay_probability"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise TrainingConfigError(f"{where} [recipe]: overlay_probability must be a number in [0, 1], got {p!r}")
+    return settings
 
 
 def build_datasets(cfg, progress: bool = True):
@@ -254,7 +436,8 @@ def build_datasets(cfg, progress: bool = True):
     def noise(im: Image2D, clean: np.ndarray, params: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
         return speckle_noisy(clean, im.value_range[1], *draw_us_level(recipe, rng), rng)
 
-    train = PatchPairs(parts["train"], noise, d.patch, cfg.train.steps * d.batch, cfg.seed, margin=US_MARGIN)
+    train = OverlayPatchPairs(parts["train"], noise, d.patch, cfg.train.steps * d.batch, cfg.seed, margin=US_MARGIN,
+                              overlay_probability=float(recipe["overlay_probability"]))
     val = None
     if parts["validation"]:
         val = fixed_validation(PatchPairs(parts["validation"], noise, d.patch, d.validation_patches,
@@ -276,7 +459,7 @@ def card_noise(cfg) -> dict[str, Any]:
     settings = _settings(cfg)
     return {"model": "speckle and electronic noise on the envelope (training/modalities/ultrasound.py)",
             **{k: settings[k] for k in ("looks_range", "speckle_sigma_range", "lateral_ratio_range",
-                                        "electronic_db_range", "dynamic_range_db")}}
+                                        "electronic_db_range", "dynamic_range_db", "overlay_probability")}}
 
 
 def card_strength_range(cfg) -> list[float]:
