@@ -634,7 +634,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         names.add(dest.name)
         if dest.type != "dimse":
             if dest.type == "dicomweb" and dest.url:  # (a missing url or an unknown type is reported already)
-                from dicom_node.dicomweb.stow_send import destination_problems
+                from dicom_node.dicomweb.stow_send import destination_problems  # noqa: PLC0415 - cycle: stow_send imports config
 
                 problems.extend(destination_problems(dest, where))
             continue
@@ -773,7 +773,7 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "configuration",
     cfg = Config(**{k: v for k, v in kwargs.items() if v is not None}, source=source)
     _validate(cfg, problems)
     if check_models:
-        from dicom_node.denoise.model_check import model_problems
+        from dicom_node.denoise.model_check import model_problems  # noqa: PLC0415 - cycle: model_check imports config
 
         problems.extend(model_problems(cfg))
     if problems:

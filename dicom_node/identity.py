@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pynetdicom import AE
+
 from dicom_node import __version__
 
 #: Implementation Class UID of dicom-node (PS3.7 D.3.3.2), under pydicom's UID root for implementations.
@@ -21,8 +23,6 @@ NODE_MANUFACTURER = "dicom-node"
 
 def application_entity(ae_title: str) -> Any:
     """A pynetdicom ``AE`` that presents the node's identity (pynetdicom's own is ``PYNETDICOM_304``)."""
-    from pynetdicom import AE
-
     ae = AE(ae_title=ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME

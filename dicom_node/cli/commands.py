@@ -10,12 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from dicom_node.cli import CommandError, add_config_argument, config_from_args, existing_database, setup_logging
 from dicom_node.config import example_config_text, load_config
+from dicom_node.store.database import utcnow
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from dicom_node.ops.service import parse_roles, serve
+    from dicom_node.ops.service import parse_roles, serve  # noqa: PLC0415 - CLI handler: --help stays light
 
     try:
         roles = parse_roles(args.role or ["all"])
@@ -41,7 +44,7 @@ def _cmd_config_example(_args: argparse.Namespace) -> int:
 
 
 def _cmd_echo(args: argparse.Namespace) -> int:
-    from dicom_node.export.exporter import echo_destination
+    from dicom_node.export.exporter import echo_destination  # noqa: PLC0415 - CLI handler: --help stays light
 
     cfg = config_from_args(args)
     try:
@@ -55,14 +58,13 @@ def _cmd_echo(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from dicom_node.ops.probe import probe_node
-    from dicom_node.store.repository import status_counts
+    from dicom_node.ops.probe import probe_node  # noqa: PLC0415 - CLI handler: --help stays light
+    from dicom_node.store.repository import status_counts  # noqa: PLC0415 - CLI handler: --help stays light
 
     probe = probe_node(cfg)
     if not args.json:
         print(f"node:    {probe.line()}")
-    from dicom_node.store.database import utcnow
-    from dicom_node.store.overview import failures, unrouted_series
+    from dicom_node.store.overview import failures, unrouted_series  # noqa: PLC0415 - CLI handler: --help stays light
 
     with existing_database(cfg) as engine, engine.connect() as conn:
         counts = status_counts(conn)
@@ -127,11 +129,8 @@ def _age(when: dt.datetime | None, now: dt.datetime) -> str:
 
 
 def _cmd_jobs_list(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
-    from dicom_node.store.database import utcnow
-    from dicom_node.store.overview import unrouted_series
-    from dicom_node.store.schema import Export, Job, Series
+    from dicom_node.store.overview import unrouted_series  # noqa: PLC0415 - CLI handler: --help stays light
+    from dicom_node.store.schema import Export, Job, Series  # noqa: PLC0415 - CLI handler: --help stays light
 
     cfg = config_from_args(args)
     now = utcnow()
@@ -174,9 +173,7 @@ def _cmd_jobs_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs_show(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
-    from dicom_node.store.schema import Export, ExportInstance, Job, Series
+    from dicom_node.store.schema import Export, ExportInstance, Job, Series  # noqa: PLC0415 - CLI handler: --help stays light
 
     cfg = config_from_args(args)
     with existing_database(cfg) as engine, engine.connect() as conn:
@@ -217,8 +214,6 @@ def _trust_line(job: Any) -> str:
     """``fail 0.00 (edge_ratio 4.12, bias 0.3, blob_z 3.1): edge_ratio 4.12 (fail at 3)`` or ``-``."""
     if not job.trust_verdict:
         return "-"
-    import json
-
     try:
         detail = json.loads(job.trust_detail or "{}")
     except ValueError:
@@ -231,12 +226,9 @@ def _trust_line(job: Any) -> str:
 
 
 def _cmd_jobs_action(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
-    from dicom_node.store import audit
-    from dicom_node.store.database import utcnow
-    from dicom_node.store.queue import cancel, retry
-    from dicom_node.store.schema import Export, Job
+    from dicom_node.store import audit  # noqa: PLC0415 - CLI handler: --help stays light
+    from dicom_node.store.queue import cancel, retry  # noqa: PLC0415 - CLI handler: --help stays light
+    from dicom_node.store.schema import Export, Job  # noqa: PLC0415 - CLI handler: --help stays light
 
     cfg = config_from_args(args)
     action = retry if args.action == "retry" else cancel
@@ -261,11 +253,11 @@ def _cmd_jobs_action(args: argparse.Namespace) -> int:
 
 
 def _cmd_rules_test(args: argparse.Namespace) -> int:
-    from pydicom import dcmread
+    from pydicom import dcmread  # noqa: PLC0415 - CLI handler: pydicom only for `route`
 
-    from dicom_node.assemble.routing import SeriesAttributes, explain, route
-    from dicom_node.denoise.model_check import available_models, rule_model_problems
-    from dicom_node.receive.receiver import extract_facts
+    from dicom_node.assemble.routing import SeriesAttributes, explain, route  # noqa: PLC0415 - CLI handler: --help stays light
+    from dicom_node.denoise.model_check import available_models, rule_model_problems  # noqa: PLC0415 - CLI handler: --help stays light
+    from dicom_node.receive.receiver import extract_facts  # noqa: PLC0415 - CLI handler: --help stays light
 
     cfg = config_from_args(args)
     models = available_models(cfg.models.directories)

@@ -8,6 +8,7 @@ before/after/difference PNG per series.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Any
 
 from dicom_node.cli import add_config_argument, config_from_args
 from dicom_node.config import Config
+from dicom_node.denoise.cpu_memory import keep_freed_memory
+from dicom_node.denoise.errors import SeriesRefused
 
 LOGGER = logging.getLogger(__name__)
 
@@ -107,8 +110,8 @@ def choose_model(series: Any, cfg: Config, model: str | None, strength: float | 
     ModelNotFound
         When no model fits the series.
     """
-    from dicom_node.denoise.engine import series_unit
-    from models.folder import ModelMismatch, ModelNotFound, find_model, list_models, read_card
+    from dicom_node.denoise.engine import series_unit  # noqa: PLC0415 - delays torch (denoise.engine)
+    from models.folder import ModelMismatch, ModelNotFound, find_model, list_models, read_card  # noqa: PLC0415 - delays torch (models.folder)
 
     directories = cfg.models.directories
     if model:
@@ -117,8 +120,8 @@ def choose_model(series: Any, cfg: Config, model: str | None, strength: float | 
         return ModelChoice(folder, chosen, "--model")
     note = ""
     if use_rules:
-        from dicom_node.assemble.routing import SeriesAttributes, route
-        from dicom_node.receive.receiver import extract_facts
+        from dicom_node.assemble.routing import SeriesAttributes, route  # noqa: PLC0415 - CLI handler: --help stays light
+        from dicom_node.receive.receiver import extract_facts  # noqa: PLC0415 - CLI handler: --help stays light
 
         try:
             facts = extract_facts(series.first, "", "", cfg.node.ae_title)
@@ -159,15 +162,14 @@ def choose_model(series: Any, cfg: Config, model: str | None, strength: float | 
 
 def run_denoise(args: argparse.Namespace) -> int:
     """Handler of ``dicom-node denoise``."""
-    import torch
-    from tqdm import tqdm
+    import torch  # noqa: PLC0415 - delays torch
+    from tqdm import tqdm  # noqa: PLC0415 - delays tqdm
 
-    from dicom_node.denoise.derived import DerivedSeriesSettings, new_series_uid
-    from dicom_node.denoise.engine import Engine, denoise_series
-    from dicom_node.denoise.errors import SeriesRefused
-    from dicom_node.denoise.preview import preview_image, write_png
-    from dicom_node.denoise.series import scan
-    from models.folder import ModelError, load_model_folder, resolve_device
+    from dicom_node.denoise.derived import DerivedSeriesSettings, new_series_uid  # noqa: PLC0415 - CLI handler: --help stays light
+    from dicom_node.denoise.engine import Engine, denoise_series  # noqa: PLC0415 - delays torch (denoise.engine)
+    from dicom_node.denoise.preview import preview_image, write_png  # noqa: PLC0415 - CLI handler: --help stays light
+    from dicom_node.denoise.series import scan  # noqa: PLC0415 - CLI handler: --help stays light
+    from models.folder import ModelError, load_model_folder, resolve_device  # noqa: PLC0415 - delays torch (models.folder)
 
     cfg = config_from_args(args)
     if args.strength is not None and not 0.0 <= args.strength <= 1.0:
@@ -176,8 +178,6 @@ def run_denoise(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if cfg.models.keep_freed_cpu_memory:
-        from dicom_node.denoise.cpu_memory import keep_freed_memory
-
         keep_freed_memory()  # as `serve` does: the denoise threads start below
     if not args.input.exists():
         print(f"dicom-node denoise: {args.input} does not exist", file=sys.stderr)
@@ -229,7 +229,7 @@ def run_denoise(args: argparse.Namespace) -> int:
 
 def run_models_list(args: argparse.Namespace) -> int:
     """Handler of ``dicom-node models list``."""
-    from models.folder import list_models, model_search_path
+    from models.folder import list_models, model_search_path  # noqa: PLC0415 - delays torch (models.folder)
 
     cfg = config_from_args(args)
     entries = list_models(cfg.models.directories)
@@ -271,10 +271,8 @@ def _metric_lines(metrics: dict, baseline: str) -> list[str]:
 
 def run_models_show(args: argparse.Namespace) -> int:
     """Handler of ``dicom-node models show NAME``: a readable summary; ``--all`` the card, ``--json`` as JSON."""
-    import json
-
-    from models.folder import ModelError, find_model, read_card, sha256_file
-    from models.networks import build_network, describe
+    from models.folder import ModelError, find_model, read_card, sha256_file  # noqa: PLC0415 - delays torch (models.folder)
+    from models.networks import build_network, describe  # noqa: PLC0415 - delays torch (models.networks)
 
     cfg = config_from_args(args)
     try:

@@ -8,18 +8,22 @@ import datetime as dt
 import getpass
 import json
 import logging
+import os
 import secrets
 import sys
+from importlib import resources
+from pathlib import Path
 
 from dicom_node.cli import CommandError, add_config_argument, config_from_args, existing_database, setup_logging
 from dicom_node.config import WEB_ROLES
+from dicom_node.ops.config_edit import USER_NAME, ConfigEditError, add_web_user
+from dicom_node.store.database import make_engine, migrate, schema_version, utcnow
 
 LOGGER = logging.getLogger(__name__)
 
 
 def _cmd_db_migrate_to(args: argparse.Namespace) -> int:
-    from dicom_node.store.copy import CopyRefused, copy_database
-    from dicom_node.store.database import make_engine
+    from dicom_node.store.copy import CopyRefused, copy_database  # noqa: PLC0415 - CLI handler: --help stays light
 
     cfg = config_from_args(args)
     setup_logging("WARNING")
@@ -41,8 +45,6 @@ def _cmd_db_migrate_to(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from dicom_node.store.database import make_engine, migrate, schema_version
-
     cfg = config_from_args(args)
     if not cfg.node.database_url:
         cfg.data_path.mkdir(parents=True, exist_ok=True)
@@ -54,8 +56,7 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from dicom_node.store import audit
-    from dicom_node.store.database import utcnow
+    from dicom_node.store import audit  # noqa: PLC0415 - CLI handler: --help stays light
 
     cfg = config_from_args(args)
     since = utcnow() - dt.timedelta(hours=args.hours) if args.hours else None
@@ -79,7 +80,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from dicom_node.ops.probe import ask_web, web_url
+    from dicom_node.ops.probe import ask_web, web_url  # noqa: PLC0415 - CLI handler: --help stays light
 
     url = args.url
     if not url:
@@ -100,7 +101,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
 
 def _cmd_hash_password(args: argparse.Namespace) -> int:
-    from dicom_node.web.auth import hash_password
+    from dicom_node.web.auth import hash_password  # noqa: PLC0415 - CLI handler: --help stays light
 
     password = _read_new_password(args.stdin)
     if password is None:
@@ -125,12 +126,7 @@ def _read_new_password(from_stdin: bool) -> str | None:
 
 
 def _cmd_add_user(args: argparse.Namespace) -> int:
-    import os
-    from importlib import resources
-    from pathlib import Path
-
-    from dicom_node.ops.config_edit import USER_NAME, ConfigEditError, add_web_user
-    from dicom_node.web.auth import hash_password
+    from dicom_node.web.auth import hash_password  # noqa: PLC0415 - CLI handler: --help stays light
 
     path = args.config or os.environ.get("DICOM_NODE_CONFIG")
     if not path:
@@ -153,7 +149,7 @@ def _cmd_add_user(args: argparse.Namespace) -> int:
 
 
 def _cmd_new_token(_args: argparse.Namespace) -> int:
-    from dicom_node.web.auth import token_digest
+    from dicom_node.web.auth import token_digest  # noqa: PLC0415 - CLI handler: --help stays light
 
     token = secrets.token_urlsafe(32)
     print(f"token (give it to the client; it is not stored): {token}")
@@ -162,8 +158,7 @@ def _cmd_new_token(_args: argparse.Namespace) -> int:
 
 
 def _cmd_unlock(args: argparse.Namespace) -> int:
-    from dicom_node.store import audit, throttle
-    from dicom_node.store.database import utcnow
+    from dicom_node.store import audit, throttle  # noqa: PLC0415 - CLI handler: --help stays light
 
     if bool(args.user) == bool(args.address):
         raise CommandError("name a user or give --address ADDRESS", 2)

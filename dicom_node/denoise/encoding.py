@@ -17,6 +17,8 @@ from typing import Any
 
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
@@ -43,9 +45,6 @@ def charset_key(value: Any) -> tuple[str, ...] | None:
 
 
 def raw_element(elem: DataElement, charset: tuple[str, ...] | None) -> RawDataElement:
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_data_element
-
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_data_element(fp, elem, list(charset) if charset else None)
@@ -125,9 +124,6 @@ def encode_file(ds: Dataset) -> bytes:
     encoding is only its header and its stored value, so those are written here directly and every other
     element goes through pydicom's ``write_data_element``. Tested byte for byte against ``save_as``.
     """
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_file_meta_info
-
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     fp.write(ds.preamble or b"\x00" * 128)
@@ -139,8 +135,6 @@ def encode_file(ds: Dataset) -> bytes:
         fp.write(meta)
     parts = encoded_parts(ds)
     if parts is None:  # raw elements must be converted: leave it all to pydicom
-        from pydicom.filewriter import write_dataset
-
         write_dataset(fp, ds)
         return fp.getvalue()
     fp.write(b"".join(data for _tag, data in parts))
@@ -150,9 +144,6 @@ def encode_file(ds: Dataset) -> bytes:
 def encoded_parts(ds: Dataset) -> list[tuple[int, bytes]] | None:
     """Each element of ``ds`` (explicit VR little endian) as its encoded bytes, in order; ``None`` when the dataset
     was read in another encoding or character set (its raw elements would need converting)."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_data_element
-
     if not (tuple(ds.original_encoding) == (False, True) and ds.original_character_set == ds._character_set):
         return None
     encoding = ds.get("SpecificCharacterSet", "iso8859")

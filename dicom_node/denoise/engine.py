@@ -39,6 +39,7 @@ from torch import nn
 from dicom_node.denoise.derived import (
     DerivationInfo,
     DerivedSeriesSettings,
+    derived_sop_instance_uid,
     new_series_uid,
 )
 from dicom_node.denoise.errors import SeriesRefused
@@ -544,8 +545,6 @@ def _write_chunk(items: list[tuple[Any, np.ndarray, PixelFormat]], writer: Deriv
 
 def _remove_partial(series: Series, info: DerivationInfo, output_dir: str | os.PathLike[str]) -> None:
     """Delete the derived files of ``series`` that a failed call wrote (their names are deterministic)."""
-    from dicom_node.denoise.derived import derived_sop_instance_uid
-
     removed = 0
     for inst in series.instances:
         uid = derived_sop_instance_uid(info.series_instance_uid, inst.sop_instance_uid, info.uid_root)

@@ -25,6 +25,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.denoise.errors import SeriesRefused
@@ -510,8 +511,6 @@ def palette_to_rgb(index: np.ndarray, ds: Dataset) -> np.ndarray:
     16-bit palette entries (PS3.3 C.7.6.3.1.6) are reduced to their high byte: entries written as ``v << 8`` and
     full-range ones (``v * 257``) both give ``v``. Palettes whose 16-bit entries hold 8-bit values are kept.
     """
-    from pydicom.pixels import apply_color_lut
-
     rgb = apply_color_lut(index, ds)
     if rgb.dtype.itemsize > 1:
         if rgb.size and int(rgb.max()) > 255:

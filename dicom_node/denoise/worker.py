@@ -23,6 +23,10 @@ from typing import Any
 from sqlalchemy import Engine
 
 from dicom_node.config import LOCAL_DESTINATION, Config
+from dicom_node.denoise.derived import DerivedSeriesSettings, derived_series_uid
+from dicom_node.denoise.errors import SeriesRefused
+from dicom_node.denoise.pixels import stored_to_physical
+from dicom_node.denoise.preview import preview_image, write_png
 from dicom_node.denoise.series import HeaderCache
 from dicom_node.denoise.trust_note import trust_note, write_trust_note
 from dicom_node.ops import metrics
@@ -92,8 +96,8 @@ class ModelCache:
         """The inference engine for model ``name`` (loaded and moved to the device on first use)."""
         with self.lock:
             if name not in self._engines:
-                from dicom_node.denoise.engine import Engine
-                from models.folder import load_model, resolve_device
+                from dicom_node.denoise.engine import Engine  # noqa: PLC0415 - delays torch (denoise.engine)
+                from models.folder import load_model, resolve_device  # noqa: PLC0415 - delays torch (models.folder)
 
                 device = resolve_device(self.cfg.models.device)
                 loaded = load_model(name, self.cfg.models.directories, device)
@@ -131,10 +135,8 @@ def run_job(cfg: Config, engine: Engine, models: ModelCache, job: ClaimedJob, wo
     JobFailed
         When the series cannot be denoised with this model (the reason is the message).
     """
-    from dicom_node.denoise.derived import DerivedSeriesSettings, derived_series_uid
-    from dicom_node.denoise.engine import denoise_series
-    from dicom_node.denoise.errors import SeriesRefused
-    from models.folder import ModelError
+    from dicom_node.denoise.engine import denoise_series  # noqa: PLC0415 - delays torch (denoise.engine)
+    from models.folder import ModelError  # noqa: PLC0415 - delays torch (models.folder)
 
     with engine.connect() as conn:
         series = series_by_pk(conn, job.series_pk)
@@ -256,8 +258,7 @@ def trust_check(result: Any) -> Any:
     samples = getattr(result, "samples", None)
     if not samples:
         return None
-    from dicom_node.denoise.pixels import stored_to_physical
-    from dicom_node.denoise.trust import check_frames
+    from dicom_node.denoise.trust import check_frames  # noqa: PLC0415 - delays scipy (trust)
 
     try:
         shapes = {before.shape for before, _after, _fmt in samples}
@@ -295,8 +296,6 @@ def write_preview(out_dir: Path, result: Any) -> Path | None:
     """Write ``preview.png`` (middle slice: before | after | difference) beside the derived files."""
     if getattr(result, "preview", None) is None:
         return None
-    from dicom_node.denoise.preview import preview_image, write_png
-
     try:
         before, after, fmt = result.preview
         return write_png(out_dir / PREVIEW_NAME, preview_image(before, after, fmt))

@@ -30,6 +30,7 @@ Native DICOM Model XML (``application/dicom+xml``, PS3.19 A.1) when the client a
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -220,8 +221,6 @@ def parse_xml_response(body: bytes) -> ParsedResponse:
     ValueError
         When the body is not XML.
     """
-    import xml.etree.ElementTree as ET
-
     try:
         root = ET.fromstring(body)
     except ET.ParseError as exc:

@@ -43,6 +43,9 @@ from http import HTTPStatus
 from io import BytesIO
 from typing import Any
 
+from pydicom import dcmread
+from pydicom.filereader import _read_file_meta_info, read_preamble
+
 from dicom_node.dicomweb import status as stow_status
 from dicom_node.dicomweb.multipart import MalformedMultipart, ReceivedPart, parse_media_type, read_multipart
 from dicom_node.dicomweb.status import InstanceOutcome
@@ -171,8 +174,6 @@ def _file_meta(data: bytes) -> tuple[Any, int]:
     Exception
         Whatever pydicom raises when the bytes are not a PS3.10 file.
     """
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-
     stream = BytesIO(data)
     read_preamble(stream, False)
     meta = _read_file_meta_info(stream)
@@ -296,8 +297,6 @@ class StowService:
                                                 f"transfer syntax {transfer_syntax!r} is not accepted"))
         if study:
             try:
-                from pydicom import dcmread
-
                 found = str(dcmread(BytesIO(data), stop_before_pixels=True,
                                     specific_tags=[0x0020000D]).get("StudyInstanceUID", ""))
             except Exception as exc:  # noqa: BLE001

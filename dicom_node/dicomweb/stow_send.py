@@ -118,7 +118,7 @@ def open_session(dest: Destination) -> Any:
     CredentialError
         When the token or password cannot be read.
     """
-    import requests
+    import requests  # noqa: PLC0415 - delays requests until a send
 
     session = requests.Session()
     session.headers.update(auth_headers(dest))
@@ -207,7 +207,7 @@ def _parse(response: Any) -> stow_status.ParsedResponse | None:
 
 def _send_batch(session: Any, dest: Destination, batch: list[tuple[int, str, Path]], on_status: OnStatus) -> str:
     """POST one batch; report each instance's outcome; return an error text when the attempt should stop."""
-    import requests
+    import requests  # noqa: PLC0415 - delays requests until a send
 
     readable: list[tuple[int, str, Path]] = []
     for key, sop, path in batch:
@@ -276,7 +276,7 @@ def echo_dicomweb(dest: Destination) -> tuple[bool, str]:
 
     Any 2xx answer (204 when it holds no study) means reachable, TLS trusted and credentials accepted.
     """
-    import requests
+    import requests  # noqa: PLC0415 - delays requests until a send
 
     url = f"{_base(dest)}/studies?limit=1"
     where = f"{dest.name} ({_base(dest)})"

@@ -31,6 +31,9 @@ yet), and every Error Comment the node sends is made one valid LO value by :func
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
 import ipaddress
 import itertools
 import logging
@@ -46,6 +49,7 @@ from copy import copy
 from datetime import datetime
 from typing import Any, cast
 
+import pynetdicom.ae
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom._handlers import standard_dimse_sent_handler
@@ -123,10 +127,6 @@ def upstream_source_sha256(qualified_name: str) -> str:
     str
         The hex digest of ``inspect.getsource`` of the function, encoded as UTF-8.
     """
-    import hashlib
-    import importlib
-    import inspect
-
     module_name, class_name, attribute = qualified_name.rsplit(".", 2)
     function = vars(getattr(importlib.import_module(module_name), class_name))[attribute]
     return hashlib.sha256(inspect.getsource(function).encode("utf-8")).hexdigest()
@@ -924,7 +924,5 @@ def use_event_driven_requestors() -> None:
     when ``node.dimse_fast_path`` is on, before any stage runs, so every association the process opens (exports,
     the dashboard's C-ECHO) is of the same kind from the start; one-shot commands keep stock pynetdicom.
     """
-    import pynetdicom.ae
-
     if pynetdicom.ae.Association is not EventDrivenAssociation:
         pynetdicom.ae.Association = EventDrivenAssociation  # type: ignore[misc]

@@ -10,6 +10,8 @@ import socket
 import ssl
 from typing import Any
 
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
 from dicom_node.config import Config, Destination
 from dicom_node.identity import application_entity
 
@@ -90,8 +92,6 @@ def association_failure(assoc: Any, dest: Destination) -> str:
 def c_echo(cfg: Config, dest: Destination) -> tuple[bool, str]:
     """C-ECHO the DIMSE destination ``dest`` (PS3.4 A.4); return whether it answered success and a one-line
     description."""
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
     ae = application_entity(dest.calling_ae_title or cfg.node.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds

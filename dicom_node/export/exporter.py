@@ -28,9 +28,11 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config, build_context
 from sqlalchemy import Engine
 
 from dicom_node.config import LOCAL_DESTINATION, Config, Destination
+from dicom_node.dicomweb.stow_send import echo_dicomweb, send_series_stow
 from dicom_node.dimse.transport import association_failure, c_echo, client_ssl_context, set_no_delay
 from dicom_node.identity import application_entity
 from dicom_node.ops import metrics
@@ -78,8 +80,6 @@ def _configure_pynetdicom() -> None:
     Which association class ``AE.associate`` builds is decided once, by ``Node.start`` (``node.dimse_fast_path``,
     see :func:`dicom_node.dimse.reactor.use_event_driven_requestors`), never here.
     """
-    from pynetdicom import _config
-
     _config.STORE_SEND_CHUNKED_DATASET = True
 
 
@@ -103,8 +103,6 @@ def send_series(cfg: Config, dest: Destination, files: list[tuple[int, str, Path
     association ended early), else ""; per-instance failures are reported through ``on_status`` only.
     ``on_status`` is called from one thread at a time.
     """
-    from pynetdicom import build_context
-
     _configure_pynetdicom()
     headers = _headers(files)
     wanted: dict[str, list[str]] = {}
@@ -224,8 +222,6 @@ def send_to_destination(cfg: Config, dest: Destination, files: list[tuple[int, s
     (:func:`dicom_node.dicomweb.stow_send.send_series_stow`); both report through ``on_status(key, status, error)``
     and return the attempt's error text ("" when every instance was answered)."""
     if dest.type == "dicomweb":
-        from dicom_node.dicomweb.stow_send import send_series_stow
-
         return send_series_stow(cfg, dest, files, on_status)
     return send_series(cfg, dest, files, on_status)
 
@@ -234,8 +230,6 @@ def echo_destination(cfg: Config, dest: Destination) -> tuple[bool, str]:
     """C-ECHO ``dest`` (PS3.4 A.4), or for a ``dicomweb`` destination a QIDO-RS ``GET {url}/studies?limit=1``;
     return whether it answered success and a one-line description."""
     if dest.type == "dicomweb":
-        from dicom_node.dicomweb.stow_send import echo_dicomweb
-
         return echo_dicomweb(dest)
     return c_echo(cfg, dest)
 

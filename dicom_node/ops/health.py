@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import Config
+from dicom_node.ops.metrics import gpu_samples
+from dicom_node.store.database import schema_head, schema_version, utcnow
+from dicom_node.store.overview import destination_troubles
 
 LOGGER = logging.getLogger(__name__)
 
@@ -62,8 +65,6 @@ def model_folders(cfg: Config) -> list[Path]:
 
 def check_database(engine: Any) -> Check:
     """The database answers and is at the newest schema revision."""
-    from dicom_node.store.database import schema_head, schema_version
-
     started = time.perf_counter()
     try:
         version = schema_version(engine)
@@ -108,8 +109,6 @@ def check_models(cfg: Config, loaded: list[str] | None = None) -> Check:
 
 def check_gpu() -> Check:
     """GPUs torch sees in this process, with memory (only when torch is already loaded)."""
-    from dicom_node.ops.metrics import gpu_samples
-
     gpus = gpu_samples()
     if not gpus:
         return Check("gpu", True, "none in use by this process (CPU)")
@@ -167,9 +166,6 @@ def check_destinations(cfg: Config, engine: Any, probe: bool = True) -> Check:
     DIMSE destinations, whether a TCP connection opens. The node still receives and denoises meanwhile: nothing
     is lost, the exports wait, so this degrades the node rather than failing it.
     """
-    from dicom_node.store.database import utcnow
-    from dicom_node.store.overview import destination_troubles
-
     try:
         with engine.connect() as conn:
             troubles = {t.destination: t for t in destination_troubles(conn, utcnow() - dt.timedelta(hours=24))}

@@ -24,6 +24,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicom_node.store.database import utcnow
+from dicom_node.store.overview import destination_troubles, queue_summary
+
 LOGGER = logging.getLogger(__name__)
 
 #: The registry every metric of this package lives in (not the client's global one, so tests stay isolated).
@@ -146,9 +149,6 @@ class NodeCollector(Collector):
             yield from self._database()
 
     def _database(self) -> Iterator[Metric]:
-        from dicom_node.store.database import utcnow
-        from dicom_node.store.overview import destination_troubles, queue_summary
-
         try:
             with self.node.engine.connect() as conn:
                 summary = queue_summary(conn, utcnow())

@@ -26,10 +26,15 @@ import re
 import threading
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from dicom_node.config import Config, ConfigError, config_from_mapping, load_config
+from dicom_node.export.exporter import Exporter, destinations_to_serve
+from dicom_node.ops.config_edit import replace_keeping_backup
+from dicom_node.store import audit
+from dicom_node.store.database import utcnow
 
 LOGGER = logging.getLogger(__name__)
 
@@ -142,9 +147,6 @@ def reload_node(node: Any, actor: str, new: Config | None = None, note: str = ""
     ConfigError
         When the file is invalid; nothing is changed then.
     """
-    from dicom_node.store import audit
-    from dicom_node.store.database import utcnow
-
     with _RELOAD_LOCK:
         new = new if new is not None else load_for(node)
         result = apply_config(node.cfg, new)
@@ -173,8 +175,6 @@ def reload_node(node: Any, actor: str, new: Config | None = None, note: str = ""
 def _start_new_exporters(node: Any, result: ReloadResult) -> None:
     if "destinations" not in result.applied or "export" not in node.roles:
         return
-    from dicom_node.export.exporter import Exporter, destinations_to_serve
-
     serving = {t.destination for t in node.threads if isinstance(t, Exporter)}
     for name in destinations_to_serve(node.cfg):
         if name in serving:
@@ -295,10 +295,6 @@ def save_rules_and_destinations(node: Any, edited: str, expected_digest: str, ac
         When the text or the configuration it makes is invalid, or the file changed since it was read; the file
         and the running configuration are left as they are.
     """
-    from importlib import resources
-
-    from dicom_node.ops.config_edit import replace_keeping_backup
-
     source = node.cfg.source
     if source == "defaults":
         raise EditRefused(["the node runs on built-in defaults (no --config file): there is no file to edit"])

@@ -25,21 +25,28 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pynetdicom import evt
 from sqlalchemy import Engine
 
 from dicom_node import __version__
 from dicom_node.assemble.assembler import Assembler
-from dicom_node.config import Config
+from dicom_node.config import Config, ConfigError
 from dicom_node.denoise.cpu_memory import keep_freed_memory
+from dicom_node.denoise.worker import ModelCache, Worker
 from dicom_node.dimse.reactor import use_event_driven_requestors
 from dicom_node.export.exporter import Exporter, StalledExportSweeper, destinations_to_serve
+from dicom_node.ops import metrics
+from dicom_node.ops.probe import web_url
+from dicom_node.ops.reload import reload_node
 from dicom_node.receive.receiver import Receiver, reindex_spool, start_scp
+from dicom_node.store import audit
 from dicom_node.store.database import make_engine, migrate, utcnow
 from dicom_node.store.doorbell import Doorbell
 from dicom_node.store.lease import LeaseKeeper, start_lease, stop_lease
 from dicom_node.store.queue import ProcessIdentity
 from dicom_node.store.retention import RetentionSweeper
 from dicom_node.store.spool import Spool
+from dicom_node.web.server import start_web
 
 LOGGER = logging.getLogger(__name__)
 
@@ -117,8 +124,6 @@ class Node:
             keep_freed_memory()  # before any thread starts: a thread keeps the malloc arena it first used
         engine, spool = open_storage(self.cfg)
         self.engine = engine
-        from dicom_node.store import audit
-
         receiver: Receiver | None = None  # role "receive" only
         if "receive" in self.roles:
             receiver = self.receiver = Receiver(spool, engine, int(self.cfg.node.min_free_disk_gb * 1024**3))
@@ -136,8 +141,6 @@ class Node:
             threads.append(audit.AuditPurger(self.cfg, engine, self.stop_event))
             threads.append(RetentionSweeper(self.cfg, engine, self.stop_event))
         if runs_models:
-            from dicom_node.denoise.worker import ModelCache, Worker
-
             self.models = ModelCache(self.cfg)
             threads.append(Worker(self.cfg, engine, self.stop_event, self.identity.worker_id("worker"),
                                   models=self.models,
@@ -160,8 +163,6 @@ class Node:
                 raise
             _count_associations(self.server)
         if self.cfg.web.port:
-            from dicom_node.web.server import start_web
-
             try:
                 self.web = start_web(self)
             except OSError as exc:
@@ -199,8 +200,6 @@ class Node:
 
 def log_dashboard(cfg: Config) -> None:
     """Log where the dashboard is and whether anyone can log in (a WARNING naming the command when nobody can)."""
-    from dicom_node.ops.probe import web_url
-
     url = web_url(cfg, "/")
     if cfg.web.bind_address.strip() in ("", "0.0.0.0", "::", "*"):
         url += " (and on every other address of this host)"
@@ -278,10 +277,6 @@ def check_listen_ports(cfg: Config, roles: frozenset[str]) -> None:
 def _count_associations(server: Any) -> None:
     """Count associations, and connections closed before associating, for ``/metrics`` (bound to the running
     server; the receive module stays untouched)."""
-    from pynetdicom import evt
-
-    from dicom_node.ops import metrics
-
     server.gate.on_close = metrics.count_closed_connection
 
     for event, outcome in ((evt.EVT_ACCEPTED, "accepted"), (evt.EVT_REJECTED, "rejected"),
@@ -326,9 +321,6 @@ def serve(cfg: Config, roles: frozenset[str] = frozenset(ROLES)) -> int:
 
 def _reload_on_signal(node: Node) -> None:
     """Reload after SIGHUP; an invalid file is logged with every problem and the running configuration kept."""
-    from dicom_node.config import ConfigError
-    from dicom_node.ops.reload import reload_node
-
     LOGGER.info("received SIGHUP, reloading %s", node.cfg.source)
     try:
         reload_node(node, "signal:SIGHUP")

@@ -27,6 +27,7 @@ from io import BytesIO
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -63,7 +64,7 @@ from dicom_node.identity import (
 )
 from dicom_node.receive.dataset_check import MalformedDataset, check_dataset_structure, inflate
 from dicom_node.store.database import utcnow
-from dicom_node.store.repository import InstanceFacts, forget_instance, record_instance
+from dicom_node.store.repository import InstanceFacts, forget_instance, known_instance_paths, record_instance
 from dicom_node.store.spool import Spool, is_valid_uid
 
 LOGGER = logging.getLogger(__name__)
@@ -349,8 +350,6 @@ def _parse_received(encoded: memoryview, ts: UID, calling_ae: str, called_ae: st
     try:
         plain = inflate(encoded) if ts == DeflatedExplicitVRLittleEndian else encoded
         check_dataset_structure(plain, ts.is_implicit_VR, ts.is_little_endian)
-        from pydicom.filereader import read_dataset
-
         ds = read_dataset(BytesIO(plain), ts.is_implicit_VR, ts.is_little_endian)
     except MalformedDataset as exc:
         raise StoreRefused(STATUS_CANNOT_UNDERSTAND, str(exc)) from exc
@@ -536,8 +535,6 @@ def reindex_spool(receiver: Receiver) -> int:
     """
     receiver.spool.remove_incoming_leftovers()
     with receiver.engine.connect() as conn:
-        from dicom_node.store.repository import known_instance_paths
-
         known = known_instance_paths(conn)
     added = 0
     for path in receiver.spool.iter_files():
@@ -564,8 +561,6 @@ def reindex_spool(receiver: Receiver) -> int:
 
 def _facts_of_spool_file(path: Any) -> tuple[InstanceFacts, int]:
     """Check a spool file like a received dataset and return its facts and size."""
-    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
-
     data = path.read_bytes()
     stream = BytesIO(data)
     read_preamble(stream, False)

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, insert, select
 
 from dicom_node.config import Config
+from dicom_node.store.database import utcnow
 from dicom_node.store.periodic import PeriodicTask
 from dicom_node.store.schema import AuditEvent
 
@@ -110,8 +111,6 @@ class AuditPurger(PeriodicTask):
         self.cfg, self.engine = cfg, engine
 
     def purge_once(self) -> int:
-        from dicom_node.store.database import utcnow
-
         with self.engine.begin() as conn:
             removed = purge(conn, utcnow(), self.cfg.audit.retention_days)
         if removed:

@@ -12,7 +12,7 @@ import logging
 
 from sqlalchemy import Engine, func, select, text
 
-from dicom_node.store.database import migrate
+from dicom_node.store.database import migrate, schema_version
 from dicom_node.store.schema import Base
 
 LOGGER = logging.getLogger(__name__)
@@ -34,8 +34,6 @@ def copy_database(source: Engine, target: Engine) -> dict[str, int]:
     CopyRefused
         When the target already holds rows, or the source is not a dicom-node database.
     """
-    from dicom_node.store.database import schema_version
-
     if schema_version(source) is None:
         raise CopyRefused("the source database has no dicom-node schema")
     migrate(source)  # an older node's database: bring it to the schema we copy into

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from dicom_node.store.schema import Export, ExportState, Job, JobState, Patient, Series, SeriesState, Study
+from dicom_node.store.schema import Export, ExportState, Instance, Job, JobState, Patient, Series, SeriesState, Study
 
 LOGGER = logging.getLogger(__name__)
 
@@ -76,8 +76,6 @@ class SeriesView:
 
 def recent_series(conn: Connection, limit: int = 20, with_patient: bool = False) -> list[SeriesView]:
     """The last ``limit`` completed series with their newest job and its exports (newest first)."""
-    from dicom_node.store.schema import Instance
-
     rows = conn.execute(
         select(Series.__table__, Study.study_uid, Study.patient_pk)
         .join(Study, Study.id == Series.study_pk)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, and_, delete, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from dicom_node.store.schema import LoginThrottle
 
@@ -86,12 +88,8 @@ def _row_for_update(conn: Connection, kind: str, subject: str, now: dt.datetime)
     values = {"kind": kind, "subject": subject, "failures": 0, "window_start": now, "last_failure_at": now,
               "locked_until": None}
     if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-
         conn.execute(postgresql_insert(LoginThrottle).values(**values).on_conflict_do_nothing())
     else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
         conn.execute(sqlite_insert(LoginThrottle).values(**values).on_conflict_do_nothing())
     return conn.execute(select(LoginThrottle.__table__).where(LoginThrottle.kind == kind,
                                                               LoginThrottle.subject == subject)

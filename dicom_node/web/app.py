@@ -16,6 +16,7 @@ import email.utils
 import json
 import logging
 import time
+import tomllib
 import urllib.parse
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
@@ -23,8 +24,31 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from dicom_node.store import audit
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydicom import dcmread
+from sqlalchemy import select
+
+from dicom_node.assemble.routing import SeriesAttributes, explain
+from dicom_node.config import ConfigError, config_from_mapping
+from dicom_node.denoise.worker import PREVIEW_NAME
+from dicom_node.dicomweb.stow_receive import StowService, is_stow_path
+from dicom_node.export.exporter import echo_destination
+from dicom_node.ops.health import liveness, overall_state, run_checks
+from dicom_node.ops.metrics import exposition
+from dicom_node.ops.reload import (
+    EditRefused,
+    edited_file_text,
+    file_digest,
+    reload_node,
+    rules_and_destinations_toml,
+    save_rules_and_destinations,
+)
+from dicom_node.receive.receiver import extract_facts
+from dicom_node.store import audit, throttle
 from dicom_node.store.database import utcnow
+from dicom_node.store.overview import failures, queue_summary, recent_series, series_choices, series_row
+from dicom_node.store.queue import cancel, retry
+from dicom_node.store.schema import Export, Job, Series
 from dicom_node.web import pages
 from dicom_node.web.auth import Authenticator, Principal, csrf_ok
 
@@ -128,8 +152,6 @@ class DashboardApp:
         #: STOW-RS (dicom_node.dicomweb): served by processes that receive, when [dicomweb] is enabled.
         self.stow = None
         if getattr(node, "receiver", None) is not None and self.cfg.dicomweb.enabled:
-            from dicom_node.dicomweb.stow_receive import StowService
-
             self.stow = StowService(node)
         #: Routes open to anyone, and routes for a logged-in user (the handler gets who it is).
         self.public_routes: dict[tuple[str, str], Callable[[Request], Response]] = {
@@ -183,8 +205,6 @@ class DashboardApp:
     def dispatch(self, request: Request) -> Response:
         path = request.path
         if self.stow is not None and path.startswith("/dicomweb/"):
-            from dicom_node.dicomweb.stow_receive import is_stow_path
-
             if is_stow_path(path):
                 return self.stow(request.environ)  # its own authentication ([dicomweb] sources), no session
         public = self.public_routes.get((request.method, path))
@@ -234,28 +254,18 @@ class DashboardApp:
     # ------------------------------------------------------------------------------------------- open
 
     def metrics(self, request: Request) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        from dicom_node.ops.metrics import exposition
-
         return HTTPStatus.OK, [("Content-Type", CONTENT_TYPE_LATEST)], exposition(self.node, self.dashboard)
 
     def _checks(self) -> list[Any]:
-        from dicom_node.ops.health import run_checks
-
         return run_checks(self.node)
 
     def healthz(self, request: Request) -> Response:
-        from dicom_node.ops.health import liveness
-
         checks = self._checks()
         ok = liveness(checks)
         return _json({"ok": ok, "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}},
                      HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
     def readyz(self, request: Request) -> Response:
-        from dicom_node.ops.health import overall_state
-
         checks = self._checks()
         ok = all(c.ok for c in checks)
         # Degraded (a destination failing) answers 200: the node still receives and keeps everything.
@@ -267,8 +277,6 @@ class DashboardApp:
         return _html(pages.login_page(next_url=same_site_path(request.query.get("next", "/"))))
 
     def login(self, request: Request) -> Response:
-        from dicom_node.store import throttle
-
         form = request.form()
         name, password = str(form.get("username", "")), str(form.get("password", ""))
         address = str(request.environ.get("REMOTE_ADDR", "?"))
@@ -337,9 +345,6 @@ class DashboardApp:
         return principal.is_admin and self.cfg.web.show_patient_data
 
     def _context(self, principal: Principal) -> dict[str, Any]:
-        from dicom_node.denoise.worker import PREVIEW_NAME
-        from dicom_node.store.overview import failures, queue_summary, recent_series
-
         now = utcnow()
         with self.node.engine.connect() as conn:
             summary = queue_summary(conn, now)
@@ -368,8 +373,6 @@ class DashboardApp:
                       "user": {"name": principal.name, "role": principal.role}})
 
     def preview(self, request: Request, principal: Principal) -> Response:
-        from dicom_node.denoise.worker import PREVIEW_NAME
-
         name = request.path.removeprefix("/preview/")
         if not name.endswith(".png") or not name[:-4].isdigit():
             raise HTTPError(HTTPStatus.NOT_FOUND, "not found")
@@ -380,8 +383,6 @@ class DashboardApp:
 
     def action_job(self, request: Request, principal: Principal) -> Response:
         self._require_admin(principal)
-        from dicom_node.store.queue import cancel, retry
-
         action = request.path.rsplit("/", 1)[-1]
         form = request.form()
         kind = str(form.get("kind", ""))
@@ -406,8 +407,6 @@ class DashboardApp:
 
     def action_echo(self, request: Request, principal: Principal) -> Response:
         self._require_admin(principal)
-        from dicom_node.export.exporter import echo_destination
-
         name = str(request.form().get("destination", ""))
         try:
             dest = self.cfg.destination(name)
@@ -425,10 +424,6 @@ class DashboardApp:
 
     def _config_file(self) -> tuple[str, str]:
         """The configuration file's rules and destinations as TOML, and the digest of the whole file."""
-        import tomllib
-
-        from dicom_node.ops.reload import file_digest, rules_and_destinations_toml
-
         if self.cfg.source == "defaults":
             return "", ""
         try:
@@ -442,9 +437,6 @@ class DashboardApp:
                         problems: list[str] | None = None,
                         edited: str | None = None, tested: tuple[list[str], str] | None = None) -> Response:
         """The admin page: configuration (reload, rules and destinations editor, rules tester) and lock-outs."""
-        from dicom_node.store import throttle
-        from dicom_node.store.overview import series_choices
-
         now = utcnow()
         with self.node.engine.connect() as conn:
             locks = throttle.active_locks(conn, now)
@@ -466,9 +458,6 @@ class DashboardApp:
     def action_reload(self, request: Request, principal: Principal) -> Response:
         """Reload the configuration file (as SIGHUP does)."""
         self._require_admin(principal)
-        from dicom_node.config import ConfigError
-        from dicom_node.ops.reload import reload_node
-
         try:
             result = reload_node(self.node, principal.actor)
         except ConfigError as exc:
@@ -483,8 +472,6 @@ class DashboardApp:
     def admin_config_save(self, request: Request, principal: Principal) -> Response:
         """Validate the edited rules and destinations, write them to the file (with a backup) and reload."""
         self._require_admin(principal)
-        from dicom_node.ops.reload import EditRefused, save_rules_and_destinations
-
         form = request.form()
         edited = str(form.get("toml", ""))
         try:
@@ -500,8 +487,6 @@ class DashboardApp:
 
     def action_unlock(self, request: Request, principal: Principal) -> Response:
         self._require_admin(principal)
-        from dicom_node.store import throttle
-
         form = request.form()
         kind, subject = str(form.get("kind", "")), str(form.get("subject", ""))
         if kind not in throttle.KINDS or not subject:
@@ -518,24 +503,15 @@ class DashboardApp:
         return _redirect("/admin?msg=" + urllib.parse.quote(message))
 
     def rules_form(self, request: Request, principal: Principal) -> Response:
-        from dicom_node.store.overview import series_choices
-
         with self.node.engine.connect() as conn:
             choices = series_choices(conn)
         return self._page("Rules tester", pages.rules_page(principal, choices, None), principal)
 
     def rules_test(self, request: Request, principal: Principal) -> Response:
-        from dicom_node.assemble.routing import SeriesAttributes, explain
-        from dicom_node.store.overview import series_choices, series_row
-
         form = request.form()
         upload = form.get("file")
         calling = str(form.get("calling", "") or "")
         if isinstance(upload, tuple) and upload[1]:
-            from pydicom import dcmread
-
-            from dicom_node.receive.receiver import extract_facts
-
             try:
                 ds = dcmread(BytesIO(upload[1]), stop_before_pixels=True, force=True)
                 ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
@@ -573,9 +549,6 @@ class DashboardApp:
 
     def _edited_rules(self, edited: str) -> tuple[list[Any], list[str]]:
         """The rules of the editor's text as the node would load them, and the problems found (then no rules)."""
-        from dicom_node.config import ConfigError, config_from_mapping
-        from dicom_node.ops.reload import EditRefused, edited_file_text
-
         source = self.cfg.source
         try:
             old_text = Path(source).read_text(encoding="utf-8") if source != "defaults" else ""
@@ -610,10 +583,6 @@ def same_site_path(target: str) -> str:
 
 
 def _series_uid_of(conn: Any, kind: str, key: int) -> str:
-    from sqlalchemy import select
-
-    from dicom_node.store.schema import Export, Job, Series
-
     if kind == "export":
         return conn.execute(select(Export.series_uid).where(Export.id == key)).scalar() or ""
     return conn.execute(select(Series.series_uid).join(Job, Job.series_pk == Series.id)

@@ -8,6 +8,8 @@ import threading
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from dicom_node.web.app import DashboardApp
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -52,8 +54,6 @@ def start_web(node: Any) -> WebServer:
     OSError
         When the port cannot be bound.
     """
-    from dicom_node.web.app import DashboardApp
-
     cfg = node.cfg
     app = DashboardApp(node)
     server = make_server(cfg.web.bind_address, cfg.web.port, app, server_class=ThreadingWSGIServer,

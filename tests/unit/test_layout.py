@@ -9,6 +9,9 @@ database); anything else it imports must be listed for its package in :data:`ALL
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,3 +170,12 @@ def test_test_fixtures_are_not_in_the_runtime_package() -> None:
     for module, path in MODULES.items():
         for line, target, _names in _imports(module, path):
             assert not target.startswith("tests"), f"{path}:{line}: {module} imports {target}"
+
+
+def test_the_c_store_handler_never_imports_torch() -> None:
+    """``receive/`` is imported by every process that accepts C-STORE; torch (seconds, gigabytes) must stay out of it,
+    directly or through anything it imports. Checked in a fresh interpreter so other tests' imports do not count."""
+    probe = "import sys, dicom_node.receive.receiver; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PROJECT_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, timeout=120, check=True)
+    assert result.stdout.strip() == "False", "importing dicom_node.receive.receiver loaded torch"
