@@ -59,14 +59,13 @@ from training.modalities.xray import (
     bm3d_coloured,
     cached,
     centre_crop,
-    evenly,
     fixed_validation,
-    held_out,
     nlm,
     recipe_settings,
     run_model,
     save_panels,
     scores,
+    scoring_setup,
     split_images,
     split_summary,
     store_card_metrics,
@@ -477,17 +476,8 @@ def evaluate(model_dir: str | Path, data: Sequence[str], out_dir: str | Path, *,
              crop: int = 256, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Score an ultrasound model on held-out images (see the module docstring); writes metrics.json, table.md and
     one figure per image. ``data``: PNG files/folders and DICOM files (from folders only the card's test images)."""
-    from models.folder import load_model_folder
-
-    loaded = load_model_folder(model_dir, "cpu")
-    network, card = loaded.network, loaded.card
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    network, card, out, images = scoring_setup(model_dir, data, out_dir, read_us_images, max_images, "ultrasound")
     cache = Path(cache_dir) if cache_dir else None
-    explicit = {Path(p).name for p in data if Path(p).is_file()}
-    images = evenly(sorted(held_out(read_us_images(data), card, explicit), key=lambda i: i.name), max_images)
-    if not images:
-        raise ValueError(f"no held-out ultrasound images in {list(data)}")
     scored: list[Scored] = []
     for n, im in enumerate(images, 1):
         mask = im.mask

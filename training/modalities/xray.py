@@ -550,6 +550,24 @@ def held_out(images: Sequence[Image2D], card, explicit: set[str]) -> list[Image2
     return out
 
 
+def scoring_setup(model_dir: str | Path, data: Sequence[str], out_dir: str | Path,
+                  read_images: Callable[[Sequence[str]], list[Image2D]], max_images: int, what: str
+                  ) -> tuple[torch.nn.Module, Any, Path, list[Image2D]]:
+    """What an X-ray or ultrasound evaluation starts from: the network and card, the report folder (made), and up
+    to ``max_images`` held-out images (:func:`held_out`) spread evenly by name; ``ValueError`` when there are none.
+    """
+    from models.folder import load_model_folder
+
+    loaded = load_model_folder(model_dir, "cpu")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    explicit = {Path(p).name for p in data if Path(p).is_file()}
+    images = evenly(sorted(held_out(read_images(data), loaded.card, explicit), key=lambda i: i.name), max_images)
+    if not images:
+        raise ValueError(f"no held-out {what} images in {list(data)}")
+    return loaded.network, loaded.card, out, images
+
+
 def evenly(items: list, k: int) -> list:
     """``k`` items spread evenly over ``items`` (all when ``k`` <= 0 or there are fewer)."""
     if k <= 0 or k >= len(items):
@@ -633,17 +651,8 @@ def evaluate(model_dir: str | Path, data: Sequence[str], out_dir: str | Path, *,
     crop
         Side of the centre crop on which BM3D runs (and every method is scored again).
     """
-    from models.folder import load_model_folder
-
-    loaded = load_model_folder(model_dir, "cpu")
-    network, card = loaded.network, loaded.card
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    network, card, out, images = scoring_setup(model_dir, data, out_dir, read_xray_images, max_images, "X-ray")
     cache = Path(cache_dir) if cache_dir else None
-    explicit = {Path(p).name for p in data if Path(p).is_file()}
-    images = evenly(sorted(held_out(read_xray_images(data), card, explicit), key=lambda i: i.name), max_images)
-    if not images:
-        raise ValueError(f"no held-out X-ray images in {list(data)}")
     scored: list[Scored] = []
     for n, im in enumerate(images, 1):
         lo, hi = np.percentile(im.pixels, [0.5, 99.5])
