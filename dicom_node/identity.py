@@ -17,6 +17,8 @@ from dicom_node import __version__
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.77701"
 #: Implementation Version Name (SH, at most 16 characters).
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
+#: Both, as the file-meta and association writers take them.
+IMPLEMENTATION = (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
 #: Manufacturer written into ContributingEquipmentSequence of derived series; the loop guard looks for it.
 NODE_MANUFACTURER = "dicom-node"
 

@@ -11,7 +11,8 @@ Public API (import from the submodules; this package imports nothing on its own 
 - :mod:`dicom_node.denoise.pixels`: stored <-> physical <-> network conversions; numpy only.
 - :mod:`dicom_node.denoise.derived`: :func:`~dicom_node.denoise.derived.build_derived_instance`,
   :class:`~dicom_node.denoise.derived.DerivationInfo`, :func:`~dicom_node.denoise.derived.new_series_uid`,
-  :func:`~dicom_node.denoise.encoding.write_instance`, :class:`~dicom_node.denoise.series_writer.DerivedSeriesWriter`
+  :func:`~dicom_node.denoise.series_writer.write_instance`,
+  :class:`~dicom_node.denoise.series_writer.DerivedSeriesWriter`
   (a whole series, same bytes, less CPU); pydicom only.
 - :mod:`dicom_node.denoise.errors`: :class:`~dicom_node.denoise.errors.SeriesRefused`.
 - :mod:`dicom_node.denoise.worker`: :class:`~dicom_node.denoise.worker.Worker` (claims jobs, denoises, queues the

@@ -20,8 +20,8 @@ Equipment, C.12.2 Common Instance Reference):
   software versions of the node and the model, and the model's full sha256 in ContributionDescription;
 - written in explicit VR little endian (or RLE Lossless).
 
-:mod:`dicom_node.denoise.encoding` turns a built instance into bytes and files; :mod:`dicom_node.denoise.series_writer`
-writes a whole series with the same bytes and less CPU (the fast path).
+:mod:`dicom_node.encoding` turns a built instance into bytes; :mod:`dicom_node.denoise.series_writer` writes
+it to a file, and a whole series with the same bytes and less CPU (the fast path).
 
 This module uses pydicom and numpy only.
 """
@@ -45,15 +45,15 @@ from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_ROOT_UID, UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from dicom_node import __version__
-from dicom_node.denoise.encoding import (
+from dicom_node.denoise.pixels import PixelFormat, checked_strength
+from dicom_node.denoise.trust_note import PENDING_NOTE
+from dicom_node.encoding import (
     charset_key,
     encoded_element,
     explicit_header,
     raw_element,
     ui_element,
 )
-from dicom_node.denoise.pixels import PixelFormat, checked_strength
-from dicom_node.denoise.trust_note import PENDING_NOTE
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, NODE_MANUFACTURER
 
 LOGGER = logging.getLogger(__name__)
@@ -378,16 +378,33 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
         When ``pixels`` does not match the source's rows, columns, frames or bit depth.
     """
     frames = int(source.get("NumberOfFrames", 1) or 1)
-    rows, cols = int(source.Rows), int(source.Columns)
-    arr = checked_pixels(pixels, (frames, rows, cols), fmt)
-    lossy_ratio = _compression_ratio(source, arr)
-
+    arr = checked_pixels(pixels, (frames, int(source.Rows), int(source.Columns)), fmt)
     when = info.created or _dt.datetime.now(_dt.UTC)
-    date, time, _ = _dt_strings(when)
+    sop_uid = derived_sop_instance_uid(info.series_instance_uid, str(source.SOPInstanceUID), info.uid_root)
 
-    # Every element except the old pixels. Elements not decoded yet (raw) are immutable tuples and are shared; the
-    # decoded ones are deep-copied. Decoding and deep-copying all of them cost 4-5 ms of CPU per CT slice, taken
-    # from the network running beside it. (Dataset takes the dict as it is: no per-element __setitem__.)
+    ds = _source_elements(source)
+    # The new elements go in already encoded (explicit VR little endian): most are the same for every instance of
+    # the series and are encoded once; building and encoding them through pydicom cost about 3 ms of CPU per slice.
+    charset = charset_key(ds.get("SpecificCharacterSet"))
+    _set_identity(ds, source, info, sop_uid, when, charset)
+    _set_derivation(ds, source, info, charset)
+    _set_references(ds, source)
+    _set_provenance(ds, source, info, when, _compression_ratio(source, arr), charset)
+    _set_pixels(ds, arr, fmt, charset)
+    ds.file_meta = _file_meta(str(source.SOPClassUID), sop_uid)
+    ds.preamble = b"\x00" * 128
+    if info.transfer_syntax == "rle-lossless":
+        ds.compress(RLELossless, arr if frames > 1 else arr[0])
+    return ds
+
+
+def _source_elements(source: Dataset) -> Dataset:
+    """Every element of ``source`` but its pixels, private elements and those the derived instance must not carry.
+
+    Elements not decoded yet (raw) are immutable tuples and are shared; the decoded ones are deep-copied. Decoding
+    and deep-copying all of them cost 4-5 ms of CPU per CT slice, taken from the network running beside it.
+    (Dataset takes the dict as it is: no per-element __setitem__.)
+    """
     ds = Dataset({elem.tag: elem if elem.is_raw else copy.deepcopy(elem)
                   for elem in source.elements() if elem.tag not in PIXEL_DATA_TAGS})
     if tuple(source.original_encoding) == (False, True):
@@ -397,27 +414,32 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
     for keyword in _REMOVE:
         if keyword in ds:
             delattr(ds, keyword)
+    return ds
 
-    sop_uid = derived_sop_instance_uid(info.series_instance_uid, str(source.SOPInstanceUID), info.uid_root)
-    charset = charset_key(ds.get("SpecificCharacterSet"))
+
+def _set_identity(ds: Dataset, source: Dataset, info: DerivationInfo, sop_uid: str, when: _dt.datetime,
+                  charset: tuple[str, ...] | None) -> None:
+    """The derived instance's own UIDs, series number and description, image type, dates and times."""
     number = source.get("SeriesNumber")
     try:
         base_number = int(number) if number not in (None, "") else 0
     except (TypeError, ValueError):
         base_number = 0
     description = (str(source.get("SeriesDescription", "") or "") + info.description_suffix).strip()[:64]
-    enhanced = "PerFrameFunctionalGroupsSequence" in source
-    # The new elements go in already encoded (explicit VR little endian): most are the same for every instance of
-    # the series and are encoded once; building and encoding them through pydicom cost about 3 ms of CPU per slice.
+    date, time, _ = _dt_strings(when)
     ds[0x00080018] = ui_element(0x00080018, sop_uid)
     ds[0x0020000E] = ui_element(0x0020000E, info.series_instance_uid)
     ds[0x00200011] = encoded_element(0x00200011, "IS", base_number + info.series_number_offset, charset)
     ds[0x0008103E] = encoded_element(0x0008103E, "LO", description, charset)
-    ds[0x00080008] = encoded_element(0x00080008, "CS", tuple(_derived_type(source.get("ImageType"), enhanced)),
-                                      charset)
+    image_type = _derived_type(source.get("ImageType"), "PerFrameFunctionalGroupsSequence" in source)
+    ds[0x00080008] = encoded_element(0x00080008, "CS", tuple(image_type), charset)
     for tag, value in ((0x00080012, date), (0x00080013, time), (0x00080023, date), (0x00080033, time)):
         ds[tag] = encoded_element(tag, "DA" if tag in (0x00080012, 0x00080023) else "TM", value, charset)
-    if enhanced:
+
+
+def _set_derivation(ds: Dataset, source: Dataset, info: DerivationInfo, charset: tuple[str, ...] | None) -> None:
+    """What was done and to which source: DerivationDescription, DerivationCodeSequence, SourceImageSequence."""
+    if "PerFrameFunctionalGroupsSequence" in source:
         # Enhanced IODs have no General Image module: the derivation and its source live per frame in the
         # Derivation Image functional group, and the source is listed in SourceImageEvidenceSequence.
         for keyword in ("DerivationDescription", "DerivationCodeSequence", "SourceImageSequence"):
@@ -432,15 +454,24 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
         ds[0x00089215] = _code_sequence_element(0x00089215, DERIVATION_CODE)
         ds[0x00082112] = source_image_sequence(str(source.SOPClassUID), str(source.SOPInstanceUID))
     _repair_inherited(ds)
-    if str(source.SOPClassUID) in COMMON_INSTANCE_REFERENCE_IODS:
-        ref = Dataset()
-        ref.SeriesInstanceUID = source.SeriesInstanceUID
-        inst = Dataset()
-        inst.ReferencedSOPClassUID = source.SOPClassUID
-        inst.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        ref.ReferencedInstanceSequence = DicomSequence([inst])
-        ds.ReferencedSeriesSequence = DicomSequence([ref])
 
+
+def _set_references(ds: Dataset, source: Dataset) -> None:
+    """ReferencedSeriesSequence (Common Instance Reference module) for the IODs that require it."""
+    if str(source.SOPClassUID) not in COMMON_INSTANCE_REFERENCE_IODS:
+        return
+    ref = Dataset()
+    ref.SeriesInstanceUID = source.SeriesInstanceUID
+    inst = Dataset()
+    inst.ReferencedSOPClassUID = source.SOPClassUID
+    inst.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    ref.ReferencedInstanceSequence = DicomSequence([inst])
+    ds.ReferencedSeriesSequence = DicomSequence([ref])
+
+
+def _set_provenance(ds: Dataset, source: Dataset, info: DerivationInfo, when: _dt.datetime,
+                    lossy_ratio: float | None, charset: tuple[str, ...] | None) -> None:
+    """The source's lossy compression carried over, and this node appended to ContributingEquipmentSequence."""
     src_ts = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", "") or "")
     if src_ts in _LOSSY_METHODS:
         _record_lossy_source(ds, source, _LOSSY_METHODS[src_ts], lossy_ratio)
@@ -449,6 +480,9 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
     else:
         ds[0x0018A001] = _contributing_equipment_element(info, _dt_strings(when)[2], charset)
 
+
+def _set_pixels(ds: Dataset, arr: np.ndarray, fmt: PixelFormat, charset: tuple[str, ...] | None) -> None:
+    """The Image Pixel module: the source's bit depth kept, colour written as interleaved RGB, the new pixels."""
     for tag, number in ((0x00280002, fmt.samples_per_pixel), (0x00280100, fmt.bits_allocated),
                         (0x00280101, fmt.bits_stored), (0x00280102, fmt.bits_stored - 1),
                         (0x00280103, fmt.pixel_representation)):
@@ -468,17 +502,16 @@ def build_derived_instance(source: Dataset, pixels: np.ndarray, fmt: PixelFormat
         del ds[0x00280006]  # Planar Configuration is only for colour (Type 1C)
     ds[0x7FE00010] = pixel_data_element(arr, fmt)
 
+
+def _file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
+    """File Meta Information of a derived instance: explicit VR little endian, the node's implementation."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = source.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    ds.file_meta = meta
-    ds.preamble = b"\x00" * 128
-    if info.transfer_syntax == "rle-lossless":
-        ds.compress(RLELossless, arr if frames > 1 else arr[0])
-    return ds
+    return meta
 
 
 def _compression_ratio(source: Dataset, arr: np.ndarray) -> float | None:
@@ -546,7 +579,7 @@ def pixel_data_element(arr: np.ndarray, fmt: PixelFormat) -> RawDataElement:
 
 
 # ------------------------------------------------------------------------------------------------- encoded elements
-# Elements of the derived instance put into its dataset already encoded (see dicom_node.denoise.encoding).
+# Elements of the derived instance put into its dataset already encoded (see dicom_node.encoding).
 def _code_sequence_element(tag: int, code: tuple[str, str, str]) -> RawDataElement:
     """A code sequence of one item (CodeValue, CodingSchemeDesignator, CodeMeaning), encoded once."""
     return raw_element(DataElement(tag, "SQ", DicomSequence([_code(code)])), None)

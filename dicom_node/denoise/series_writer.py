@@ -1,6 +1,8 @@
-"""The derived series writer: the fast path that writes every instance of a series after the first from the
-first one's encoded elements (same bytes as :func:`dicom_node.denoise.derived.build_derived_instance` followed
-by :func:`dicom_node.denoise.encoding.encode_file`; ``tests/unit/test_derived.py`` compares them byte for byte).
+"""Writing derived instances: :func:`write_instance` for one built dataset, and the derived series writer, the
+fast path that writes every instance of a series after the first from the first one's encoded elements (same
+bytes as :func:`dicom_node.denoise.derived.build_derived_instance` followed by
+:func:`dicom_node.encoding.encode_file`; ``tests/unit/test_derived.py`` compares them byte for byte). Files are
+written atomically (temporary file, then rename) and fsynced on request.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from dicom_node.denoise.derived import (
     COMMON_INSTANCE_REFERENCE_IODS,
@@ -24,17 +26,51 @@ from dicom_node.denoise.derived import (
     pixel_data_element,
     source_image_sequence,
 )
-from dicom_node.denoise.encoding import (
+from dicom_node.denoise.pixels import PixelFormat
+from dicom_node.encoding import (
+    encode_file,
     encoded_parts,
     explicit_header,
     file_meta_bytes,
     meta_group,
     raw_bytes,
     ui_element,
-    write_encoded,
-    write_instance,
 )
-from dicom_node.denoise.pixels import PixelFormat
+from dicom_node.store.fsync import fsync_path
+
+
+def write_instance(ds: Dataset, folder: str | os.PathLike[str], durable: bool = False) -> Path:
+    """Write a derived instance as ``folder/<SOPInstanceUID>.dcm`` (atomically: temp file, then rename).
+
+    With ``durable`` the file's data is fsynced before the rename (the caller fsyncs the folder once all are
+    written; see :func:`dicom_node.denoise.engine.denoise_series`).
+    """
+    if ds.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, RLELossless):
+        return write_encoded(encode_file(ds), str(ds.SOPInstanceUID), folder, durable)
+    out_dir = Path(folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{ds.SOPInstanceUID}.tmp"
+    ds.save_as(tmp, enforce_file_format=True)
+    if durable:
+        fsync_path(tmp)
+    path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+    os.replace(tmp, path)
+    return path
+
+
+def write_encoded(data: bytes, sop_instance_uid: str, folder: str | os.PathLike[str], durable: bool = False) -> Path:
+    """Write an encoded instance as ``folder/<SOPInstanceUID>.dcm`` (atomically; fsynced with ``durable``)."""
+    out_dir = Path(folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{sop_instance_uid}.dcm"
+    tmp = out_dir / f".{sop_instance_uid}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 @dataclass

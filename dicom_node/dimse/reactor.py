@@ -61,6 +61,8 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicom_node.encoding import command_element, command_set, command_uid, command_ushort, padded_text
+
 LOGGER = logging.getLogger(__name__)
 _PYNETDICOM_LOGGER = logging.getLogger("pynetdicom")
 
@@ -268,30 +270,6 @@ def _p_data_tf(items: bytes) -> bytes:
     return struct.pack(">BBI", 0x04, 0x00, len(items)) + items
 
 
-def _element(element: int, value: bytes) -> bytes:
-    """One command-set element (group 0000, implicit VR little endian, PS3.7 6.3.1)."""
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def _ushort(element: int, value: int) -> bytes:
-    return _element(element, struct.pack("<H", value))
-
-
-def _uid(element: int, value: Any) -> bytes:
-    return _element(element, _text(str(value), b"\x00"))
-
-
-def _command_set(*elements: bytes) -> bytes:
-    """A command set: its elements, in tag order, after the Command Group Length (0000,0000) they add up to."""
-    body = b"".join(elements)
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
-def _text(value: str, pad: bytes) -> bytes:
-    raw = value.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
-
-
 #: Longest Error Comment (0000,0902): VR LO, 64 characters (PS3.7 C.4, PS3.5 6.2).
 ERROR_COMMENT_LENGTH = 64
 
@@ -332,14 +310,15 @@ def encode_c_store_rsp(primitive: Any) -> bytes | None:
             or not primitive.AffectedSOPClassUID or not primitive.AffectedSOPInstanceUID):
         return None
     try:
-        return _command_set(
-            _uid(0x0002, primitive.AffectedSOPClassUID),
-            _ushort(0x0100, 0x8001),  # Command Field: C-STORE-RSP
-            _ushort(0x0120, primitive.MessageIDBeingRespondedTo),
-            _ushort(0x0800, 0x0101),  # Command Data Set Type: no data set
-            _ushort(0x0900, int(status)),
-            _element(0x0902, _text(error_comment(primitive.ErrorComment), b" ")) if primitive.ErrorComment else b"",
-            _uid(0x1000, primitive.AffectedSOPInstanceUID),
+        return command_set(
+            command_uid(0x0002, primitive.AffectedSOPClassUID),
+            command_ushort(0x0100, 0x8001),  # Command Field: C-STORE-RSP
+            command_ushort(0x0120, primitive.MessageIDBeingRespondedTo),
+            command_ushort(0x0800, 0x0101),  # Command Data Set Type: no data set
+            command_ushort(0x0900, int(status)),
+            command_element(0x0902, padded_text(error_comment(primitive.ErrorComment), b" "))
+            if primitive.ErrorComment else b"",
+            command_uid(0x1000, primitive.AffectedSOPInstanceUID),
         )
     except (UnicodeEncodeError, struct.error):
         return None
@@ -357,13 +336,13 @@ def encode_c_store_rq(primitive: Any) -> bytes | None:
             or primitive.MoveOriginatorApplicationEntityTitle or primitive.MoveOriginatorMessageID is not None):
         return None
     try:
-        return _command_set(
-            _uid(0x0002, primitive.AffectedSOPClassUID),
-            _ushort(0x0100, 0x0001),  # Command Field: C-STORE-RQ
-            _ushort(0x0110, primitive.MessageID),
-            _ushort(0x0700, int(primitive.Priority)),
-            _ushort(0x0800, 0x0001),  # Command Data Set Type: a data set follows
-            _uid(0x1000, primitive.AffectedSOPInstanceUID),
+        return command_set(
+            command_uid(0x0002, primitive.AffectedSOPClassUID),
+            command_ushort(0x0100, 0x0001),  # Command Field: C-STORE-RQ
+            command_ushort(0x0110, primitive.MessageID),
+            command_ushort(0x0700, int(primitive.Priority)),
+            command_ushort(0x0800, 0x0001),  # Command Data Set Type: a data set follows
+            command_uid(0x1000, primitive.AffectedSOPInstanceUID),
         )
     except (UnicodeEncodeError, struct.error, TypeError, ValueError):
         return None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,9 +55,9 @@ from sqlalchemy import Engine
 from dicom_node.config import Config
 from dicom_node.dimse.reactor import AllowListServer, ConnectionGate, EventDrivenServer, error_comment
 from dicom_node.dimse.transport import quiet_peer_error_tracebacks, server_ssl_context, set_no_delay
+from dicom_node.encoding import received_file_header
 from dicom_node.identity import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
+    IMPLEMENTATION,
     NODE_MANUFACTURER,
     application_entity,
 )
@@ -245,33 +244,6 @@ def _failure(status: int, reason: str) -> Dataset:
     return rsp
 
 
-def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
-                     source_ae_title: str) -> bytes:
-    """Encode the preamble, ``DICM`` prefix and File Meta Information (PS3.10 7.1) for a received dataset.
-
-    Written by hand rather than with pydicom's ``FileMetaDataset``: building and validating that object per
-    instance cost more than the rest of the C-STORE handler together.
-    """
-    def element(elem: int, vr: bytes, value: bytes) -> bytes:
-        if len(value) % 2:
-            value += b"\x00" if vr in (b"UI", b"OB") else b" "
-        if vr == b"OB":
-            return struct.pack("<HH2sHI", 0x0002, elem, vr, 0, len(value)) + value
-        return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
-
-    body = b"".join((
-        element(0x0001, b"OB", b"\x00\x01"),
-        element(0x0002, b"UI", sop_class_uid.encode("ascii")),
-        element(0x0003, b"UI", sop_instance_uid.encode("ascii")),
-        element(0x0010, b"UI", transfer_syntax_uid.encode("ascii")),
-        element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
-        element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
-        element(0x0016, b"AE", source_ae_title.strip().encode("ascii", "replace")),
-    ))
-    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
-    return b"\x00" * 128 + b"DICM" + group_length + body
-
-
 def store_instance(receiver: Receiver, request_stream: BytesIO, transfer_syntax: str, sop_class_uid: str,
                    affected_sop_uid: str, calling_ae: str, called_ae: str) -> str:
     """Check, store and record one received dataset; return its path relative to the data directory.
@@ -298,8 +270,8 @@ def store_instance(receiver: Receiver, request_stream: BytesIO, transfer_syntax:
     encoded = request_stream.getbuffer()
     # The file (file meta from the request's UIDs + the bytes as received) is written and fsynced in a helper
     # thread while this one checks and parses the dataset; the fsync releases the GIL.
-    meta = encode_file_meta(sop_class_uid, affected_sop_uid, ts, calling_ae) if is_valid_uid(affected_sop_uid) \
-        else None
+    meta = received_file_header(sop_class_uid, affected_sop_uid, ts, IMPLEMENTATION, calling_ae) \
+        if is_valid_uid(affected_sop_uid) else None
     written = receiver.sync_pool.submit(receiver.spool.begin_write, (meta, encoded)) if meta else None
     try:
         facts = _parse_received(encoded, ts, calling_ae, called_ae)
@@ -310,7 +282,7 @@ def store_instance(receiver: Receiver, request_stream: BytesIO, transfer_syntax:
             _discard(written)
         raise
     if written is None:  # the parse refuses an invalid SOPInstanceUID, and it equals the affected one
-        raise StoreRefused(STATUS_INVALID_UID, "the Affected SOP Instance UID is not a valid UID")
+        raise StoreRefused(STATUS_INVALID_UID, "the Affected SOP Class or Instance UID is not a valid UID")
     relative = receiver.spool.relative_path(facts.study_uid, facts.series_uid, facts.sop_instance_uid)
     target = receiver.spool.absolute(relative)
     replaced = target.exists()

@@ -19,9 +19,8 @@ from dicom_node.denoise.derived import (
     derived_sop_instance_uid,
     new_series_uid,
 )
-from dicom_node.denoise.encoding import write_instance
 from dicom_node.denoise.pixels import pixel_format_from_dataset
-from dicom_node.denoise.series_writer import DerivedSeriesWriter
+from dicom_node.denoise.series_writer import DerivedSeriesWriter, write_instance
 from tests.fixtures.images import make_image, make_multiframe
 
 SHA = "ab" * 32
@@ -192,7 +191,7 @@ def _derived_from_file(path: Path, transfer_syntax: str = "explicit-vr-little-en
 @pytest.mark.parametrize("derived_syntax", ["explicit-vr-little-endian", "rle-lossless"])
 def test_encode_file_writes_what_pydicom_writes(source: pydicom.Dataset, tmp_path: Path, source_syntax: UID,
                                                 derived_syntax: str) -> None:
-    from dicom_node.denoise.encoding import encode_file
+    from dicom_node.encoding import encode_file
 
     item = pydicom.Dataset()
     item.CodeValue = "X1"
@@ -210,7 +209,7 @@ def test_encode_file_writes_what_pydicom_writes(source: pydicom.Dataset, tmp_pat
 
 
 def test_encode_file_writes_what_pydicom_writes_for_real_scanner_files(shared_data: Path, tmp_path: Path) -> None:
-    from dicom_node.denoise.encoding import encode_file
+    from dicom_node.encoding import encode_file
 
     folders = ["ct/ge-head-7mm", "ct/philips-head-phantom-lowdose-1mm", "mr/siemens-acr-phantom-t1",
                "mr/siemens-xa30-t1-enhanced"]
@@ -238,7 +237,7 @@ def test_pre_encoded_elements_are_what_pydicom_encodes(source: pydicom.Dataset, 
                                                        source_syntax: UID) -> None:
     """The builder encodes its new elements itself (once per series, or by hand for the UIDs): pydicom, encoding
     the same values, must write the same bytes."""
-    from dicom_node.denoise.encoding import encode_file
+    from dicom_node.encoding import encode_file
 
     source.SpecificCharacterSet = "ISO_IR 100"
     source.SeriesDescription = "TÊTE 1MM"  # an odd-length, non-ASCII value in the new SeriesDescription
@@ -255,7 +254,7 @@ def test_pre_encoded_elements_are_what_pydicom_encodes(source: pydicom.Dataset, 
 
 
 def test_pre_encoded_elements_are_what_pydicom_encodes_for_real_scanner_files(shared_data: Path) -> None:
-    from dicom_node.denoise.encoding import encode_file
+    from dicom_node.encoding import encode_file
 
     checked = 0
     for folder in ["ct/ge-head-7mm", "ct/philips-head-phantom-lowdose-1mm", "mr/siemens-acr-phantom-t1"]:

@@ -7,12 +7,9 @@ import tomllib
 
 from pynetdicom.presentation import AllStoragePresentationContexts
 
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.ops.service import ROLES
-from dicom_node.receive.receiver import (
-    ACCEPTED_TRANSFER_SYNTAXES,
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
-)
+from dicom_node.receive.receiver import ACCEPTED_TRANSFER_SYNTAXES
 from tests.helpers import PROJECT_ROOT
 
 DOCS = PROJECT_ROOT / "docs"

@@ -1,9 +1,9 @@
 """The layout shows the stages: which package of ``dicom_node`` may import which, and where SQL is written.
 
 The rule, written once here: a module may import its own package, the shared top-level modules (``config``,
-``identity``, the package itself for ``__version__``) and ``store/`` (the stages talk to each other through the
-database); anything else it imports must be listed for its package in :data:`ALLOWED`. Every module is parsed with
-:mod:`ast`, imports inside functions included, so a lazy import does not hide a dependency.
+``identity``, ``encoding``, the package itself for ``__version__``) and ``store/`` (the stages talk to each other
+through the database); anything else it imports must be listed for its package in :data:`ALLOWED`. Every module is
+parsed with :mod:`ast`, imports inside functions included, so a lazy import does not hide a dependency.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tests.helpers import PROJECT_ROOT
 PACKAGE = PROJECT_ROOT / "dicom_node"
 
 #: Top-level modules every package may import, and the package every stage talks through.
-SHARED = {"config", "identity", "__init__"}
+SHARED = {"config", "identity", "encoding", "__init__"}
 STORE = "store"
 
 #: Besides itself, SHARED and STORE: what each package (or top-level module) of ``dicom_node`` may import, as a
@@ -60,6 +60,8 @@ ALLOWED: dict[str, set[str]] = {
     # (imported inside the checks, so importing config alone pulls in neither).
     "config": {"denoise.model_check", "dicomweb.stow_send"},
     "identity": set(),
+    # The DICOM byte format (elements, command sets, file meta): pydicom only.
+    "encoding": set(),
     "__init__": set(),
     "__main__": {"cli"},
 }

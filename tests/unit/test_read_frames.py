@@ -116,7 +116,7 @@ def test_derived_file_is_the_same_whichever_way_the_source_was_read(tmp_path: Pa
     import datetime
 
     from dicom_node.denoise.derived import DerivationInfo, build_derived_instance
-    from dicom_node.denoise.encoding import encode_file
+    from dicom_node.encoding import encode_file
     from tests.fixtures.synthetic import make_ct_series
 
     info = DerivationInfo(series_instance_uid="1.2.826.0.1.3680043.8.498.1", model_name="m", model_version="1",
