@@ -12,17 +12,22 @@ administrator fixes a file in one pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import logging
+import operator
 import os
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import pydantic
 
 LOGGER = logging.getLogger(__name__)
 
@@ -354,77 +359,172 @@ def validate_ae_title(value: str) -> str | None:
     return None
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
+#: TOML tables are checked strictly: "11112" is no integer and ``true`` no number (an integer is a number, though),
+#: and a key the dataclass does not have is an error.
+_STRICT_TABLE = pydantic.ConfigDict(strict=True, extra="forbid")
+#: The pydantic model checking each dataclass's tables, and the dataclass of each model (see :func:`_schema`).
+_SCHEMA_OF: dict[type, type[pydantic.BaseModel]] = {}
+_DATACLASS_OF: dict[type[pydantic.BaseModel], type] = {}
+_T = typing.TypeVar("_T")
+_SCALAR_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _is_table(tp: Any) -> typing.TypeGuard[type]:
+    """Whether ``tp`` is a dataclass, which a TOML table sets."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _toml_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    """The fields of dataclass ``cls`` a TOML table may set (not those with ``metadata={"toml": False}``)."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("toml", True)}
+
+
+def _non_none(tp: Any) -> list[Any]:
+    """The members of a union other than ``None`` (``[tp]`` for a type that is no union)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(tp) if a is not type(None)]
+    return [tp]
+
+
+def _schema_type(tp: Any) -> Any:
+    """``tp`` as the schema checks it: a dataclass by its own schema, a tuple from a TOML array (a list)."""
+    if _is_table(tp):
+        return _schema(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return functools.reduce(operator.or_, [_schema_type(a) for a in args])
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
-    if origin is dict:
-        return "a table"
-    if origin in (typing.Union, __import__("types").UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(tp, str(tp))
+        return types.GenericAlias(list, (_schema_type(args[0]),))
+    if origin is tuple:  # TOML has arrays only: a list is accepted for the tuple, its items stay strict
+        inner = types.GenericAlias(tuple, tuple(a if a is Ellipsis else _schema_type(a) for a in args))
+        return typing.Annotated[inner, pydantic.Strict(False)]
+    return tp
 
 
-def _check_type(value: Any, tp: Any) -> Any:
-    """Return ``value`` coerced to ``tp`` (int -> float only), or raise ``TypeError``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, __import__("types").UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _check_type(value, inner[0])
-    if origin is list:
-        if not isinstance(value, list):
-            raise TypeError
-        (item_tp,) = typing.get_args(tp)
-        return [_check_type(v, item_tp) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TypeError
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise TypeError
-        return value
-    raise TypeError
-
-
-def _build(cls: type, raw: Mapping[str, Any], where: str, problems: list[str]) -> Any:
-    """Build dataclass ``cls`` from ``raw``, appending a message per unknown, missing or mistyped key."""
+def _schema(cls: type) -> type[pydantic.BaseModel]:
+    """The pydantic model that checks a TOML table for dataclass ``cls``: the same keys and types, strictly."""
+    if cls in _SCHEMA_OF:
+        return _SCHEMA_OF[cls]
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            problems.append(f"{where}.{key}: unknown key (known keys: {known})")
-            continue
-        try:
-            kwargs[key] = _check_type(value, hints[key])
-        except TypeError:
-            problems.append(
-                f"{where}.{key}: must be {_type_name(hints[key])}, not {type(value).__name__} ({value!r})"
-            )
-    for name, f in fields.items():
+    fields: dict[str, Any] = {}
+    for name, f in _toml_fields(cls).items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and name not in kwargs and name not in raw:
-            problems.append(f"{where}.{name}: required key is missing")
+        # The dataclass fills in its own defaults: only the keys the table sets are passed on.
+        fields[name] = (_schema_type(hints[name]), ... if required else None)
+    model = pydantic.create_model(cls.__name__, __config__=_STRICT_TABLE, **fields)
+    _SCHEMA_OF[cls], _DATACLASS_OF[model] = model, cls
+    return model
+
+
+def _from_schema(value: Any) -> Any:
+    """A validated value with each schema model turned back into its dataclass."""
+    if isinstance(value, pydantic.BaseModel):
+        cls = _DATACLASS_OF[type(value)]
+        return cls(**{name: _from_schema(getattr(value, name)) for name in value.model_fields_set})
+    if isinstance(value, list):
+        return [_from_schema(v) for v in value]
+    return value
+
+
+def _type_at(cls: type, loc: tuple[int | str, ...]) -> Any:
+    """The declared type of the value at pydantic's error location ``loc`` inside dataclass ``cls``."""
+    tp: Any = cls
+    for part in loc:
+        members = _non_none(tp)
+        if len(members) != 1:
+            break
+        tp = members[0]
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if _is_table(tp) and isinstance(part, str):
+            tp = typing.get_type_hints(tp).get(part, Any)
+        elif origin is list or (origin is tuple and args[-1:] == (Ellipsis,)):
+            tp = args[0]
+        elif origin is tuple and isinstance(part, int) and part < len(args):
+            tp = args[part]
+        elif origin is dict:
+            tp = args[1]
+        else:
+            break
+    return tp
+
+
+def _type_name(tp: Any, plural: bool = False) -> str:
+    """How a message names type ``tp``: ``integer``, ``a list of strings``, ``a table``..."""
+    members = _non_none(tp)
+    if len(members) != 1:
+        return " or ".join(_type_name(a, plural) for a in members)
+    tp = members[0]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is dict or tp is dict or _is_table(tp):
+        return "tables" if plural else "a table"
+    if origin is list or (origin is tuple and args[-1:] == (Ellipsis,)):
+        return ("lists" if plural else "a list") + f" of {_type_name(args[0], plural=True)}"
+    if origin is tuple:
+        names = {_type_name(a, plural=True) for a in args}
+        items = f"{len(args)} {names.pop()}" if len(names) == 1 else ", ".join(_type_name(a) for a in args)
+        return ("lists" if plural else "a list") + f" of {items}"
+    if tp in _SCALAR_NAMES:
+        return _SCALAR_NAMES[tp] + ("s" if plural else "")
+    return "values" if plural else "any value"
+
+
+def _key_path(where: str, loc: tuple[int | str, ...]) -> str:
+    """``where`` and ``loc`` as a message names a key: ``security.allowed_hosts[1]``."""
+    text = where
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _problem(cls: type, error: Any, where: str) -> str:
+    """One of pydantic's errors as the message an administrator reads, naming the key."""
+    loc: tuple[int | str, ...] = tuple(error["loc"])
+    value = error["input"]
+    owner = _type_at(cls, loc[:-1])
+    if error["type"] == "extra_forbidden" and _is_table(owner):
+        known = ", ".join(sorted(_toml_fields(owner)))
+        return f"{_key_path(where, loc)}: unknown key (known keys: {known})"
+    if error["type"] == "missing":
+        if _is_table(owner):
+            return f"{_key_path(where, loc)}: required key is missing"
+        loc = loc[:-1]  # an array too short for its tuple: the array is wrong (pydantic's input is the array)
+    tp = _type_at(cls, loc)
+    return f"{_key_path(where, loc)}: must be {_type_name(tp)}, not {type(value).__name__} ({value!r})"
+
+
+def build_section(cls: type[_T], raw: Mapping[str, Any], where: str, problems: list[str]) -> _T | None:
+    """Build dataclass ``cls`` from the TOML table ``raw``, appending a message per unknown, missing or mistyped key.
+
+    The node's sections and the training configuration are both checked here, by a pydantic schema made from the
+    dataclass (strict types; a list is accepted for a tuple); tables of nested dataclasses are checked with them.
+
+    Parameters
+    ----------
+    cls
+        The dataclass; its fields are the known keys, those without a default the required ones.
+    raw
+        The table as TOML gives it.
+    where
+        How messages name the table (``node``, ``destinations[2]``; ``""`` for the file's top level).
+    problems
+        Each problem is appended as ``"{where}.{key}: why"``.
+
+    Returns
+    -------
+    The dataclass built from the keys that are right (the others keep their defaults, so later checks see the rest),
+    or ``None`` when a required key is missing or wrong.
+    """
+    schema = _schema(cls)
     try:
-        return cls(**kwargs)
-    except TypeError:
-        return None  # a required key is missing; already reported
+        return typing.cast(_T, _from_schema(schema.model_validate(dict(raw))))
+    except pydantic.ValidationError as exc:
+        errors = exc.errors()
+    problems.extend(_problem(cls, error, where) for error in errors)
+    bad = {error["loc"][0] for error in errors if error["loc"]}
+    try:
+        return typing.cast(_T, _from_schema(schema.model_validate({k: v for k, v in raw.items() if k not in bad})))
+    except pydantic.ValidationError:
+        return None  # a required key is missing or wrong: reported above
 
 
 def _check_port(value: int, key: str, problems: list[str], allow_zero: bool = False) -> None:
@@ -753,13 +853,13 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "configuration",
             if not isinstance(value, dict):
                 problems.append(f"{key}: must be a table ([{key}]), not {type(value).__name__}")
                 continue
-            kwargs[key] = _build(_SECTIONS[key], value, key, problems)
+            kwargs[key] = build_section(_SECTIONS[key], value, key, problems)
         elif key in ("destinations", "rules"):
             item_cls = Destination if key == "destinations" else Rule
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 problems.append(f"{key}: must be an array of tables ([[{key}]])")
                 continue
-            items = [_build(item_cls, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+            items = [build_section(item_cls, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
             if key == "destinations":
                 # A C-STORE destination without its address is dropped, as before types existed; the others stay
                 # (skipped by the checks), so the destinations after them keep their index in the messages.

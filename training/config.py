@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicom_node.config import build_section
 from training.data import NoiseSettings
 
 
@@ -137,7 +138,7 @@ class TrainingConfig:
     gan: GanSection = field(default_factory=GanSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     recipe: dict[str, Any] = field(default_factory=dict)  # modality-specific settings (training.modalities)
-    source: str = ""  # the file it was read from (not a TOML key)
+    source: str = field(default="", metadata={"toml": False})  # the file it was read from (not a TOML key)
 
     def data_root(self) -> Path:
         from training.data import shared_data_dir
@@ -157,32 +158,20 @@ _SECTIONS = {"model": ModelSection, "data": DataSection, "noise": NoiseSettings,
              "gan": GanSection, "evaluate": EvaluateSection}
 
 
-def _build(cls, table: dict, where: str):
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - set(names))
-    if unknown:
-        raise TrainingConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(names)})")
-    values = {}
-    for key, value in table.items():
-        default = getattr(cls(), key) if key not in ("name",) else None
-        if isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        values[key] = value
-    return cls(**values)
-
-
 def config_from_dict(data: dict[str, Any], source: str = "") -> TrainingConfig:
-    data = dict(data)
-    if "name" not in data:
-        raise TrainingConfigError(f"{source or 'config'}: missing key 'name'")
-    sections = {}
-    for key, cls in _SECTIONS.items():
-        sections[key] = _build(cls, dict(data.pop(key, {})), f"{source or 'config'} [{key}]")
-    top = {f.name for f in dataclasses.fields(TrainingConfig)} - set(_SECTIONS) - {"source"}
-    unknown = sorted(set(data) - top)
-    if unknown:
-        raise TrainingConfigError(f"{source or 'config'}: unknown key(s) {', '.join(unknown)}")
-    cfg = TrainingConfig(**data, **sections, source=source)
+    """Check a parsed TOML table (every key and its type, then the values) into a :class:`TrainingConfig`.
+
+    Raises
+    ------
+    TrainingConfigError
+        Listing each unknown, missing or mistyped key (``train.steps: must be integer, not str ('ten')``), or
+        what :func:`apply_split` or :func:`validate` finds wrong with the values.
+    """
+    problems: list[str] = []
+    cfg = build_section(TrainingConfig, data, "", problems)
+    if cfg is None or problems:
+        raise TrainingConfigError(f"{source or 'config'} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+    cfg.source = source
     apply_split(cfg)
     validate(cfg)
     return cfg

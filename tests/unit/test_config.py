@@ -47,6 +47,25 @@ def test_wrong_types_are_named() -> None:
     assert any(p.startswith("security.tls: must be boolean") for p in problems)
 
 
+def test_every_problem_is_reported_at_once() -> None:
+    """Type errors, unknown and missing keys and the checks of the values that are right, all in one pass."""
+    problems = problems_of({
+        "node": {"port": "11112", "ae_title": "A_TITLE_THAT_IS_TOO_LONG", "prot": 1},
+        "security": {"allowed_hosts": ["10.0.0.0/8", 3], "max_pending_per_host": True},
+        "web": {"users": [1], "session_hours": 2},
+        "rules": [{"match": {"Modality": "CT"}, "model": "m", "strength": "high"}],
+    })
+    assert "node.port: must be integer, not str ('11112')" in problems
+    assert any(p.startswith("node.prot: unknown key (known keys: ae_title, ") for p in problems)
+    assert any(p.startswith("node.ae_title:") and "at most 16" in p for p in problems)
+    assert "security.allowed_hosts[1]: must be string, not int (3)" in problems
+    assert "security.max_pending_per_host: must be integer, not bool (True)" in problems
+    assert "web.users[0]: must be a table, not int (1)" in problems
+    assert "rules[0].name: required key is missing" in problems
+    assert "rules[0].strength: must be number, not str ('high')" in problems
+    assert len(problems) == 8  # session_hours = 2: an integer is a number
+
+
 def test_port_range_and_ae_titles() -> None:
     problems = problems_of({
         "node": {"port": 70000, "ae_title": "A_TITLE_THAT_IS_TOO_LONG"},
