@@ -13,7 +13,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine
 
 from dicom_node.assemble.routing import SeriesAttributes, min_quiet_seconds, route
 from dicom_node.config import LOCAL_DESTINATION, Config
@@ -22,13 +22,16 @@ from dicom_node.store import audit
 from dicom_node.store.database import utcnow
 from dicom_node.store.doorbell import Doorbell
 from dicom_node.store.queue import (
+    complete_series,
     enqueue_export,
     enqueue_job,
     job_covering,
+    receiving_series,
+    series_instances,
+    set_route,
     supersede_queued_jobs,
     version_instances,
 )
-from dicom_node.store.schema import Instance, Series, SeriesState
 
 LOGGER = logging.getLogger(__name__)
 
@@ -53,12 +56,7 @@ def assemble_once(engine: Engine, cfg: Config, now: dt.datetime | None = None) -
     done: list[Completion] = []
     with engine.begin() as conn:
         record_routes(conn, cfg)
-        candidates = conn.execute(
-            select(Series.__table__).where(Series.state == SeriesState.receiving,
-                                           Series.last_received_at <= now - dt.timedelta(seconds=shortest))
-            .order_by(Series.last_received_at)
-        ).all()
-        for series in candidates:
+        for series in receiving_series(conn, quiet_since=now - dt.timedelta(seconds=shortest)):
             decision = route(cfg.rules, SeriesAttributes.from_row(series))
             quiet = cfg.node.quiet_seconds
             if decision.rule is not None and decision.rule.quiet_seconds is not None:
@@ -68,29 +66,20 @@ def assemble_once(engine: Engine, cfg: Config, now: dt.datetime | None = None) -
                 continue
             rule_name = decision.rule.name if decision.rule else ""
             # Guarded by state and time, so an instance arriving meanwhile keeps the series receiving.
-            result = conn.execute(
-                update(Series).where(Series.id == series.id, Series.state == SeriesState.receiving,
-                                     Series.last_received_at <= cutoff)
-                .values(state=SeriesState.complete, completed_at=now,
-                        completion_count=Series.completion_count + 1, route_rule=rule_name, route_note=decision.note)
-            )
-            if result.rowcount != 1:
+            if not complete_series(conn, series.id, cutoff, now, rule_name, decision.note):
                 continue
             version = series.completion_count + 1
-            instances = conn.execute(
-                select(Instance.sop_instance_uid, Instance.path).where(Instance.series_pk == series.id)
-                .order_by(Instance.id)
-            ).all()
+            instances = series_instances(conn, series.id)
             job_pk = None
             note = decision.note
             rule = decision.rule
             if rule is not None and rule.model:
                 job_pk, note = _queue_version(conn, series.id, version, rule.name, rule.model, rule.strength, now)
                 if job_pk is None:  # nothing new: say so where the series is shown
-                    conn.execute(update(Series).where(Series.id == series.id).values(route_note=note))
+                    set_route(conn, series.id, note=note)
             if rule is not None and rule.forward_original:
                 for destination in rule.destinations or [LOCAL_DESTINATION]:
-                    enqueue_export(conn, series.series_uid, destination, [(uid, path) for uid, path in instances], now)
+                    enqueue_export(conn, series.series_uid, destination, instances, now)
             audit.record(conn, "series.received", "node:assemble", now, object_kind="series", object_id=series.id,
                          series_uid=series.series_uid,
                          detail=f"{len(instances)} instances, version {version}, rule {rule_name or 'none'}"
@@ -122,11 +111,11 @@ def record_routes(conn: Connection, cfg: Config) -> int:
     will get, instead of routing them itself. Recorded again on every pass, so a reloaded configuration counts.
     """
     changed = 0
-    for series in conn.execute(select(Series.__table__).where(Series.state == SeriesState.receiving)).all():
+    for series in receiving_series(conn):
         decision = route(cfg.rules, SeriesAttributes.from_row(series))
         name = decision.rule.name if decision.rule else ""
         if name != series.route_rule:
-            conn.execute(update(Series).where(Series.id == series.id).values(route_rule=name))
+            set_route(conn, series.id, rule=name)
             changed += 1
     return changed
 
@@ -160,7 +149,7 @@ def seconds_until_next_due(engine: Engine, cfg: Config, now: dt.datetime | None 
     """
     now = now or utcnow()
     with engine.connect() as conn:
-        receiving = conn.execute(select(Series.__table__).where(Series.state == SeriesState.receiving)).all()
+        receiving = receiving_series(conn)
     due = None
     for series in receiving:
         decision = route(cfg.rules, SeriesAttributes.from_row(series))

@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from dicom_node.cli import CommandError, add_config_argument, config_from_args, existing_database, setup_logging
 from dicom_node.config import example_config_text, load_config
 from dicom_node.store.database import utcnow
@@ -129,20 +127,17 @@ def _age(when: dt.datetime | None, now: dt.datetime) -> str:
 
 
 def _cmd_jobs_list(args: argparse.Namespace) -> int:
-    from dicom_node.store.overview import unrouted_series  # noqa: PLC0415 - CLI handler: --help stays light
-    from dicom_node.store.schema import Export, Job, Series  # noqa: PLC0415 - CLI handler: --help stays light
+    from dicom_node.store.overview import (  # noqa: PLC0415 - CLI handler: --help stays light
+        recent_exports,
+        recent_jobs,
+        unrouted_series,
+    )
 
     cfg = config_from_args(args)
     now = utcnow()
     with existing_database(cfg) as engine, engine.connect() as conn:
-        jobs_q = (select(Job.__table__, Series.series_uid).join(Series, Series.id == Job.series_pk)
-                  .order_by(Job.id.desc()))
-        exports_q = select(Export.__table__).order_by(Export.id.desc())
-        if args.state:
-            jobs_q = jobs_q.where(Job.state == args.state)
-            exports_q = exports_q.where(Export.state == args.state)
-        jobs = conn.execute(jobs_q.limit(args.limit)).all()
-        exports = conn.execute(exports_q.limit(args.limit)).all()
+        jobs = recent_jobs(conn, args.state, args.limit)
+        exports = recent_exports(conn, args.state, args.limit)
         unrouted = unrouted_series(conn, limit=args.limit)
     print(f"{'JOB':>6} {'STATE':10} {'AGE':>5} {'TRIES':>5} {'RULE':12} {'MODEL':16} SERIES / LAST ERROR")
     for job in jobs:
@@ -173,16 +168,15 @@ def _cmd_jobs_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs_show(args: argparse.Namespace) -> int:
-    from dicom_node.store.schema import Export, ExportInstance, Job, Series  # noqa: PLC0415 - CLI handler: --help stays light
+    from dicom_node.store.overview import export_detail, job_detail  # noqa: PLC0415 - CLI handler: --help stays light
 
     cfg = config_from_args(args)
     with existing_database(cfg) as engine, engine.connect() as conn:
         if args.kind == "job":
-            row = conn.execute(select(Job.__table__).where(Job.id == args.id)).one_or_none()
-            if row is None:
+            found = job_detail(conn, args.id)
+            if found is None:
                 raise CommandError(f"no job {args.id}")
-            series = conn.execute(select(Series.__table__).where(Series.id == row.series_pk)).one()
-            exports = conn.execute(select(Export.__table__).where(Export.job_pk == row.id)).all()
+            row, series, exports = found
             fields = {"job": row.id, "state": row.state.value, "series": series.series_uid,
                       "modality": series.modality, "description": series.series_description,
                       "version": row.version, "rule": row.rule, "model": row.model, "strength": row.strength,
@@ -192,10 +186,10 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
                       "trust": _trust_line(row),
                       "exports": ", ".join(f"{e.id} to {e.destination}: {e.state.value}" for e in exports) or "-"}
         else:
-            row = conn.execute(select(Export.__table__).where(Export.id == args.id)).one_or_none()
-            if row is None:
+            exported = export_detail(conn, args.id)
+            if exported is None:
                 raise CommandError(f"no export {args.id}")
-            items = conn.execute(select(ExportInstance.__table__).where(ExportInstance.export_pk == row.id)).all()
+            row, items = exported
             failed = [i for i in items if i.status not in (0x0000, 0xB000, 0xB006, 0xB007)]
             fields = {"export": row.id, "state": row.state.value, "series": row.series_uid,
                       "job": row.job_pk or "- (original series)", "destination": row.destination,
@@ -227,19 +221,18 @@ def _trust_line(job: Any) -> str:
 
 def _cmd_jobs_action(args: argparse.Namespace) -> int:
     from dicom_node.store import audit  # noqa: PLC0415 - CLI handler: --help stays light
+    from dicom_node.store.overview import state_of  # noqa: PLC0415 - CLI handler: --help stays light
     from dicom_node.store.queue import cancel, retry  # noqa: PLC0415 - CLI handler: --help stays light
-    from dicom_node.store.schema import Export, Job  # noqa: PLC0415 - CLI handler: --help stays light
 
     cfg = config_from_args(args)
     action = retry if args.action == "retry" else cancel
-    table = Job if args.kind == "job" else Export
     with existing_database(cfg) as engine, engine.begin() as conn:
         changed = action(conn, args.kind, args.id, utcnow())
         if changed:
             audit.record(conn, f"{args.kind}.{args.action}", audit.cli_actor(), utcnow(), object_kind=args.kind,
                          object_id=args.id)
         else:  # why not, for the message below
-            state = conn.execute(select(table.state).where(table.id == args.id)).scalar()
+            state = state_of(conn, args.kind, args.id)
     if not changed:
         if state is None:
             print(f"dicom-node: no {args.kind} {args.id}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Read-only views of the job table for the dashboard and the metrics.
+"""Read-only views of the job table for the dashboard, the command line and the metrics.
 
 Every function takes a connection; the caller owns the transaction. Nothing here returns patient names or IDs
 unless asked to (``with_patient``), and then only for an admin who enabled it.
@@ -13,7 +13,18 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from dicom_node.store.schema import Export, ExportState, Instance, Job, JobState, Patient, Series, SeriesState, Study
+from dicom_node.store.schema import (
+    Export,
+    ExportInstance,
+    ExportState,
+    Instance,
+    Job,
+    JobState,
+    Patient,
+    Series,
+    SeriesState,
+    Study,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -236,3 +247,53 @@ def series_choices(conn: Connection, limit: int = 50) -> list[Any]:
 def series_row(conn: Connection, series_pk: int) -> Any:
     """The ``series`` row with key ``series_pk`` (or ``None``)."""
     return conn.execute(select(Series.__table__).where(Series.id == series_pk)).first()
+
+
+def recent_jobs(conn: Connection, state: str | None = None, limit: int = 50) -> list[Any]:
+    """The newest jobs (optionally in one state), each with its series' ``series_uid``."""
+    query = select(Job.__table__, Series.series_uid).join(Series, Series.id == Job.series_pk)
+    if state:
+        query = query.where(Job.state == state)
+    return list(conn.execute(query.order_by(Job.id.desc()).limit(limit)).all())
+
+
+def recent_exports(conn: Connection, state: str | None = None, limit: int = 50) -> list[Any]:
+    """The newest exports (optionally in one state)."""
+    query = select(Export.__table__)
+    if state:
+        query = query.where(Export.state == state)
+    return list(conn.execute(query.order_by(Export.id.desc()).limit(limit)).all())
+
+
+def job_detail(conn: Connection, job_id: int) -> tuple[Any, Any, list[Any]] | None:
+    """A job's row, its series' row and its exports' rows; ``None`` when there is no such job."""
+    job = conn.execute(select(Job.__table__).where(Job.id == job_id)).one_or_none()
+    if job is None:
+        return None
+    series = conn.execute(select(Series.__table__).where(Series.id == job.series_pk)).one()
+    exports = conn.execute(select(Export.__table__).where(Export.job_pk == job.id).order_by(Export.id)).all()
+    return job, series, list(exports)
+
+
+def export_detail(conn: Connection, export_id: int) -> tuple[Any, list[Any]] | None:
+    """An export's row and its instances' rows; ``None`` when there is no such export."""
+    export = conn.execute(select(Export.__table__).where(Export.id == export_id)).one_or_none()
+    if export is None:
+        return None
+    items = conn.execute(select(ExportInstance.__table__).where(ExportInstance.export_pk == export.id)
+                         .order_by(ExportInstance.id)).all()
+    return export, list(items)
+
+
+def state_of(conn: Connection, kind: str, key: int) -> Any:
+    """The state of job or export ``key`` (``kind`` "job" or "export"); ``None`` when there is none."""
+    table = Job if kind == "job" else Export
+    return conn.execute(select(table.state).where(table.id == key)).scalar()
+
+
+def series_uid_of(conn: Connection, kind: str, key: int) -> str:
+    """The SeriesInstanceUID a job (its source series) or an export (the series it sends) is about ("" if none)."""
+    if kind == "export":
+        return conn.execute(select(Export.series_uid).where(Export.id == key)).scalar() or ""
+    return conn.execute(select(Series.series_uid).join(Job, Job.series_pk == Series.id)
+                        .where(Job.id == key)).scalar() or ""

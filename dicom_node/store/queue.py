@@ -237,6 +237,35 @@ def receiving_series_routes(conn: Connection) -> list[tuple[int, str, dt.datetim
     return [(pk, rule, last) for pk, rule, last in rows]
 
 
+def receiving_series(conn: Connection, quiet_since: dt.datetime | None = None) -> list[Any]:
+    """Rows of the series still receiving, longest quiet first; with ``quiet_since``, only those whose last
+    instance arrived at or before it."""
+    query = select(Series.__table__).where(Series.state == SeriesState.receiving)
+    if quiet_since is not None:
+        query = query.where(Series.last_received_at <= quiet_since)
+    return list(conn.execute(query.order_by(Series.last_received_at)).all())
+
+
+def complete_series(conn: Connection, series_pk: int, quiet_since: dt.datetime, now: dt.datetime, rule: str,
+                    note: str) -> bool:
+    """Mark a receiving series complete with its rule and routing note; ``False`` when an instance arrived after
+    ``quiet_since`` meanwhile (the series stays receiving) or it is no longer receiving."""
+    result = conn.execute(
+        update(Series).where(Series.id == series_pk, Series.state == SeriesState.receiving,
+                             Series.last_received_at <= quiet_since)
+        .values(state=SeriesState.complete, completed_at=now, completion_count=Series.completion_count + 1,
+                route_rule=rule, route_note=note)
+    )
+    return result.rowcount == 1
+
+
+def set_route(conn: Connection, series_pk: int, *, rule: str | None = None, note: str | None = None) -> None:
+    """Record the rule a series matches and/or the note shown beside it (what routing decided, and why)."""
+    values = {key: value for key, value in (("route_rule", rule), ("route_note", note)) if value is not None}
+    if values:
+        conn.execute(update(Series).where(Series.id == series_pk).values(**values))
+
+
 def series_with_open_jobs(conn: Connection) -> set[int]:
     """Keys of the series with a queued or running job."""
     return set(conn.execute(select(Job.series_pk).where(Job.state.in_([JobState.queued, JobState.running])))

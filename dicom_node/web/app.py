@@ -26,7 +26,6 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydicom import dcmread
-from sqlalchemy import select
 
 from dicom_node.assemble.routing import SeriesAttributes, explain
 from dicom_node.config import ConfigError, config_from_mapping
@@ -46,9 +45,15 @@ from dicom_node.ops.reload import (
 from dicom_node.receive.receiver import extract_facts
 from dicom_node.store import audit, throttle
 from dicom_node.store.database import utcnow
-from dicom_node.store.overview import failures, queue_summary, recent_series, series_choices, series_row
+from dicom_node.store.overview import (
+    failures,
+    queue_summary,
+    recent_series,
+    series_choices,
+    series_row,
+    series_uid_of,
+)
 from dicom_node.store.queue import cancel, retry
-from dicom_node.store.schema import Export, Job, Series
 from dicom_node.web import pages
 from dicom_node.web.auth import Authenticator, Principal, csrf_ok
 
@@ -397,7 +402,7 @@ class DashboardApp:
             changed = (retry if action == "retry" else cancel)(conn, kind, key, now)
             if changed:
                 audit.record(conn, f"{kind}.{action}", principal.actor, now, object_kind=kind, object_id=key,
-                             series_uid=_series_uid_of(conn, kind, key))
+                             series_uid=series_uid_of(conn, kind, key))
         if not changed:
             allowed = "failed or cancelled" if action == "retry" else "queued, running or failed"
             return self._after_action(request, False, f"{kind} {key} not found or not {allowed}")
@@ -580,11 +585,4 @@ def same_site_path(target: str) -> str:
             or any(not 0x21 <= ord(ch) <= 0x7E for ch in target)):
         return "/"
     return target
-
-
-def _series_uid_of(conn: Any, kind: str, key: int) -> str:
-    if kind == "export":
-        return conn.execute(select(Export.series_uid).where(Export.id == key)).scalar() or ""
-    return conn.execute(select(Series.series_uid).join(Job, Job.series_pk == Series.id)
-                        .where(Job.id == key)).scalar() or ""
 
