@@ -308,3 +308,15 @@ def test_tiny_training_run_exports_a_card_and_evaluates_through_the_cli(tmp_path
     assert "002_HC.png" in table and "000_HC.png" not in table  # only held-out images are scored
     assert "bm3d" in table and "nlm" in table
     assert (out / "metrics.json").is_file() and list(out.glob("*-strong.png"))
+
+
+def test_clipped_region_sets_one_side_to_the_value_and_leaves_the_rest() -> None:
+    from training.modalities.xray import clipped_region
+
+    rng = np.random.default_rng(3)
+    clean = np.arange(72 * 72, dtype=np.float32).reshape(72, 72) + 10.0
+    for _ in range(20):
+        out = clipped_region(clean, 0.0, rng)
+        clipped = out == 0.0
+        assert 0.1 < clipped.mean() < 0.75
+        assert np.array_equal(out[~clipped], clean[~clipped])

@@ -67,6 +67,10 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "train": [],  # file names forced into the training part
     "test": [],  # file names forced into the test part
     "modalities": ["CR", "DX", "XA"],  # what the card lists
+    # Fraction of training patches in which one side of a random edge is set to the image's lowest (three times in
+    # four) or highest stored value before the noise: collimator and image-intensifier surrounds, burnt-out skin
+    # lines. The detector clips there, so the noise is one-sided and small; 2.0, trained without, added error.
+    "clipped_probability": 0.0,
 }
 #: Pixels whose blurred noise is computed beyond each patch edge (the blur's support).
 MARGIN = 4
@@ -312,13 +316,14 @@ class PatchPairs(torch.utils.data.Dataset):
     """
 
     def __init__(self, images: Sequence[Image2D], noise: NoiseFn, patch: int, length: int, seed: int,
-                 augment: bool = True, margin: int = MARGIN) -> None:
+                 augment: bool = True, margin: int = MARGIN, clipped_probability: float = 0.0) -> None:
         if not images:
             raise ValueError("no images to cut patches from")
         self.images = list(images)
         self.margin = int(margin)  # pixels of context the noise needs beyond each patch edge (its correlation)
         self.noise = noise
         self.patch, self.length, self.seed, self.augment = int(patch), int(length), int(seed), augment
+        self.clipped_probability = float(clipped_probability)
         self.params = [im.params() for im in self.images]
         area = np.array([float(im.mask.sum()) if im.mask is not None else im.pixels.size for im in self.images])
         self.weights = np.sqrt(area) / np.sqrt(area).sum()
@@ -352,6 +357,9 @@ class PatchPairs(torch.utils.data.Dataset):
         im, p, m = self.images[k], self.patch, self.margin
         y, x = self._origin(k, rng)
         clean = im.pixels[y - m:y + p + m, x - m:x + p + m]
+        if self.clipped_probability > 0.0 and rng.random() < self.clipped_probability:
+            lo, hi = im.value_range
+            clean = clipped_region(clean, lo if rng.random() < 0.75 else hi, rng)
         noisy = self.noise(im, clean, self.params[k], rng)[m:m + p, m:m + p]
         clean = clean[m:m + p, m:m + p]
         offset, scale = self.params[k]
@@ -362,6 +370,24 @@ class PatchPairs(torch.utils.data.Dataset):
         return a, b
 
 
+def clipped_region(clean: np.ndarray, value: float, rng: np.random.Generator) -> np.ndarray:
+    """A copy of ``clean`` with the far side of a random straight edge (or, one time in three, the outside of a
+    circle, as an image intensifier's round field) set to ``value``, covering about 15-70 % of the patch."""
+    h, w = clean.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if rng.random() < 1 / 3:
+        cy, cx = rng.uniform(-0.5, 1.5) * h, rng.uniform(-0.5, 1.5) * w
+        distances = np.hypot(yy - cy, xx - cx)
+        outside = distances > np.quantile(distances, rng.uniform(0.3, 0.85))
+    else:
+        angle = rng.uniform(0.0, 2 * math.pi)
+        along = (yy - h / 2) * math.cos(angle) + (xx - w / 2) * math.sin(angle)
+        outside = along > np.quantile(along, rng.uniform(0.3, 0.85))
+    out = clean.astype(np.float32, copy=True)
+    out[outside] = value
+    return out
+
+
 def fixed_validation(dataset: PatchPairs) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The validation patches, computed once (validation re-reads them every ``validate_every`` steps)."""
     return [dataset[i] for i in range(len(dataset))]
@@ -370,6 +396,12 @@ def fixed_validation(dataset: PatchPairs) -> list[tuple[torch.Tensor, torch.Tens
 def build_datasets(cfg, progress: bool = True):
     """X-ray training and validation patches (see the module docstring); ``[recipe] data`` lists files/folders."""
     recipe = recipe_settings(cfg.recipe, RECIPE_DEFAULTS, cfg.source or "config")
+    p = recipe["clipped_probability"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        from training.config import TrainingConfigError
+
+        raise TrainingConfigError(f"{cfg.source or 'config'} [recipe]: clipped_probability must be a number in "
+                                  f"[0, 1], got {p!r}")
     images = read_xray_images([cfg.data_path(p) for p in recipe.get("data", [])])
     parts = split_images(images, recipe)
     if not parts["train"]:
@@ -379,7 +411,8 @@ def build_datasets(cfg, progress: bool = True):
     def noise(im: Image2D, clean: np.ndarray, params: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
         return xray_noisy(im, clean, params, *draw_xray_level(recipe, rng), rng)
 
-    train = PatchPairs(parts["train"], noise, d.patch, cfg.train.steps * d.batch, cfg.seed)
+    train = PatchPairs(parts["train"], noise, d.patch, cfg.train.steps * d.batch, cfg.seed,
+                       clipped_probability=float(recipe["clipped_probability"]))
     val = None
     if parts["validation"]:
         val = fixed_validation(PatchPairs(parts["validation"], noise, d.patch, d.validation_patches,
