@@ -152,7 +152,8 @@ class DerivedSeriesWriter:
     def _from_template(self, source: Dataset, pixels: np.ndarray, fmt: PixelFormat) -> tuple[str, bytes] | None:
         """(SOP Instance UID, file bytes) made from the template, or ``None`` when it does not apply."""
         t = self.template
-        assert t is not None
+        if t is None:  # no instance built yet: the caller builds this one in full
+            return None
         if (fmt != t.fmt or tuple(source.original_encoding) != (False, True)
                 or str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", "") or "")
                 != t.source_transfer_syntax):
